@@ -1,0 +1,8 @@
+"""SR backbones with CADyQ quantization, one module per architecture, one registry."""
+from __future__ import annotations
+
+from ._base import SRModel, grad_feature
+from ._registry import create_model, get_arch, list_archs, register_model
+from .edsr import EDSRBaseline
+
+__all__ = ["SRModel", "grad_feature", "create_model", "get_arch", "list_archs", "register_model", "EDSRBaseline"]

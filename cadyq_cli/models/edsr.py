@@ -1,0 +1,87 @@
+"""EDSR-baseline with CADyQ bit selectors (Lim et al. 2017; Hong et al. 2022).
+
+16 residual blocks of 64 features, res_scale 1. Per block: a selector on the block input
+(feeding conv1 *and* the skip, spec §9.4), 8-bit conv, ReLU, a selector on the conv2 input,
+8-bit conv, a fixed 8-bit quantizer on the residual branch. Head, body end conv, upsampler
+and tail stay full precision. Input 0..255 with DIV2K mean subtraction.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..quant.modules import ActQuantizer, BitSelector, QuantContext, QuantConv2d
+from ._base import MeanShift, SRModel
+from ._registry import register_model
+
+__all__ = ["EDSRBaseline", "ResBlock", "Upsampler"]
+
+
+class ResBlock(nn.Module):
+    """EDSR residual block; the skip adds the *quantized* block input (official semantics)."""
+
+    def __init__(self, n_feats: int, res_scale: float = 1.0) -> None:
+        super().__init__()
+        self.bitsel1 = BitSelector(n_feats)
+        self.body = nn.Sequential(
+            QuantConv2d(n_feats, n_feats, 3, padding=1),
+            nn.ReLU(inplace=True),
+            BitSelector(n_feats),
+            QuantConv2d(n_feats, n_feats, 3, padding=1),
+        )
+        self.quant_act3 = ActQuantizer(8)
+        self.res_scale = res_scale
+
+    def forward(self, x: torch.Tensor, ctx: QuantContext) -> torch.Tensor:  # noqa: D102
+        s = self.bitsel1(x, ctx)
+        t = self.body[1](self.body[0](s))
+        t = self.body[3](self.body[2](t, ctx))
+        t = self.quant_act3(t * self.res_scale)
+        return t + s
+
+
+class Upsampler(nn.Sequential):
+    """Conv + PixelShuffle stages (no activation): x2, x3, or two x2 stages for x4."""
+
+    def __init__(self, scale: int, n_feats: int) -> None:
+        layers: list[nn.Module] = []
+        if scale in (2, 4):
+            for _ in range(scale // 2):
+                layers += [nn.Conv2d(n_feats, 4 * n_feats, 3, padding=1), nn.PixelShuffle(2)]
+        else:
+            layers += [nn.Conv2d(n_feats, 9 * n_feats, 3, padding=1), nn.PixelShuffle(3)]
+        super().__init__(*layers)
+
+
+@register_model
+class EDSRBaseline(SRModel):
+    """EDSR-baseline (16 blocks, 64 features) with 32 CADyQ selectors.
+
+    Args:
+        scale: 2, 3 or 4.
+        n_resblocks: residual blocks (16).
+        n_feats: feature channels (64).
+    """
+
+    arch = "edsr_baseline"
+    receptive_radius = 40  # head 1 + 32 body convs + body end 1 + upsampler/tail <= 3 (LR px)
+
+    def __init__(self, scale: int = 4, n_resblocks: int = 16, n_feats: int = 64) -> None:
+        super().__init__(scale)
+        self.sub_mean = MeanShift(255.0, -1)
+        self.add_mean = MeanShift(255.0, +1)
+        self.head = nn.Sequential(nn.Conv2d(3, n_feats, 3, padding=1))
+        self.body = nn.Sequential(*[ResBlock(n_feats) for _ in range(n_resblocks)], nn.Conv2d(n_feats, n_feats, 3, padding=1))
+        self.tail = nn.Sequential(Upsampler(scale, n_feats), nn.Conv2d(n_feats, 3, 3, padding=1))
+
+    def feature_blocks(self) -> list[nn.Module]:
+        """Residual blocks whose outputs the attention-transfer loss compares."""
+        return list(self.body[:-1])
+
+    def forward_features(self, x: torch.Tensor, ctx: QuantContext) -> torch.Tensor:  # noqa: D102
+        h = self.head(self.sub_mean(x))
+        r = h
+        for blk in self.body[:-1]:
+            r = blk(r, ctx)
+        r = self.body[-1](r) + h
+        return self.add_mean(self.tail(r))

@@ -1,0 +1,21 @@
+"""Quantization: pure primitives, quantized modules, modes and cost accounting."""
+from __future__ import annotations
+
+from .modes import MODES, QuantMode, parse_mode, set_quant_mode
+from .modules import ActQuantizer, BitSelector, QuantContext, QuantConv2d, RegionGrid
+from .primitives import fake_quant_act, fake_quant_weight, qmax_for_bits
+
+__all__ = [
+    "MODES",
+    "QuantMode",
+    "parse_mode",
+    "set_quant_mode",
+    "ActQuantizer",
+    "BitSelector",
+    "QuantContext",
+    "QuantConv2d",
+    "RegionGrid",
+    "fake_quant_act",
+    "fake_quant_weight",
+    "qmax_for_bits",
+]

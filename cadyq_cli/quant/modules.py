@@ -1,0 +1,278 @@
+"""Quantized building blocks: 8-bit weight conv, PAMS activation quantizer, CADyQ bit selector.
+
+Parameter and buffer names match the official checkpoints (``alpha``, ``max_val``,
+``quant_bit{1,2,3}``, ``net_small.0``) so a state dict loads without renaming.
+
+Region bit maps: a :class:`RegionGrid` splits the spatial plane of a tile into regions
+(rows ``row_idx``, columns ``col_idx``). A selector then computes its features (mean
+image-gradient magnitude, per-channel std of its input) per region, picks bits per region,
+and quantizes with a per-pixel step map. With no grid (or one region covering the whole
+input) it is exactly the per-patch CADyQ selector of the paper.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modes import CANDIDATE_BITS, MODES, QuantMode
+from .primitives import fake_quant_act, fake_quant_weight, qmax_for_bits
+
+__all__ = ["RegionGrid", "QuantContext", "QuantConv2d", "ActQuantizer", "BitSelector", "region_mean"]
+
+
+@dataclass
+class RegionGrid:
+    """A partition of an H x W plane into rectangular regions.
+
+    Attributes:
+        row_idx: (H,) int64, region-row index of each pixel row, non-decreasing from 0.
+        col_idx: (W,) int64, region-column index of each pixel column.
+    """
+
+    row_idx: torch.Tensor
+    col_idx: torch.Tensor
+
+    @classmethod
+    def from_bounds(cls, row_bounds: list[int], col_bounds: list[int], device: torch.device | str = "cpu") -> RegionGrid:
+        """Build a grid from region edges, e.g. ``[0, 96, 192, 250]`` (first 0, last = size)."""
+
+        def idx(bounds: list[int]) -> torch.Tensor:
+            sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+            return torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+
+        return cls(idx(row_bounds), idx(col_bounds))
+
+    @classmethod
+    def uniform(cls, h: int, w: int, region: int, device: torch.device | str = "cpu") -> RegionGrid:
+        """Regions of ``region`` x ``region`` pixels from the top-left corner (ragged last row/column)."""
+        rows = list(range(0, h, region)) + [h]
+        cols = list(range(0, w, region)) + [w]
+        return cls.from_bounds(rows, cols, device)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(number of region rows, number of region columns)."""
+        return int(self.row_idx[-1]) + 1, int(self.col_idx[-1]) + 1
+
+    def onehots(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nh, H) and (nw, W) 0/1 matrices that sum pixels into regions."""
+        nh, nw = self.shape
+        oh = F.one_hot(self.row_idx, nh).T.to(dtype)
+        ow = F.one_hot(self.col_idx, nw).T.to(dtype)
+        return oh, ow
+
+    def counts(self) -> torch.Tensor:
+        """(nh, nw) float, number of pixels in each region."""
+        nh, nw = self.shape
+        ch = torch.bincount(self.row_idx, minlength=nh).float()
+        cw = torch.bincount(self.col_idx, minlength=nw).float()
+        return ch[:, None] * cw[None, :]
+
+    def expand(self, m: torch.Tensor) -> torch.Tensor:
+        """Broadcast a per-region map (..., nh, nw) to pixels (..., H, W)."""
+        return m[..., self.row_idx, :][..., self.col_idx]
+
+
+def region_mean(x: torch.Tensor, grid: RegionGrid | None) -> torch.Tensor:
+    """Mean of x (N, C, H, W) over each region: (N, C, nh, nw), or (N, C, 1, 1) without a grid."""
+    if grid is None:
+        return x.mean(dim=(2, 3), keepdim=True)
+    oh, ow = grid.onehots(x.dtype)
+    s = torch.einsum("nchw,ah,bw->ncab", x, oh, ow)
+    return s / grid.counts().to(x.dtype)
+
+
+def region_std(x: torch.Tensor, grid: RegionGrid | None) -> torch.Tensor:
+    """Unbiased per-channel std of x (N, C, H, W) over each region: (N, C, nh, nw).
+
+    A region of a single pixel has no defined std (the official code yields NaN there and the
+    selector's choice becomes arbitrary); we deliberately return 0 instead.
+    """
+    if grid is None:
+        s = torch.std(x, dim=(2, 3), keepdim=True)
+    else:
+        oh, ow = grid.onehots(x.dtype)
+        cnt = grid.counts().to(x.dtype)
+        mean = torch.einsum("nchw,ah,bw->ncab", x, oh, ow) / cnt
+        d = x - grid.expand(mean)
+        ss = torch.einsum("nchw,ah,bw->ncab", d * d, oh, ow)
+        s = torch.sqrt(ss / (cnt - 1))
+    return torch.nan_to_num(s, nan=0.0, posinf=0.0)
+
+
+@dataclass
+class QuantContext:
+    """Per-forward state shared by all selectors of one model call.
+
+    Attributes:
+        grad: (N, 2, nh, nw) image-gradient features (x then y) per region.
+        grid: the region partition, or None for one region per sample.
+        bits: bits chosen by each selector in forward order, each (N, nh, nw) float.
+        soft_bits: training only: expected bits per selector under the soft choice, each (N,).
+    """
+
+    grad: torch.Tensor
+    grid: RegionGrid | None = None
+    bits: list[torch.Tensor] = field(default_factory=list)
+    soft_bits: list[torch.Tensor] = field(default_factory=list)
+
+
+class QuantConv2d(nn.Conv2d):
+    """Conv2d whose weight is fake-quantized to 8 bits (symmetric, per tensor); bias stays FP.
+
+    In eval mode the quantized weight is computed once and cached until the weight changes.
+    """
+
+    weight_bits: int = 8
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.mode: QuantMode = MODES["dynamic"]
+        self._wq_cache: tuple[tuple[int, int], torch.Tensor] | None = None
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The 8-bit fake-quantized weight (cached outside of autograd)."""
+        if self.training or torch.is_grad_enabled() and self.weight.requires_grad:
+            return fake_quant_weight(self.weight, self.weight_bits)
+        key = (self.weight._version, self.weight.data_ptr())
+        if self._wq_cache is None or self._wq_cache[0] != key or self._wq_cache[1].device != self.weight.device:
+            with torch.no_grad():
+                self._wq_cache = (key, fake_quant_weight(self.weight, self.weight_bits))
+        return self._wq_cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if not self.mode.quantized:
+            return super().forward(x)
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+
+class ActQuantizer(nn.Module):
+    """PAMS activation quantizer ``Q_b(x; alpha)`` with a learned clip value.
+
+    Fixed quantizers (EDSR ``quant_act3``, IDN ``fblock``) always use their own ``bits``
+    when the model is quantized. Inside a :class:`BitSelector` they are the candidates.
+
+    Set ``calibrating = True`` to make a forward pass record the batch mean of the
+    per-sample max |x| into ``alpha`` (and ``max_val``) and return x unchanged: this is how
+    clip values are initialized from activation statistics.
+    """
+
+    def __init__(self, bits: int = 8, alpha: float = 10.0) -> None:
+        super().__init__()
+        self.bits = bits
+        self.alpha = nn.Parameter(torch.tensor([alpha]))
+        self.register_buffer("max_val", torch.tensor(alpha))
+        self.mode: QuantMode = MODES["dynamic"]
+        self.calibrating = False
+
+    @torch.no_grad()
+    def calibrate_(self, x: torch.Tensor) -> None:
+        """Set alpha to the batch mean of per-sample max |x| (the PAMS initialization)."""
+        v = x.detach().abs().flatten(1).max(dim=1).values.mean().float()
+        self.max_val.copy_(v)
+        self.alpha.copy_(v.clamp_min(1e-3).reshape(1))
+
+    def quantize(self, x: torch.Tensor, bits: int | None = None) -> torch.Tensor:
+        """Q_bits(x; alpha), ignoring the mode."""
+        return fake_quant_act(x, self.alpha, float(qmax_for_bits(bits or self.bits)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if self.calibrating:
+            self.calibrate_(x)
+            return x
+        if not self.mode.quantized:
+            return x
+        return self.quantize(x)
+
+
+class BitSelector(nn.Module):
+    """CADyQ bit selector for one layer: picks 4, 6 or 8 bits per sample (or per region).
+
+    Features ``z = [g_x, g_y, std_1 .. std_C]``: the image-gradient feature of the network
+    input and the unbiased per-channel std of this layer's input. ``logits = net_small(z)``,
+    ``bits = (4, 6, 8)[argmax]``, and the input is quantized by the chosen candidate,
+    each with its own clip value.
+
+    At inference only the chosen quantization is computed (the official straight-through
+    expression ``hard - soft + soft`` equals it up to float rounding; spec §5.2). In training
+    the choice is a straight-through Gumbel-softmax (or plain softmax with ``tau``) and the
+    expected bits are recorded for the bit loss.
+
+    Args:
+        channels: C, channels of the quantized tensor.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.quant_bit1 = ActQuantizer(CANDIDATE_BITS[0])
+        self.quant_bit2 = ActQuantizer(CANDIDATE_BITS[1])
+        self.quant_bit3 = ActQuantizer(CANDIDATE_BITS[2])
+        self.net_small = nn.Sequential(nn.Linear(channels + 2, 3))
+        with torch.no_grad():  # official init: every layer starts at 8 bits
+            self.net_small[0].weight.fill_(1.0)
+            self.net_small[0].bias.copy_(torch.tensor([0.0, 0.0, 1.0]))
+        self.mode: QuantMode = MODES["dynamic"]
+        self.gumbel = True
+        self.tau = 1.0
+        self.register_buffer("_bits_table", torch.tensor(CANDIDATE_BITS, dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "_qmax_table", torch.tensor([float(qmax_for_bits(b)) for b in CANDIDATE_BITS]), persistent=False
+        )
+
+    @property
+    def candidates(self) -> tuple[ActQuantizer, ActQuantizer, ActQuantizer]:
+        """The 4-, 6- and 8-bit quantizers."""
+        return (self.quant_bit1, self.quant_bit2, self.quant_bit3)
+
+    def alphas(self) -> torch.Tensor:
+        """(3,) clip values of the 4-, 6- and 8-bit candidates."""
+        return torch.cat([q.alpha for q in self.candidates])
+
+    def logits(self, x: torch.Tensor, ctx: QuantContext) -> torch.Tensor:
+        """Selector logits per sample and region: (N, nh, nw, 3)."""
+        std = region_std(x.float(), ctx.grid)  # (N, C, nh, nw)
+        z = torch.cat([ctx.grad.to(std.dtype), std], dim=1).permute(0, 2, 3, 1)
+        return self.net_small(z)
+
+    def forward(self, x: torch.Tensor, ctx: QuantContext) -> torch.Tensor:
+        """Quantize x (N, C, H, W) and append the chosen bits (N, nh, nw) to ``ctx.bits``."""
+        mode = self.mode
+        if not mode.quantized:
+            return x
+        n = x.shape[0]
+        if mode.act_bits is not None:  # fixed wKaK: the candidate for K bits with its own alpha
+            k = CANDIDATE_BITS.index(mode.act_bits)
+            nh, nw = ctx.grad.shape[2:]
+            ctx.bits.append(torch.full((n, nh, nw), float(mode.act_bits), device=x.device))
+            return self.candidates[k].quantize(x, mode.act_bits)
+        if self.training:
+            return self._forward_train(x, ctx)
+        idx = self.logits(x, ctx).argmax(dim=-1)  # (N, nh, nw); first maximum wins
+        ctx.bits.append(self._bits_table[idx])
+        alpha = self.alphas().to(x.dtype)[idx]
+        qmax = self._qmax_table.to(x.dtype)[idx]
+        if ctx.grid is None or idx.shape[1:] == (1, 1):
+            alpha = alpha.reshape(n, 1, 1, 1)
+            qmax = qmax.reshape(n, 1, 1, 1)
+        else:
+            alpha = ctx.grid.expand(alpha).unsqueeze(1)
+            qmax = ctx.grid.expand(qmax).unsqueeze(1)
+        return fake_quant_act(x, alpha, qmax)
+
+    def _forward_train(self, x: torch.Tensor, ctx: QuantContext) -> torch.Tensor:
+        """Straight-through soft choice, one decision per sample (training uses patches)."""
+        logits = self.logits(x, ctx).mean(dim=(1, 2))  # (N, 3)
+        if self.gumbel:
+            probs = F.gumbel_softmax(logits, tau=self.tau, hard=False)
+        else:
+            probs = F.softmax(logits / self.tau, dim=-1)
+        hard = F.one_hot(probs.argmax(-1), 3).to(probs.dtype)
+        w = hard - probs.detach() + probs  # forward: one-hot; backward: soft
+        outs = torch.stack([q.quantize(x, b) for q, b in zip(self.candidates, CANDIDATE_BITS)], dim=1)
+        ctx.bits.append((hard @ self._bits_table).reshape(-1, 1, 1))
+        ctx.soft_bits.append(probs @ self._bits_table)
+        return (w.reshape(*w.shape, 1, 1, 1).to(outs.dtype) * outs).sum(dim=1)

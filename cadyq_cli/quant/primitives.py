@@ -1,0 +1,64 @@
+"""Pure quantization primitives (no modules, no state).
+
+Formulas follow the CADyQ/PAMS definitions (spec §4):
+
+* weights: symmetric per-tensor max-abs, ``W_q = round(W * qmax / m) * m / qmax`` with
+  ``m = max|W| + 1e-8`` and ``qmax = 2**(bits-1) - 1``;
+* activations: ``Q_b(x; a) = round(clip(x, -a, a) / a * qmax_b) / qmax_b * a``, a signed
+  symmetric grid even for non-negative inputs (the official ``x.min() >= 0`` branch does the
+  same thing as the other one).
+
+``round`` is round-half-to-even (``torch.round``). In training mode the rounding is a
+straight-through estimator so gradients reach both ``x`` and ``a``.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["qmax_for_bits", "round_ste", "fake_quant_weight", "fake_quant_act"]
+
+
+def qmax_for_bits(bits: int) -> int:
+    """Largest code of a signed symmetric ``bits``-bit grid: 7, 31, 127 for 4, 6, 8 bits."""
+    return 2 ** (bits - 1) - 1
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even in the forward pass, identity gradient in the backward pass."""
+    if not x.requires_grad:
+        return torch.round(x)
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quant_weight(w: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Symmetric per-tensor max-abs fake quantization of a weight tensor.
+
+    Args:
+        w: weight tensor of any shape, float32.
+        bits: weight bit-width (8 in every CADyQ model).
+
+    Returns:
+        Tensor of the same shape on the grid ``k * m / qmax``, ``|k| <= qmax``.
+    """
+    qmax = qmax_for_bits(bits)
+    m = w.detach().abs().max() + 1e-8
+    return round_ste(w * qmax / m) * m / qmax
+
+
+def fake_quant_act(x: torch.Tensor, alpha: torch.Tensor, qmax: torch.Tensor | float) -> torch.Tensor:
+    """PAMS activation fake quantizer ``Q(x; alpha)`` with ``qmax`` levels on each side.
+
+    ``alpha`` and ``qmax`` broadcast against ``x``: a scalar/``[1]`` tensor for a fixed
+    quantizer, ``[N, 1, 1, 1]`` for one bit-width per sample, or ``[N, 1, H, W]`` for a
+    spatial step map (one bit-width per region). The operation order is the official one,
+    which reproduces its outputs bit for bit.
+
+    Args:
+        x: activations (N, C, H, W) float32.
+        alpha: learned clip value(s), positive.
+        qmax: ``2**(bits-1) - 1`` per element of the broadcast shape.
+    """
+    c = torch.maximum(torch.minimum(x, alpha), -alpha)
+    y = c / alpha
+    y = round_ste(y * qmax) / qmax
+    return y * alpha

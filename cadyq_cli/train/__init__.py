@@ -1,0 +1,1 @@
+"""Training (kept apart from inference: the library never imports this package)."""

@@ -1,0 +1,84 @@
+"""Training data: HR folders, MATLAB-bicubic LR, random crops with flips and 90° rotations."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from ..resize import imresize
+
+__all__ = ["SRPairs", "load_pairs", "IMAGE_EXTS"]
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class SRPairs:
+    """HR images (uint8 RGB, cropped to a multiple of scale) and their LR versions."""
+
+    names: list[str]
+    hr: list[np.ndarray]
+    lr: list[np.ndarray]
+    scale: int
+
+    def sample(self, rng: np.random.Generator, batch: int, lr_patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random batch: LR (B, 3, p, p) and HR (B, 3, sp, sp) float32 on 0..255."""
+        s = self.scale
+        lrs, hrs = [], []
+        for _ in range(batch):
+            i = int(rng.integers(len(self.lr)))
+            lr, hr = self.lr[i], self.hr[i]
+            h, w = lr.shape[:2]
+            y = int(rng.integers(0, h - lr_patch + 1))
+            x = int(rng.integers(0, w - lr_patch + 1))
+            a = lr[y : y + lr_patch, x : x + lr_patch]
+            b = hr[y * s : (y + lr_patch) * s, x * s : (x + lr_patch) * s]
+            k = int(rng.integers(8))
+            if k & 1:
+                a, b = a[:, ::-1], b[:, ::-1]
+            if k & 2:
+                a, b = a[::-1], b[::-1]
+            if k & 4:
+                a, b = a.transpose(1, 0, 2), b.transpose(1, 0, 2)
+            lrs.append(np.ascontiguousarray(a))
+            hrs.append(np.ascontiguousarray(b))
+        to_t = lambda xs: torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float()  # noqa: E731
+        return to_t(lrs), to_t(hrs)
+
+
+def list_images(roots: list[Path]) -> list[Path]:
+    """All image files below ``roots``, sorted."""
+    out: list[Path] = []
+    for r in roots:
+        out += [p for p in sorted(Path(r).rglob("*")) if p.suffix.lower() in IMAGE_EXTS]
+    return out
+
+
+def load_pairs(paths: list[Path], scale: int, min_lr: int = 48) -> SRPairs:
+    """Read HR images, crop to a multiple of ``scale``, make LR with MATLAB bicubic."""
+    names, hrs, lrs = [], [], []
+    for p in paths:
+        img = cv2.imread(str(p), cv2.IMREAD_COLOR)
+        if img is None:
+            continue
+        hr = img[:, :, ::-1]
+        h, w = (hr.shape[0] // scale) * scale, (hr.shape[1] // scale) * scale
+        if min(h, w) // scale < min_lr:
+            continue
+        hr = np.ascontiguousarray(hr[:h, :w])
+        names.append(p.name)
+        hrs.append(hr)
+        lrs.append(imresize(hr, 1 / scale))
+    return SRPairs(names, hrs, lrs, scale)
+
+
+def split_train_val(paths: list[Path], n_val: int, seed: int = 0) -> tuple[list[Path], list[Path]]:
+    """A fixed held-out split of the training images (never a benchmark set)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(paths))
+    val = [paths[i] for i in sorted(order[:n_val])]
+    train = [paths[i] for i in sorted(order[n_val:])]
+    return train, val

@@ -1,0 +1,325 @@
+"""Resumable training stages: ``fp`` → ``pams`` (w8a8, learned clips) → ``cadyq`` (bit selectors).
+
+Every stage writes ``<run>/last.pt`` (model, optimizer, step, RNG, config) at intervals and
+when its time budget (``minutes``) runs out, and appends one JSON line per log interval to
+``<run>/log.jsonl``. Starting a stage again with the same run folder resumes it exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..metrics import psnr_y
+from ..models import create_model
+from ..models._base import SRModel
+from ..quant.modes import set_quant_mode
+from ..quant.modules import ActQuantizer, BitSelector
+from .data import SRPairs, list_images, load_pairs, split_train_val
+
+__all__ = ["TrainConfig", "train_stage", "save_state", "load_state"]
+
+STAGES = ("fp", "pams", "cadyq")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in each checkpoint)."""
+
+    stage: str = "fp"
+    arch: str = "edsr_baseline"
+    scale: int = 4
+    data: list[str] = field(default_factory=list)
+    run_dir: str = "runs/edsr_x4_fp"
+    init: str | None = None  # checkpoint to start from (previous stage), ignored when resuming
+    teacher: str | None = None  # cadyq/pams: teacher checkpoint (default: init)
+    steps: int = 300_000  # schedule length (cosine); a session runs as many as its budget allows
+    batch: int = 16
+    lr_patch: int = 48
+    lr: float = 2e-4
+    lr_min: float = 1e-6
+    selector_lr: float = 1e-3
+    bit_weight_max: float = 0.05  # cadyq: weight of the bit loss reached at bit_ramp_steps
+    bit_ramp_steps: int = 2000
+    at_weight: float = 100.0  # cadyq: attention-transfer weight
+    distill_weight: float = 1.0  # pams/cadyq: L1 to the teacher output
+    minutes: float = 60.0
+    seed: int = 0
+    bf16: bool = True
+    threads: int = 0
+    n_val: int = 10
+    val_every: int = 250
+    save_every: int = 100
+    log_every: int = 20
+    calib_batches: int = 4
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": None, "python": random.getstate()}
+
+
+def save_state(path: Path, model: SRModel, opt: torch.optim.Optimizer | None, step: int, cfg: TrainConfig,
+               np_rng: np.random.Generator, elapsed_s: float) -> None:
+    """Write a resumable checkpoint atomically."""
+    state = {
+        "format": "cadyq-train-1",
+        "config": asdict(cfg),
+        "step": step,
+        "elapsed_s": elapsed_s,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict() if opt is not None else None,
+        "torch_rng": torch.get_rng_state(),
+        "numpy_rng": np_rng.bit_generator.state,
+        "python_rng": list(random.getstate()[1]),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path) -> dict:
+    """Load a training checkpoint written by :func:`save_state` (no code execution)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    t = min(step / max(cfg.steps, 1), 1.0)
+    return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * t))
+
+
+def _load_model_weights(path: str, cfg: TrainConfig) -> SRModel:
+    st = load_state(Path(path))
+    model = create_model(cfg.arch, cfg.scale)
+    sd = st["model"] if "model" in st else st
+    model.load_state_dict(sd, strict=True)
+    return model  # type: ignore[return-value]
+
+
+def _block_outputs(model: SRModel) -> tuple[list[torch.Tensor], list]:
+    """Register hooks collecting the outputs of the model's residual blocks (for AT loss)."""
+    feats: list[torch.Tensor] = []
+    handles = []
+    for blk in model.feature_blocks():  # type: ignore[attr-defined]
+        handles.append(blk.register_forward_hook(lambda m, i, o: feats.append(o)))
+    return feats, handles
+
+
+def _attention(f: torch.Tensor) -> torch.Tensor:
+    a = f.float().pow(2).mean(dim=1).flatten(1)
+    return F.normalize(a, dim=1)
+
+
+@torch.no_grad()
+def validate(model: SRModel, val: SRPairs, bf16: bool) -> dict[str, float]:
+    """Mean PSNR (Y, shave = scale) and FAB on the held-out images, whole-image inference."""
+    was_training = model.training
+    model.eval()
+    psnrs, fabs = [], []
+    for lr, hr in zip(val.lr, val.hr):
+        x = torch.from_numpy(np.ascontiguousarray(lr)).permute(2, 0, 1)[None].float()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            sr, bits = model(x)
+        out = sr.float().clamp(0, 255).round()[0].permute(1, 2, 0).numpy()
+        psnrs.append(psnr_y(out, hr, val.scale))
+        if bits.numel():
+            fabs.append(float(bits.mean()))
+    model.train(was_training)
+    return {"val_psnr": float(np.mean(psnrs)), "val_fab": float(np.mean(fabs)) if fabs else 32.0}
+
+
+def _prepare(cfg: TrainConfig, resume: dict | None) -> tuple[SRModel, SRModel | None]:
+    """Build the student (and teacher) for a stage."""
+    teacher = None
+    if cfg.stage == "fp":
+        model = create_model(cfg.arch, cfg.scale)
+        set_quant_mode(model, "fp32")
+        return model, None  # type: ignore[return-value]
+    if resume is None and cfg.init is None:
+        raise SystemExit(f"stage {cfg.stage} needs --init (the previous stage's checkpoint)")
+    src = cfg.teacher or cfg.init
+    if cfg.stage == "pams":
+        model = _load_model_weights(cfg.init, cfg) if resume is None else create_model(cfg.arch, cfg.scale)
+        teacher = _load_model_weights(src, cfg) if src else None
+        if teacher is not None:
+            set_quant_mode(teacher, "fp32")
+        set_quant_mode(model, "w8a8")
+    else:  # cadyq
+        model = _load_model_weights(cfg.init, cfg) if resume is None else create_model(cfg.arch, cfg.scale)
+        if resume is None:
+            with torch.no_grad():  # the official renaming: the 8-bit clip seeds all three candidates
+                for sel in model.selectors:
+                    a = sel.quant_bit3.alpha.clone()
+                    for q in sel.candidates:
+                        q.alpha.copy_(a)
+        teacher = _load_model_weights(src, cfg) if src else None
+        if teacher is not None:
+            set_quant_mode(teacher, "w8a8")
+        set_quant_mode(model, "dynamic")
+    if teacher is not None:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    return model, teacher  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def _calibrate(model: SRModel, data: SRPairs, rng: np.random.Generator, cfg: TrainConfig) -> None:
+    """PAMS init: every clip value from the mean per-sample max |activation| of FP batches."""
+    quants = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+    set_quant_mode(model, "fp32")
+    sums = {id(q): 0.0 for q in quants}
+    for _ in range(cfg.calib_batches):
+        for q in quants:
+            q.calibrating = True
+        x, _ = data.sample(rng, cfg.batch, cfg.lr_patch)
+        model(x)
+        for q in quants:
+            sums[id(q)] += float(q.alpha)
+    for q in quants:
+        q.calibrating = False
+        q.alpha.fill_(sums[id(q)] / cfg.calib_batches)
+        q.max_val.fill_(sums[id(q)] / cfg.calib_batches)
+    set_quant_mode(model, "w8a8")
+
+
+def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -> Path:
+    """Run (or resume) one stage until ``cfg.steps`` or ``cfg.minutes``; return the checkpoint path."""
+    if cfg.stage not in STAGES:
+        raise SystemExit(f"unknown stage {cfg.stage!r}; choose from {', '.join(STAGES)}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    ckpt = run / "last.pt"
+    resume = load_state(ckpt) if ckpt.exists() else None
+    if resume is not None:
+        saved = resume["config"]
+        for k in ("stage", "arch", "scale", "seed", "batch", "lr_patch"):
+            if saved[k] != getattr(cfg, k):
+                raise SystemExit(f"{ckpt} was trained with {k}={saved[k]!r}, not {getattr(cfg, k)!r}")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np_rng = np.random.default_rng(cfg.seed)
+
+    paths = list_images([Path(d) for d in cfg.data])
+    if not paths:
+        raise SystemExit(f"no training images under {cfg.data}")
+    train_paths, val_paths = split_train_val(paths, cfg.n_val, cfg.seed)
+    t0 = time.time()
+    data = load_pairs(train_paths, cfg.scale, min_lr=cfg.lr_patch)
+    val = load_pairs(val_paths, cfg.scale, min_lr=8)
+    log(f"data: {len(data.hr)} train / {len(val.hr)} val images, loaded in {time.time() - t0:.0f}s")
+
+    model, teacher = _prepare(cfg, resume)
+    sel_params = [p for s in model.selectors for p in s.net_small.parameters()]
+    sel_ids = {id(p) for p in sel_params}
+    main_params = [p for p in model.parameters() if p.requires_grad and id(p) not in sel_ids]
+    groups = [{"params": main_params, "lr": cfg.lr}]
+    if cfg.stage == "cadyq":
+        groups.append({"params": sel_params, "lr": cfg.selector_lr, "fixed_lr": True})
+    opt = torch.optim.Adam(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+
+    step, elapsed = 0, 0.0
+    if resume is not None:
+        model.load_state_dict(resume["model"], strict=True)
+        opt.load_state_dict(resume["optimizer"])
+        step, elapsed = int(resume["step"]), float(resume["elapsed_s"])
+        torch.set_rng_state(resume["torch_rng"])
+        np_rng.bit_generator.state = resume["numpy_rng"]
+        log(f"resumed {ckpt} at step {step} ({elapsed / 60:.1f} min trained)")
+    elif cfg.stage == "pams":
+        _calibrate(model, data, np_rng, cfg)
+    model.train()
+    if teacher is not None:
+        teacher.eval()
+
+    feats_s: list[torch.Tensor] = []
+    feats_t: list[torch.Tensor] = []
+    hooks = []
+    if cfg.stage == "cadyq" and teacher is not None and cfg.at_weight > 0:
+        feats_s, h1 = _block_outputs(model)
+        feats_t, h2 = _block_outputs(teacher)
+        hooks = h1 + h2
+
+    start = time.time()
+    budget_s = cfg.minutes * 60
+    logf = open(run / "log.jsonl", "a")
+    acc: dict[str, float] = {}
+    n_acc = 0
+    try:
+        while step < cfg.steps and time.time() - start < budget_s:
+            lr_now = _lr_at(cfg, step)
+            for g in opt.param_groups:
+                if not g.get("fixed_lr"):
+                    g["lr"] = lr_now
+            x, y = data.sample(np_rng, cfg.batch, cfg.lr_patch)
+            feats_s.clear()
+            feats_t.clear()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                sr, bits = model(x)
+                t_out = None
+                if teacher is not None and (cfg.distill_weight > 0 or hooks):
+                    with torch.no_grad():
+                        t_out, _ = teacher(x)
+            sr = sr.float()
+            loss_l1 = F.l1_loss(sr, y)
+            loss = loss_l1
+            parts = {"l1": loss_l1.item()}
+            if t_out is not None and cfg.distill_weight > 0:
+                ld = F.l1_loss(sr, t_out.float())
+                loss = loss + cfg.distill_weight * ld
+                parts["distill"] = ld.item()
+            if cfg.stage == "cadyq":
+                soft = torch.stack(model._last_soft_bits, dim=1)  # (N, n_sel)
+                lb = soft.mean()
+                wb = cfg.bit_weight_max * min(1.0, step / max(cfg.bit_ramp_steps, 1))
+                loss = loss + wb * lb
+                parts["soft_bits"] = lb.item()
+                parts["fab"] = float(bits.float().mean())
+                if hooks:
+                    la = sum((_attention(a) - _attention(b)).pow(2).mean() for a, b in zip(feats_s, feats_t))
+                    loss = loss + cfg.at_weight * la
+                    parts["at"] = float(la.item())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if cfg.stage != "fp":
+                with torch.no_grad():
+                    for q in model.modules():
+                        if isinstance(q, ActQuantizer):
+                            q.alpha.clamp_(min=1e-3)
+            step += 1
+            for k, v in parts.items():
+                acc[k] = acc.get(k, 0.0) + v
+            n_acc += 1
+            now = elapsed + time.time() - start
+            if step % cfg.log_every == 0:
+                rec = {"step": step, "min": round(now / 60, 2), "lr": lr_now, **{k: v / n_acc for k, v in acc.items()}}
+                acc, n_acc = {}, 0
+                if step % cfg.val_every == 0:
+                    rec.update(validate(model, val, cfg.bf16))
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
+                log(json.dumps(rec))
+            if step % cfg.save_every == 0:
+                save_state(ckpt, model, opt, step, cfg, np_rng, now)
+    finally:
+        for h in hooks:
+            h.remove()
+        now = elapsed + time.time() - start
+        save_state(ckpt, model, opt, step, cfg, np_rng, now)
+        logf.close()
+    rec = {"step": step, "min": round(now / 60, 2), "final": True, **validate(model, val, cfg.bf16)}
+    with open(run / "log.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    log(json.dumps(rec))
+    return ckpt
