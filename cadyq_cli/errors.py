@@ -14,6 +14,10 @@ class ImageReadError(CadyqError):
     """An input image cannot be decoded."""
 
 
+class ImageTooLargeError(ImageReadError):
+    """An input image declares more pixels than allowed (decompression-bomb protection)."""
+
+
 class ImageWriteError(CadyqError):
     """An output image cannot be written."""
 

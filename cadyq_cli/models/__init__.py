@@ -3,6 +3,20 @@ from __future__ import annotations
 
 from ._base import SRModel, grad_feature
 from ._registry import create_model, get_arch, list_archs, register_model
+from .carn import CARN
 from .edsr import EDSRBaseline
+from .idn import IDN
+from .srresnet import SRResNet
 
-__all__ = ["SRModel", "grad_feature", "create_model", "get_arch", "list_archs", "register_model", "EDSRBaseline"]
+__all__ = [
+    "SRModel",
+    "grad_feature",
+    "create_model",
+    "get_arch",
+    "list_archs",
+    "register_model",
+    "EDSRBaseline",
+    "CARN",
+    "SRResNet",
+    "IDN",
+]

@@ -20,7 +20,9 @@ from torch import nn
 from .modes import CANDIDATE_BITS, MODES, QuantMode
 from .primitives import fake_quant_act, fake_quant_weight, qmax_for_bits
 
-__all__ = ["RegionGrid", "QuantContext", "QuantConv2d", "ActQuantizer", "BitSelector", "region_mean"]
+__all__ = [
+    "RegionGrid", "QuantContext", "QuantConv2d", "InputConv2d", "ActQuantizer", "BitSelector", "region_mean", "conv_forward",
+]
 
 
 @dataclass
@@ -120,6 +122,32 @@ class QuantContext:
     soft_bits: list[torch.Tensor] = field(default_factory=list)
 
 
+def conv_forward(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``conv`` applied with ``weight``; thin convs (<= 4 input channels) run in float64 at inference.
+
+    oneDNN picks different kernels for 3-channel convs depending on the batch size, so a
+    patch's result would change (by an ulp, enough to flip a later rounding) with the batch it
+    runs in. Computing these tiny layers in float64 and rounding back makes batched inference
+    equal per-patch inference. Every other conv shape is batch invariant as it is.
+    """
+    if (
+        conv.in_channels <= 4
+        and x.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+    ):
+        b = None if conv.bias is None else conv.bias.double()
+        return conv._conv_forward(x.double(), weight.double(), b).float()
+    return conv._conv_forward(x, weight, conv.bias)
+
+
+class InputConv2d(nn.Conv2d):
+    """A full-precision conv reading the image (see :func:`conv_forward` for why it exists)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return conv_forward(self, x, self.weight)
+
+
 class QuantConv2d(nn.Conv2d):
     """Conv2d whose weight is fake-quantized to 8 bits (symmetric, per tensor); bias stays FP.
 
@@ -144,9 +172,7 @@ class QuantConv2d(nn.Conv2d):
         return self._wq_cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        if not self.mode.quantized:
-            return super().forward(x)
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+        return conv_forward(self, x, self.quantized_weight() if self.mode.quantized else self.weight)
 
 
 class ActQuantizer(nn.Module):

@@ -1,0 +1,170 @@
+"""Reading and writing weights: our safetensors files and official CADyQ/PAMS checkpoints.
+
+Loading never executes code from a file: safetensors, or ``torch.load(weights_only=True)``
+with no fallback. Official files (bare state dict or ``{'state_dict': ...}``, ``.pt`` or
+``.pth.tar``, CADyQ or PAMS) are converted to our module layout, whose key names are the
+official CADyQ ones, and loaded strictly; any missing, unexpected or mis-shaped key is named.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointMismatchError, CheckpointReadError, UnsafeCheckpointError
+from .models import create_model, get_arch
+from .models._base import SRModel
+
+__all__ = ["read_state_dict", "detect_arch", "load_model_file", "save_weights", "model_from_state_dict"]
+
+FORMAT = "cadyq-weights-1"
+
+
+def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "params_ema", "params"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointReadError(f"{path}: not a state dict (found {type(obj).__name__})")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointReadError(f"{path}: not a state dict (entry {bad[0]!r} is not a tensor)")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    return obj  # type: ignore[return-value]
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a weights file safely.
+
+    Returns:
+        (state dict of CPU tensors, metadata: ``arch``/``scale`` when the file records them).
+
+    Raises:
+        CheckpointReadError: missing, empty, truncated or non-checkpoint file.
+        UnsafeCheckpointError: a pickle that references code (it is not executed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointReadError(f"{path}: no such weights file")
+    if path.stat().st_size == 0:
+        raise CheckpointReadError(f"{path}: empty file")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, safe_open
+
+        try:
+            sd = load_file(str(path), device="cpu")
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointReadError(f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0]})") from None
+        return _unwrap(sd, path), meta
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        detail = next((ln.strip() for ln in msg.splitlines() if "GLOBAL" in ln or "global" in ln), msg.splitlines()[0])
+        raise UnsafeCheckpointError(
+            f"{path}: refused, the file would run code to load ({detail[:160]}); only plain tensor checkpoints are accepted"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointReadError(f"{path}: corrupt, truncated or not a PyTorch checkpoint ({first[:160]})") from None
+    meta: dict[str, str] = {}
+    if isinstance(obj, dict) and isinstance(obj.get("config"), dict):  # our training checkpoints
+        meta = {k: str(obj["config"][k]) for k in ("arch", "scale") if k in obj["config"]}
+    return _unwrap(obj, path), meta
+
+
+def detect_arch(sd: dict[str, torch.Tensor]) -> str | None:
+    """Guess the architecture from characteristic keys (None if nothing fits)."""
+    if "entry.weight" in sd and any(k.startswith("upsample.up") for k in sd):
+        return "carn"
+    if any(k.startswith("fblock.") for k in sd) and "deconv.weight" in sd:
+        return "idn"
+    if "body.0.conv1.weight" in sd and "head.1.weight" in sd:
+        return "srresnet"
+    if "body.0.body.0.weight" in sd and "head.0.weight" in sd:
+        return "edsr_baseline"
+    return None
+
+
+def detect_scale(arch: str, sd: dict[str, torch.Tensor]) -> int | None:
+    """Scale implied by the keys, where the architecture encodes it (EDSR, SRResNet)."""
+    if arch == "edsr_baseline" and "tail.0.0.weight" in sd:
+        if sd["tail.0.0.weight"].shape[0] == 9 * sd["tail.0.0.weight"].shape[1]:
+            return 3
+        return 4 if "tail.0.2.weight" in sd else 2
+    if arch == "srresnet" and "tail.0.0.weight" in sd:
+        return 4 if "tail.0.3.weight" in sd else 2
+    return None
+
+
+def model_from_state_dict(sd: dict[str, torch.Tensor], arch: str | None = None, scale: int | None = None,
+                          source: str = "checkpoint") -> SRModel:
+    """Build a model and load ``sd`` strictly (official PAMS files are converted first)."""
+    found = detect_arch(sd)
+    if arch is None:
+        if found is None:
+            raise CheckpointMismatchError(f"{source}: not a checkpoint of a known architecture (edsr, carn, srresnet, idn)")
+        arch = found
+    arch = get_arch(arch).arch
+    if found is not None and found != arch:
+        raise CheckpointMismatchError(f"{source}: this is a {found} checkpoint, not {arch}")
+    implied = detect_scale(arch, sd)
+    if scale is None:
+        scale = implied
+        if scale is None:
+            raise CheckpointMismatchError(f"{source}: the {arch} checkpoint does not record its scale; pass --scale")
+    elif implied is not None and implied != scale:
+        raise CheckpointMismatchError(f"{source}: the {arch} checkpoint is for x{implied}, not x{scale}")
+    module = __import__(get_arch(arch).__module__, fromlist=["pams_to_cadyq"])
+    if getattr(module, "is_pams_state_dict", lambda s: False)(sd):
+        sd = module.pams_to_cadyq(sd)
+    model: SRModel = create_model(arch, scale)  # type: ignore[assignment]
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if shapes:
+            parts.append(f"{len(shapes)} with other shapes (e.g. {shapes[0]})")
+        raise CheckpointMismatchError(f"{source}: does not fit {arch} x{scale}: " + "; ".join(parts))
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=True)
+    return model.eval()
+
+
+def load_model_file(path: str | Path, arch: str | None = None, scale: int | None = None) -> SRModel:
+    """Load a weights file (ours or official) into a model in eval mode."""
+    sd, meta = read_state_dict(path)
+    if arch is None and "arch" in meta:
+        arch = meta["arch"]
+    if scale is None and meta.get("scale", "").isdigit():
+        scale = int(meta["scale"])
+    elif scale is not None and meta.get("scale", "").isdigit() and int(meta["scale"]) != scale and meta.get("arch") != "carn":
+        raise CheckpointMismatchError(f"{path}: the weights are for x{meta['scale']}, not x{scale}")
+    return model_from_state_dict(sd, arch, scale, source=str(path))
+
+
+def save_weights(model: SRModel, path: str | Path, metadata: dict[str, object] | None = None) -> None:
+    """Save a model as safetensors with ``arch``/``scale`` metadata (aliased keys stored as copies)."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "arch": model.arch, "scale": str(model.scale)}
+    for k, v in (metadata or {}).items():
+        meta[k] = v if isinstance(v, str) else json.dumps(v)
+    save_file(sd, str(path), metadata=meta)

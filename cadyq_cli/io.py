@@ -1,0 +1,674 @@
+"""Image reading and writing for the upscaler.
+
+Array convention (used throughout cadyq): colour is an ``(H, W, 3)`` float32 RGB array on
+the 0..255 scale, whatever the file's bit depth; 16-bit samples become ``value16 / 257``, so
+they keep their full precision as fractional values and ``round(x * 257)`` gives them back.
+Alpha, when present, is a separate ``(H, W)`` float32 array on 0..1. Grayscale inputs are
+replicated to three channels and flagged with ``gray=True``. Pixels are always stored in
+display orientation: the EXIF orientation is applied on reading and reset to 1.
+
+Reading uses Pillow. Pillow decodes 16-bit colour PNG/TIFF to 8 bits, so those files are
+decoded again with OpenCV to keep 16 bits. Writing is atomic: the file is encoded in memory,
+written to a hidden temporary file next to the target, fsynced and renamed over it.
+"""
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import struct
+import threading
+import warnings as _warnings
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageCms, ImageFile, ImageOps, features
+
+from .errors import ImageReadError, ImageTooLargeError, ImageWriteError
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "OUTPUT_FORMATS",
+    "LoadedImage",
+    "read_image",
+    "write_image",
+]
+
+DEFAULT_MAX_PIXELS = 64_000_000
+"""Default limit on the declared width * height of an input image (decompression bombs)."""
+
+OUTPUT_FORMATS: dict[str, str] = {
+    ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP",
+    ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP",
+}
+"""Output file extension (lower case) -> format written."""
+
+# Formats Pillow may open. Restricting the list keeps plugins that shell out to external
+# programs (EPS -> Ghostscript) or are rarely safe to expose out of reach.
+_INPUT_FORMATS = (
+    "PNG", "JPEG", "MPO", "WEBP", "TIFF", "BMP", "DIB", "GIF", "PPM", "TGA", "ICO",
+    "JPEG2000", "QOI", "SGI", "PCX", "AVIF",
+)
+_EXIF_HEADER = b"Exif\x00\x00"
+_ORIENTATION = 0x0112
+_PILLOW_LOCK = threading.Lock()
+
+
+@dataclass
+class LoadedImage:
+    """A decoded image plus what is needed to write the result back faithfully.
+
+    Attributes:
+        rgb: (H, W, 3) float32 RGB on 0..255 (16-bit inputs: ``value16 / 257``).
+        alpha: (H, W) float32 alpha on 0..1, or None when the image has no transparency.
+        gray: the input was grayscale (1-bit, L, LA, 16-bit gray); ``rgb`` has three equal
+            channels.
+        bit_depth: 8 or 16 bits per sample in the input.
+        icc_profile: the embedded ICC profile, or None (CMYK inputs are converted to sRGB and
+            get None).
+        exif: the EXIF block (starting with ``b"Exif\\0\\0"``) with orientation reset to 1,
+            or None. TIFF tags are not carried as EXIF.
+        format: Pillow's format name (``"PNG"``, ``"JPEG"``, ...).
+        path: the file read.
+        n_frames: number of frames or pages; only the first is decoded.
+        warnings: one-line notes about anything lost or approximated while reading.
+    """
+
+    rgb: np.ndarray
+    alpha: np.ndarray | None
+    gray: bool
+    bit_depth: int
+    icc_profile: bytes | None
+    exif: bytes | None
+    format: str
+    path: Path
+    n_frames: int = 1
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def height(self) -> int:
+        """Height in pixels (after orientation)."""
+        return int(self.rgb.shape[0])
+
+    @property
+    def width(self) -> int:
+        """Width in pixels (after orientation)."""
+        return int(self.rgb.shape[1])
+
+
+def _one_line(text: object) -> str:
+    """Collapse any message onto one line."""
+    return " ".join(str(text).split())
+
+
+def _describe_exc(exc: BaseException) -> str:
+    """Short one-line reason for an exception raised by a decoder or the OS."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return _one_line(exc.strerror).lower()
+    return _one_line(exc) or type(exc).__name__
+
+
+@contextmanager
+def _pillow_settings() -> Iterator[None]:
+    """Strict Pillow globals for one read: no truncated images, no Pillow bomb limit.
+
+    Our own ``max_pixels`` check replaces Pillow's (so that ``None`` really disables it).
+    The globals are restored afterwards; a lock serialises cadyq's own readers.
+    """
+    with _PILLOW_LOCK:
+        old_trunc, old_max = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            with _warnings.catch_warnings():
+                _warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = old_trunc, old_max
+
+
+def _allowed_formats() -> list[str]:
+    Image.init()
+    return [f for f in _INPUT_FORMATS if f in Image.OPEN]
+
+
+def _reset_exif_orientation(raw: bytes) -> bytes | None:
+    """Return ``raw`` with the ``Exif\\0\\0`` header and IFD0 orientation set to 1.
+
+    The block is patched in place rather than re-serialised, so maker notes and sub-IFDs stay
+    byte-identical. Returns None when the block is not a parseable TIFF structure.
+    """
+    tiff = bytearray(raw[len(_EXIF_HEADER):] if raw.startswith(_EXIF_HEADER) else raw)
+    order = {b"II": "<", b"MM": ">"}.get(bytes(tiff[:2]))
+    if order is None:
+        return None
+    try:
+        (ifd,) = struct.unpack_from(order + "I", tiff, 4)
+        (count,) = struct.unpack_from(order + "H", tiff, ifd)
+        for i in range(count):
+            entry = ifd + 2 + 12 * i
+            tag, typ, n = struct.unpack_from(order + "HHI", tiff, entry)
+            if tag == _ORIENTATION and typ == 3 and n == 1:  # SHORT, value left-justified
+                struct.pack_into(order + "H", tiff, entry + 8, 1)
+                break
+    except struct.error:
+        return None
+    return _EXIF_HEADER + bytes(tiff)
+
+
+def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation (1-8) to an (H, W, ...) array, as Pillow's exif_transpose."""
+    if orientation == 2:
+        arr = arr[:, ::-1]
+    elif orientation == 3:
+        arr = arr[::-1, ::-1]
+    elif orientation == 4:
+        arr = arr[::-1]
+    elif orientation == 5:
+        arr = arr.swapaxes(0, 1)
+    elif orientation == 6:
+        arr = np.rot90(arr, k=-1)
+    elif orientation == 7:
+        arr = arr.swapaxes(0, 1)[::-1, ::-1]
+    elif orientation == 8:
+        arr = np.rot90(arr, k=1)
+    return np.ascontiguousarray(arr)
+
+
+def _tile_rawmodes(im: Image.Image) -> list[str]:
+    """Raw modes of the image's tiles (e.g. ``"RGB;16B"``), before decoding."""
+    modes = []
+    for tile in getattr(im, "tile", None) or []:
+        args = tile.args if hasattr(tile, "args") else tile[3]
+        raw = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else None
+        if isinstance(raw, str):
+            modes.append(raw)
+    return modes
+
+
+def _read_16bit_colour(path: Path) -> np.ndarray:
+    """Decode a 16-bit colour PNG/TIFF with OpenCV: (H, W, C) uint16 in RGB(A) order."""
+    import cv2  # local: only this path needs it
+
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+        arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)  # UNCHANGED also ignores EXIF orientation
+    except (OSError, cv2.error) as exc:
+        raise ImageReadError(f"cannot read {path}: 16-bit decoding failed ({_describe_exc(exc)})") from exc
+    if arr is None or arr.dtype != np.uint16:
+        raise ImageReadError(f"cannot read {path}: 16-bit colour data could not be decoded")
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.shape[2] >= 3:
+        arr = np.concatenate([arr[:, :, 2::-1], arr[:, :, 3:]], axis=2)  # BGR(A) -> RGB(A)
+    return arr
+
+
+def _cmyk_to_rgb(im: Image.Image, icc: bytes | None, warnings: list[str]) -> Image.Image:
+    """CMYK -> sRGB through the embedded profile when there is one, else Pillow's formula."""
+    if icc:
+        try:
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            dst = ImageCms.createProfile("sRGB")
+            out = ImageCms.profileToProfile(im, src, dst, outputMode="RGB")
+            if out is not None:
+                return out
+        except (ImageCms.PyCMSError, OSError, ValueError) as exc:
+            warnings.append(f"embedded CMYK profile unusable ({_describe_exc(exc)}); used a naive CMYK->RGB conversion")
+    return im.convert("RGB")
+
+
+def read_image(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """Read an image file into the float RGB(+alpha) convention of this module.
+
+    Args:
+        path: image file (PNG, JPEG, WebP, TIFF, BMP, GIF, ...).
+        max_pixels: refuse images whose declared width * height exceeds this, before any
+            pixel is decoded (decompression-bomb protection); None disables the check.
+
+    Returns:
+        The decoded image and its metadata.
+
+    Raises:
+        ImageTooLargeError: the image declares more than ``max_pixels`` pixels.
+        ImageReadError: the file is missing, empty, truncated, corrupt or not an image.
+    """
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise ImageReadError(f"cannot read {path}: it is a directory")
+        if path.stat().st_size == 0:
+            raise ImageReadError(f"cannot read {path}: file is empty")
+    except FileNotFoundError as exc:
+        raise ImageReadError(f"cannot read {path}: file not found") from exc
+    except OSError as exc:
+        raise ImageReadError(f"cannot read {path}: {_describe_exc(exc)}") from exc
+
+    warnings: list[str] = []
+    with _pillow_settings():
+        try:
+            im = Image.open(path, formats=_allowed_formats())
+        except Image.UnidentifiedImageError as exc:
+            raise ImageReadError(f"cannot read {path}: not an image in a supported format") from exc
+        except Exception as exc:  # Pillow plugins raise many types on malformed headers
+            raise ImageReadError(f"cannot read {path}: {_describe_exc(exc)}") from exc
+        with im:
+            width, height = im.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageTooLargeError(
+                    f"cannot read {path}: image is {width}x{height} = {width * height:,} pixels, "
+                    f"above the limit of {max_pixels:,}; raise it with --max-pixels"
+                )
+            fmt = im.format or "unknown"
+            try:
+                n_frames = int(getattr(im, "n_frames", 1))
+                if n_frames > 1:
+                    im.seek(0)
+                    if fmt != "MPO":  # MPO: JPEG with extra previews / depth maps
+                        warnings.append(f"{path.name} has {n_frames} frames; only the first is used")
+                rawmodes = _tile_rawmodes(im)
+                im.load()  # decodes (and validates) the whole frame
+                icc = im.info.get("icc_profile") or None
+                exif_src = im.info.get("exif")
+                if exif_src is None and fmt not in ("TIFF", "MPO") and im.getexif():
+                    exif_src = im.getexif().tobytes()
+                orientation = int(im.getexif().get(_ORIENTATION, 1) or 1)
+                mode = im.mode
+                # Pillow opens 16-bit RGB(A) and gray+alpha (as RGBA) but decodes them to 8 bits.
+                wide = mode in ("RGB", "RGBA", "LA") and any(";16" in r for r in rawmodes)
+                wide_gray = wide and all(r.startswith("LA") for r in rawmodes)
+                if not wide:
+                    im = ImageOps.exif_transpose(im)
+            except ImageReadError:
+                raise
+            except Exception as exc:
+                reason = _describe_exc(exc)
+                if isinstance(exc, EOFError) or "truncated" in reason.lower():
+                    detail = reason.removeprefix("image file is truncated").strip(" ()")
+                    reason = "file is truncated" + (f" ({detail})" if detail else "")
+                raise ImageReadError(f"cannot read {path}: {reason}") from exc
+
+            exif = _reset_exif_orientation(exif_src) if exif_src else None
+            if exif_src and exif is None:
+                warnings.append("EXIF block could not be parsed and was dropped")
+
+            if wide:
+                arr = _orient(_read_16bit_colour(path), orientation)
+                if arr.shape[:2] != (im.height, im.width)[:: 1 if orientation < 5 else -1]:
+                    raise ImageReadError(f"cannot read {path}: 16-bit decoder disagrees about the image size")
+                gray = wide_gray
+                colour = arr[:, :, :1] if gray else arr[:, :, :3]
+                rgb = np.repeat(colour, 3, axis=2) if gray else colour
+                alpha = arr[:, :, -1] if arr.shape[2] in (2, 4) else None
+                return LoadedImage(
+                    rgb=rgb.astype(np.float32) / np.float32(257.0),
+                    alpha=None if alpha is None else alpha.astype(np.float32) / np.float32(65535.0),
+                    gray=gray, bit_depth=16, icc_profile=icc, exif=exif, format=fmt, path=path,
+                    n_frames=n_frames, warnings=warnings,
+                )
+
+            rgb, alpha, gray, bit_depth, icc = _pillow_to_arrays(im, path, icc, warnings)
+    return LoadedImage(rgb=rgb, alpha=alpha, gray=gray, bit_depth=bit_depth, icc_profile=icc, exif=exif,
+                       format=fmt, path=path, n_frames=n_frames, warnings=warnings)
+
+
+def _pillow_to_arrays(
+    im: Image.Image, path: Path, icc: bytes | None, warnings: list[str]
+) -> tuple[np.ndarray, np.ndarray | None, bool, int, bytes | None]:
+    """Convert a decoded, oriented Pillow image to (rgb, alpha, gray, bit_depth, icc)."""
+    mode = im.mode
+    transparent = im.has_transparency_data
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "I;16S"):
+        raw = np.asarray(im)
+        values = np.clip(raw, 0, 65535).astype(np.float32)
+        alpha = None
+        trns = im.info.get("transparency")
+        if isinstance(trns, int):
+            alpha = (raw != trns).astype(np.float32)
+        gray = np.repeat((values / np.float32(257.0))[:, :, None], 3, axis=2)
+        return gray, alpha, True, 16, icc
+    if mode == "F":
+        raise ImageReadError(f"cannot read {path}: 32-bit floating-point images are not supported")
+    if mode == "CMYK":
+        im = _cmyk_to_rgb(im, icc, warnings)
+        icc, mode = None, "RGB"
+    if mode in ("1", "L", "LA", "La"):
+        gray = True
+        im = im.convert("LA") if (mode in ("LA", "La") or transparent) else im.convert("L")
+    else:
+        gray = False
+        keep_alpha = transparent or mode in ("RGBA", "RGBa", "PA", "LA", "La")
+        try:
+            im = im.convert("RGBA" if keep_alpha else "RGB")
+        except (ValueError, OSError) as exc:
+            raise ImageReadError(f"cannot read {path}: unsupported image mode {mode}") from exc
+    arr = np.asarray(im)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    n_colour = 1 if gray else 3
+    colour = arr[:, :, :n_colour].astype(np.float32)
+    rgb = np.repeat(colour, 3, axis=2) if gray else colour
+    alpha = arr[:, :, n_colour].astype(np.float32) / np.float32(255.0) if arr.shape[2] > n_colour else None
+    return np.ascontiguousarray(rgb), alpha, gray, 8, icc
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _quantize(values: np.ndarray, bit_depth: int, scale: float) -> np.ndarray:
+    """Clamp and round float samples to uint8/uint16; ``scale`` maps them to 0..max."""
+    top = 255 if bit_depth == 8 else 65535
+    arr = np.asarray(values, dtype=np.float32) * np.float32(scale)
+    arr = np.nan_to_num(arr, nan=0.0, posinf=top, neginf=0.0)
+    np.clip(arr, 0, top, out=arr)
+    return np.rint(arr).astype(np.uint8 if bit_depth == 8 else np.uint16)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _paeth_filter(rows: np.ndarray, prev: np.ndarray, bpp: int) -> np.ndarray:
+    """PNG Paeth filter of byte rows (n, stride) given the row above the first one."""
+    x = rows.astype(np.int16)
+    up = np.concatenate([prev[None, :], rows[:-1]]).astype(np.int16)
+    left = np.zeros_like(x)
+    left[:, bpp:] = x[:, :-bpp]
+    up_left = np.zeros_like(x)
+    up_left[:, bpp:] = up[:, :-bpp]
+    pa = np.abs(up - up_left)
+    pb = np.abs(left - up_left)
+    pc = np.abs(left + up - 2 * up_left)
+    pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, up_left))
+    return ((x - pred) & 0xFF).astype(np.uint8)
+
+
+def _encode_png16(arr: np.ndarray, icc: bytes | None, exif: bytes | None) -> bytes:
+    """Encode (H, W, C) uint16, C in 1..4 (gray, gray+alpha, RGB, RGBA), as a 16-bit PNG.
+
+    Pillow cannot write 16-bit colour or gray+alpha PNG and OpenCV cannot embed ICC/EXIF, so
+    this small encoder (Paeth filter, zlib level 6) does it.
+    """
+    h, w, c = arr.shape
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
+    stride, bpp = w * c * 2, c * 2
+    raw = np.ascontiguousarray(arr.astype(">u2")).view(np.uint8).reshape(h, stride)
+    out = [b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))]
+    if icc:
+        out.append(_png_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc)))
+    if exif:
+        out.append(_png_chunk(b"eXIf", exif[len(_EXIF_HEADER):] if exif.startswith(_EXIF_HEADER) else exif))
+    comp = zlib.compressobj(6)
+    prev = np.zeros(stride, np.uint8)
+    step = max(1, (1 << 22) // max(stride, 1))
+    for top in range(0, h, step):
+        rows = raw[top:top + step]
+        filtered = np.concatenate([np.full((len(rows), 1), 4, np.uint8), _paeth_filter(rows, prev, bpp)], axis=1)
+        prev = rows[-1]
+        piece = comp.compress(filtered.tobytes())
+        if piece:
+            out.append(_png_chunk(b"IDAT", piece))
+    out.append(_png_chunk(b"IDAT", comp.flush()))
+    out.append(_png_chunk(b"IEND", b""))
+    return b"".join(out)
+
+
+def _encode_tiff16(arr: np.ndarray, icc: bytes | None) -> bytes:
+    """Encode (H, W, C) uint16 (gray, gray+alpha, RGB, RGBA) as a little-endian 16-bit TIFF.
+
+    Deflate compression with horizontal predictor, strips of about 256 KiB. Pillow cannot write
+    16-bit colour TIFF and OpenCV cannot embed an ICC profile.
+    """
+    h, w, c = arr.shape
+    rows_per_strip = max(1, (1 << 18) // (w * c * 2))
+    strips = []
+    for top in range(0, h, rows_per_strip):
+        block = arr[top:top + rows_per_strip].astype(np.int32).reshape(-1, w * c)
+        diff = block.copy()
+        diff[:, c:] -= block[:, :-c]  # horizontal differencing (Predictor 2)
+        strips.append(zlib.compress((diff & 0xFFFF).astype("<u2").tobytes(), 6))
+    # Layout: header | strips | out-of-line values | IFD.
+    data = bytearray(b"II*\x00\x00\x00\x00\x00")
+    offsets = []
+    for s in strips:
+        offsets.append(len(data))
+        data += s
+        if len(data) % 2:
+            data += b"\x00"
+
+    def put(blob: bytes) -> int:
+        if len(data) % 2:
+            data.extend(b"\x00")
+        pos = len(data)
+        data.extend(blob)
+        return pos
+
+    SHORT, LONG, UNDEFINED = 3, 4, 7
+    entries: list[tuple[int, int, int, bytes]] = []  # tag, type, count, packed values
+
+    def add(tag: int, typ: int, values: list[int] | bytes) -> None:
+        if typ == UNDEFINED:
+            packed, count = bytes(values), len(values)
+        else:
+            packed = struct.pack("<%d%s" % (len(values), "H" if typ == SHORT else "I"), *values)
+            count = len(values)
+        entries.append((tag, typ, count, packed))
+
+    add(256, LONG, [w])
+    add(257, LONG, [h])
+    add(258, SHORT, [16] * c)
+    add(259, SHORT, [8])  # Adobe Deflate
+    add(262, SHORT, [1 if c <= 2 else 2])  # BlackIsZero / RGB
+    add(273, LONG, offsets)
+    add(274, SHORT, [1])
+    add(277, SHORT, [c])
+    add(278, LONG, [rows_per_strip])
+    add(279, LONG, [len(s) for s in strips])
+    add(284, SHORT, [1])
+    add(317, SHORT, [2])
+    if c in (2, 4):
+        add(338, SHORT, [2])  # unassociated alpha
+    if icc:
+        add(34675, UNDEFINED, icc)
+    entries.sort()
+    fields = []
+    for tag, typ, count, packed in entries:
+        if len(packed) <= 4:
+            value = packed.ljust(4, b"\x00")
+        else:
+            value = struct.pack("<I", put(packed))
+        fields.append(struct.pack("<HHI", tag, typ, count) + value)
+    ifd = put(struct.pack("<H", len(fields)) + b"".join(fields) + b"\x00\x00\x00\x00")
+    if len(data) >= 1 << 32:
+        raise ValueError("result exceeds the 4 GiB limit of classic TIFF")
+    struct.pack_into("<I", data, 4, ifd)
+    return bytes(data)
+
+
+def _encode(
+    fmt: str, colour: np.ndarray, alpha: np.ndarray | None, bit_depth: int,
+    icc: bytes | None, exif: bytes | None, quality: int, warnings: list[str],
+) -> bytes:
+    """Encode arrays to file bytes in ``fmt``; appends notes about dropped data to ``warnings``."""
+    if bit_depth == 16 and fmt not in ("PNG", "TIFF"):
+        warnings.append(f"{fmt} cannot hold 16 bits per sample; wrote 8 bits")
+        bit_depth = 8
+    if alpha is not None and fmt in ("JPEG", "BMP"):
+        warnings.append(f"{fmt} cannot hold transparency; alpha channel dropped")
+        alpha = None
+    if bit_depth == 16 and fmt == "TIFF" and colour.shape[2] == 1 and alpha is not None:
+        colour = np.repeat(colour, 3, axis=2)  # Pillow cannot read 16-bit gray+alpha TIFF
+    stored_gray = colour.shape[2] == 1 and fmt != "WEBP"
+    if icc and len(icc) >= 20 and icc[16:20] != (b"GRAY" if stored_gray else b"RGB "):
+        space = icc[16:20].decode("latin-1").strip()
+        warnings.append(f"ICC profile ({space}) does not fit a {'gray' if stored_gray else 'RGB'} image; not embedded")
+        icc = None
+    scale = 257.0 if bit_depth == 16 else 1.0
+    planes = [_quantize(colour, bit_depth, scale)]
+    if alpha is not None:
+        planes.append(_quantize(alpha, bit_depth, 255.0 if bit_depth == 8 else 65535.0)[:, :, None])
+    arr = np.concatenate(planes, axis=2) if len(planes) > 1 else planes[0]
+
+    if bit_depth == 16:
+        if fmt == "PNG":
+            return _encode_png16(arr, icc, exif)
+        if exif:
+            warnings.append("EXIF is not written to 16-bit TIFF")
+        return _encode_tiff16(arr, icc)
+
+    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[arr.shape[2]]
+    im = Image.fromarray(arr[:, :, 0] if mode == "L" else arr, mode=mode)
+    options: dict[str, object] = {}
+    if icc and fmt != "BMP":
+        options["icc_profile"] = icc
+    if exif and fmt in ("PNG", "JPEG", "WEBP", "TIFF"):
+        options["exif"] = exif
+    if fmt == "JPEG":
+        options.update(quality=quality, subsampling=0 if quality >= 90 else 2)
+    elif fmt == "WEBP":
+        options.update(quality=quality, method=4)
+    elif fmt == "TIFF" and features.check("libtiff"):
+        options["compression"] = "tiff_deflate"
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Best-effort fsync of a directory so that a rename is durable (POSIX only)."""
+    if os.name != "posix":
+        return
+    with suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes, overwrite: bool) -> None:
+    """Write ``data`` to ``path`` through a hidden temp file in the same directory."""
+    parent = path.parent
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = parent / f".{path.name[:200]}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, flags, 0o666)  # the umask applies, as for a normal file
+            break
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise ImageWriteError(f"cannot write {path}: {_describe_exc(exc)}") from exc
+    else:
+        raise ImageWriteError(f"cannot write {path}: could not create a temporary file")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails atomically if the target appeared meanwhile
+            except FileExistsError:
+                raise ImageWriteError(f"cannot write {path}: file exists (allow overwriting to replace it)") from None
+            except OSError:  # hard links unsupported here: check, then rename
+                if os.path.lexists(path):
+                    raise ImageWriteError(f"cannot write {path}: file exists (allow overwriting to replace it)") from None
+                os.replace(tmp, path)
+            else:
+                os.unlink(tmp)
+    except BaseException as exc:
+        with suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise ImageWriteError(f"cannot write {path}: {_describe_exc(exc)}") from exc
+        raise
+    _fsync_dir(parent)
+
+
+def write_image(
+    path: str | os.PathLike[str],
+    rgb: np.ndarray,
+    *,
+    alpha: np.ndarray | None = None,
+    gray: bool = False,
+    bit_depth: int = 8,
+    icc_profile: bytes | None = None,
+    exif: bytes | None = None,
+    quality: int = 95,
+    overwrite: bool = False,
+) -> list[str]:
+    """Write an image atomically; the format follows the extension.
+
+    Args:
+        path: output file; its extension (``.png .jpg .jpeg .webp .tif .tiff .bmp``) picks the
+            format. The parent directory must exist.
+        rgb: (H, W, 3) float RGB on 0..255 (clamped, rounded half to even). With ``gray`` a
+            (H, W) or (H, W, 1) array is accepted too; three channels are averaged.
+        alpha: optional (H, W) alpha on 0..1. Dropped (with a warning) for JPEG and BMP.
+        gray: write a single-channel image (plus alpha when given); WebP, and 16-bit TIFF
+            with alpha, store it as RGB(A).
+        bit_depth: 8, or 16 for PNG and TIFF (``value * 257``); other formats fall back to 8
+            with a warning.
+        icc_profile: ICC profile to embed (PNG, JPEG, WebP, TIFF); skipped with a warning when
+            its colour space (GRAY / RGB) does not match the stored image.
+        exif: EXIF block to embed (PNG, JPEG, WebP, 8-bit TIFF); pass the one from
+            ``LoadedImage`` whose orientation is already 1.
+        quality: JPEG/WebP quality, 1..100 (JPEG uses 4:4:4 chroma from 90 up).
+        overwrite: replace an existing file.
+
+    Returns:
+        One-line warnings about data the format could not hold (empty when nothing was lost).
+
+    Raises:
+        ImageWriteError: unknown extension, missing parent directory, existing file without
+            ``overwrite``, or any encoding/OS failure. No partial file is left behind.
+        ValueError: inconsistent arguments (array shapes, ``bit_depth``, ``quality``).
+    """
+    path = Path(path)
+    fmt = OUTPUT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        known = " ".join(sorted(OUTPUT_FORMATS))
+        raise ImageWriteError(f"cannot write {path}: unknown extension {path.suffix or '(none)'!r}; use one of {known}")
+    if bit_depth not in (8, 16):
+        raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
+    if not 1 <= int(quality) <= 100:
+        raise ValueError(f"quality must be in 1..100, got {quality}")
+    rgb = np.asarray(rgb)
+    if gray and rgb.ndim == 2:
+        rgb = rgb[:, :, None]
+    if rgb.ndim != 3 or rgb.shape[2] not in ((1, 3) if gray else (3,)) or rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ValueError(f"rgb must be a non-empty (H, W, 3) array, got shape {rgb.shape}")
+    if alpha is not None:
+        alpha = np.asarray(alpha)
+        if alpha.ndim == 3 and alpha.shape[2] == 1:
+            alpha = alpha[:, :, 0]
+        if alpha.shape != rgb.shape[:2]:
+            raise ValueError(f"alpha shape {alpha.shape} does not match image size {rgb.shape[:2]}")
+
+    parent = path.parent
+    if not parent.exists():
+        raise ImageWriteError(f"cannot write {path}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise ImageWriteError(f"cannot write {path}: {parent} is not a directory")
+    if path.is_dir():
+        raise ImageWriteError(f"cannot write {path}: it is a directory")
+    if not overwrite and os.path.lexists(path):
+        raise ImageWriteError(f"cannot write {path}: file exists (allow overwriting to replace it)")
+
+    colour = rgb.astype(np.float32, copy=False)
+    if gray:
+        colour = colour.mean(axis=2, keepdims=True, dtype=np.float32) if colour.shape[2] == 3 else colour
+    warnings: list[str] = []
+    try:
+        data = _encode(fmt, colour, alpha, bit_depth, icc_profile, exif, int(quality), warnings)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ImageWriteError(f"cannot write {path}: {fmt} encoding failed ({_describe_exc(exc)})") from exc
+    _atomic_write(path, data, overwrite)
+    return warnings
