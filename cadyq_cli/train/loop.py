@@ -53,6 +53,7 @@ class TrainConfig:
     at_weight: float = 100.0  # cadyq: attention-transfer weight
     distill_weight: float = 1.0  # pams/cadyq: L1 to the teacher output
     minutes: float = 60.0
+    stop_at: int | None = None  # stop this invocation at this step (the schedule still spans `steps`)
     seed: int = 0
     bf16: bool = True
     threads: int = 0
@@ -256,7 +257,7 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
     acc: dict[str, float] = {}
     n_acc = 0
     try:
-        while step < cfg.steps and time.time() - start < budget_s:
+        while step < min(cfg.steps, cfg.stop_at or cfg.steps) and time.time() - start < budget_s:
             lr_now = _lr_at(cfg, step)
             for g in opt.param_groups:
                 if not g.get("fixed_lr"):

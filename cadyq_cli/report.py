@@ -1,0 +1,98 @@
+"""Report data for one image: the JSON record and the bit-allocation heatmap (as arrays).
+
+Rendering to the terminal happens in ``cli.py``; this module only computes.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from .engine import ImageReport
+
+__all__ = ["json_record", "region_bits_map", "bit_heatmap", "BIT_COLORS"]
+
+#: Colour (RGB) of 4, 6 and 8 bits in the heatmap; values in between are interpolated.
+BIT_COLORS = {4: (40, 110, 255), 6: (255, 210, 40), 8: (235, 40, 40)}
+
+
+def json_record(report: ImageReport, input_path: str, output_path: str | None, model: str) -> dict:
+    """The JSON object printed per image (``--json``); keys are part of the CLI interface."""
+    return {
+        "input": input_path,
+        "output": output_path,
+        "scale": report.scale,
+        "model": model,
+        "mode": report.mode,
+        "tiling": report.tiling,
+        "width": report.width,
+        "height": report.height,
+        "fab": round(report.fab, 4),
+        "bits_histogram": report.bits_histogram,
+        "bitops_g": round(report.bitops / 1e9, 3),
+        "bitops_fp32_g": round(report.bitops_fp32 / 1e9, 3),
+        "seconds": round(report.seconds, 3),
+        "regions": [{"box": list(r.box), "fab": round(r.fab, 4), "bits": r.bits} for r in report.regions],
+    }
+
+
+def region_bits_map(report: ImageReport, layer: int | None = None) -> np.ndarray:
+    """(rows, cols) mean selected bits per region, or the bits of selector ``layer``."""
+    if layer is None:
+        return report.region_fab_map()
+    if not 0 <= layer < report.n_selectors:
+        raise ValueError(f"--layer must be between 0 and {report.n_selectors - 1}")
+    return np.array([r.bits[layer] for r in report.regions], dtype=np.float64).reshape(report.grid)
+
+
+def _bit_color(b: float) -> np.ndarray:
+    b = min(max(b, 4.0), 8.0)
+    lo, hi = (4, 6) if b <= 6 else (6, 8)
+    t = (b - lo) / 2.0
+    return (1 - t) * np.array(BIT_COLORS[lo], float) + t * np.array(BIT_COLORS[hi], float)
+
+
+def bit_heatmap(rgb: np.ndarray, report: ImageReport, layer: int | None = None, min_width: int = 640) -> np.ndarray:
+    """Bits per region drawn over a dimmed copy of the image, with a legend and the FAB.
+
+    Args:
+        rgb: (H, W, 3) float 0..255, the input image (the report's coordinates).
+        report: the report of that image (dynamic or fixed mode).
+        layer: show selector ``layer`` instead of the mean over selectors.
+        min_width: the picture is enlarged (nearest) to at least this width for legibility.
+
+    Returns:
+        (H', W', 3) uint8 RGB picture.
+    """
+    h, w = rgb.shape[:2]
+    k = max(1, int(np.ceil(min_width / max(w, 1))))
+    base = cv2.resize(np.clip(rgb, 0, 255).astype(np.uint8), (w * k, h * k), interpolation=cv2.INTER_NEAREST)
+    gray = cv2.cvtColor(base, cv2.COLOR_RGB2GRAY).astype(np.float64)
+    canvas = np.repeat((0.35 * gray + 40)[:, :, None], 3, axis=2)
+    bits = region_bits_map(report, layer)
+    overlay = np.zeros_like(canvas)
+    for r, bmap in zip(report.regions, bits.ravel()):
+        x0, y0, x1, y1 = (v * k for v in r.box)
+        overlay[y0:y1, x0:x1] = _bit_color(float(bmap))
+    out = 0.45 * canvas + 0.55 * overlay
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    fs = max(0.4, min(1.0, out.shape[1] / 900))
+    th = max(1, int(round(fs * 2)))
+    for r, bmap in zip(report.regions, bits.ravel()):  # region borders and values
+        x0, y0, x1, y1 = (v * k for v in r.box)
+        cv2.rectangle(out, (x0, y0), (x1 - 1, y1 - 1), (20, 20, 20), 1)
+        if (x1 - x0) > 60 * fs and (y1 - y0) > 30 * fs:
+            cv2.putText(out, f"{bmap:.1f}", (x0 + 4, y0 + int(22 * fs)), font, fs * 0.8, (255, 255, 255), th, cv2.LINE_AA)
+    # legend strip below the image
+    bar_h = int(44 * fs) + 10
+    legend = np.full((bar_h, out.shape[1], 3), 25, np.uint8)
+    x = 8
+    for b in (4, 6, 8):
+        cv2.rectangle(legend, (x, 8), (x + int(26 * fs), bar_h - 8), tuple(int(c) for c in BIT_COLORS[b]), -1)
+        cv2.putText(legend, f"{b} bit", (x + int(32 * fs), bar_h // 2 + int(8 * fs)), font, fs, (235, 235, 235), th, cv2.LINE_AA)
+        x += int(130 * fs)
+    what = "mean bits over layers" if layer is None else f"layer {layer}"
+    label = f"FAB {report.fab:.2f}  ({what}, x{report.scale}, {report.mode})"
+    (tw, _), _ = cv2.getTextSize(label, font, fs, th)
+    cv2.putText(legend, label, (max(x, out.shape[1] - tw - 10), bar_h // 2 + int(8 * fs)), font, fs, (235, 235, 235), th, cv2.LINE_AA)
+    return np.concatenate([out, legend], axis=0)

@@ -1,0 +1,129 @@
+"""Shipped checkpoints (``weights/manifest.json``) and the one model loader behind every command."""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_model_file
+from .errors import CheckpointReadError, UnknownModelError
+from .models._base import SRModel
+from .quant.modes import set_quant_mode
+
+__all__ = ["WeightsCfg", "weights_dir", "list_weights", "resolve_weights", "load_model", "DEFAULT_MODEL"]
+
+DEFAULT_MODEL = "edsr-baseline"
+
+
+@dataclass(frozen=True)
+class WeightsCfg:
+    """One shipped checkpoint, as recorded in the manifest."""
+
+    name: str
+    file: str
+    arch: str
+    scale: int
+    sha256: str
+    params: int = 0
+    data: str = ""
+    license: str = ""
+    stages: list = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    notes: str = ""
+
+    @property
+    def path(self) -> Path:
+        """Absolute path of the weights file."""
+        return weights_dir() / self.file
+
+
+def weights_dir() -> Path:
+    """Folder of shipped weights: $CADYQ_WEIGHTS_DIR, the installed copy, or the source tree's."""
+    env = os.environ.get("CADYQ_WEIGHTS_DIR")
+    if env:
+        return Path(env)
+    try:
+        import cadyq_weights  # installed by `pip install .` from weights/
+
+        return Path(cadyq_weights.__file__).parent
+    except ImportError:
+        return Path(__file__).resolve().parent.parent / "weights"
+
+
+def list_weights() -> list[WeightsCfg]:
+    """Entries of the weights manifest (empty when there is none)."""
+    manifest = weights_dir() / "manifest.json"
+    if not manifest.is_file():
+        return []
+    data = json.loads(manifest.read_text())
+    known = set(WeightsCfg.__dataclass_fields__)
+    return [WeightsCfg(**{k: v for k, v in m.items() if k in known}) for m in data.get("models", [])]
+
+
+def resolve_weights(name: str, scale: int | None = None) -> WeightsCfg:
+    """Find a shipped checkpoint by full name (``edsr-baseline-x4``) or by family and scale."""
+    entries = list_weights()
+    by_name = {e.name: e for e in entries}
+    if name in by_name:
+        e = by_name[name]
+        if scale is not None and e.scale != scale:
+            raise UnknownModelError(f"model {name!r} is x{e.scale}, not x{scale}")
+        return e
+    if scale is not None and f"{name}-x{scale}" in by_name:
+        return by_name[f"{name}-x{scale}"]
+    names = sorted(by_name)
+    close = difflib.get_close_matches(name if scale is None else f"{name}-x{scale}", names, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else (f"; shipped: {', '.join(names)}" if names else "; no weights are shipped in this install")
+    what = name if scale is None else f"{name} at x{scale}"
+    raise UnknownModelError(f"no shipped model {what}{hint} (see `cadyq models`)")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_model(
+    model: str | None = None,
+    weights: str | Path | None = None,
+    arch: str | None = None,
+    scale: int | None = 4,
+    mode: str = "dynamic",
+    device: str = "cpu",
+) -> SRModel:
+    """Load a shipped model by name, or any checkpoint file (ours or official), ready to run.
+
+    Args:
+        model: shipped model name or family (``edsr-baseline``); default when no weights given.
+        weights: path of a checkpoint file instead of a shipped model.
+        arch: architecture of ``weights`` (detected from the keys when omitted).
+        scale: upscaling factor.
+        mode: ``dynamic``, ``fp32``, ``w8a8``, ``w8a6`` or ``w8a4``.
+        device: ``cpu`` or ``cuda``.
+
+    Example:
+        >>> m = load_model("edsr-baseline", scale=4, mode="dynamic")
+    """
+    if weights is not None:
+        net = load_model_file(weights, arch, scale)
+    else:
+        cfg = resolve_weights(model or DEFAULT_MODEL, scale)
+        if not cfg.path.is_file():
+            raise CheckpointReadError(f"shipped weights {cfg.file} are missing from {weights_dir()}")
+        if cfg.sha256 and _sha256(cfg.path) != cfg.sha256:
+            raise CheckpointReadError(f"{cfg.path}: checksum does not match the manifest; reinstall cadyq")
+        net = load_model_file(cfg.path, cfg.arch, cfg.scale)
+    set_quant_mode(net, mode)
+    if device != "cpu":
+        if device == "cuda" and not torch.cuda.is_available():
+            raise UnknownModelError("--device cuda: no CUDA device is available")
+        net = net.to(device)
+    return net.eval()
