@@ -15,6 +15,10 @@ __all__ = ["SRModel", "MeanShift", "grad_feature", "DIV2K_RGB_MEAN"]
 
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
+#: per-sample input elements up to which PyTorch runs a batch-1 CPU conv natively (see
+#: :meth:`SRModel._invariant_chunk`)
+_NATIVE_CONV_NUMEL = 20480
+
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8.0
 
 
@@ -87,8 +91,47 @@ class SRModel(nn.Module):
         """Backbone forward on the 0..255 input; implemented by each architecture."""
         raise NotImplementedError
 
+    def _invariant_chunk(self, x: torch.Tensor) -> int:
+        """Largest batch chunk whose convolutions take the same CPU kernel as a batch of one.
+
+        PyTorch (``use_mkldnn`` in ATen's Convolution.cpp) runs a batch of one on its native
+        kernel when the per-sample input of a non-grouped conv with a kernel of at most 3x3 has
+        no more than 20480 elements, but any larger batch on oneDNN; single-threaded, 1x1 convs
+        switch to oneDNN from a batch of 16. The two kernels round differently, and one flipped
+        quantizer rounding can change a patch's output by many grey levels, so batched
+        inference would no longer equal the official per-patch inference. Small tiles are
+        therefore run one at a time (they are cheap) and 1x1-conv models in chunks of 15.
+        Convs with at most 4 input channels are excluded: they run in float64
+        (:func:`~cadyq_cli.quant.modules.conv_forward`) or are identity mean shifts.
+        """
+        n = x.shape[0]
+        if n == 1 or x.device.type != "cpu" or torch.is_grad_enabled() or self.training:
+            return n
+        info = getattr(self, "_conv_paths", None)
+        if info is None:
+            convs = [
+                m for m in self.modules()
+                if type(m) is not MeanShift and isinstance(m, nn.Conv2d) and m.groups == 1 and m.in_channels > 4
+            ]
+            min_cin = min((m.in_channels for m in convs if not (m.kernel_size[0] > 3 and m.kernel_size[1] > 3)), default=0)
+            has_1x1 = any(m.kernel_size == (1, 1) for m in convs)
+            info = self._conv_paths = (min_cin, has_1x1)
+        min_cin, has_1x1 = info
+        if min_cin * x.shape[2] * x.shape[3] <= _NATIVE_CONV_NUMEL:
+            return 1
+        if has_1x1 and n >= 16:
+            return 15
+        return n
+
     def forward(self, x: torch.Tensor, grid: RegionGrid | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Super-resolve a batch; see the class docstring for the contract."""
+        chunk = self._invariant_chunk(x)
+        if chunk < x.shape[0]:
+            parts = [self._forward_batch(x[i : i + chunk], grid) for i in range(0, x.shape[0], chunk)]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return self._forward_batch(x, grid)
+
+    def _forward_batch(self, x: torch.Tensor, grid: RegionGrid | None) -> tuple[torch.Tensor, torch.Tensor]:
         grad = grad_feature(x / 255.0, grid) * self.grad_multiplier
         ctx = QuantContext(grad=grad, grid=grid)
         sr = self.forward_features(x, ctx)

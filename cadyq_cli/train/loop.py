@@ -178,6 +178,14 @@ def _calibrate(model: SRModel, data: SRPairs, rng: np.random.Generator, cfg: Tra
     quants = [m for m in model.modules() if isinstance(m, ActQuantizer)]
     set_quant_mode(model, "fp32")
     sums = {id(q): 0.0 for q in quants}
+
+    # In fp32 mode a BitSelector returns its input without calling its candidates, so their
+    # ``calibrating`` flag would never fire: calibrate them from the selector's input instead.
+    def _sel_hook(sel: BitSelector, inputs: tuple) -> None:
+        for q in sel.candidates:
+            q.calibrate_(inputs[0])
+
+    handles = [s.register_forward_pre_hook(_sel_hook) for s in model.selectors]
     for _ in range(cfg.calib_batches):
         for q in quants:
             q.calibrating = True
@@ -185,6 +193,8 @@ def _calibrate(model: SRModel, data: SRPairs, rng: np.random.Generator, cfg: Tra
         model(x)
         for q in quants:
             sums[id(q)] += float(q.alpha)
+    for h in handles:
+        h.remove()
     for q in quants:
         q.calibrating = False
         q.alpha.fill_(sums[id(q)] / cfg.calib_batches)
@@ -207,6 +217,9 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
         for k in ("stage", "arch", "scale", "seed", "batch", "lr_patch"):
             if saved[k] != getattr(cfg, k):
                 raise SystemExit(f"{ckpt} was trained with {k}={saved[k]!r}, not {getattr(cfg, k)!r}")
+        for k in ("init", "teacher"):  # resuming without --init must keep the teacher (and its losses)
+            if getattr(cfg, k) is None and saved.get(k):
+                setattr(cfg, k, saved[k])
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np_rng = np.random.default_rng(cfg.seed)
@@ -236,6 +249,7 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
         step, elapsed = int(resume["step"]), float(resume["elapsed_s"])
         torch.set_rng_state(resume["torch_rng"])
         np_rng.bit_generator.state = resume["numpy_rng"]
+        random.setstate((3, tuple(resume["python_rng"]), None))
         log(f"resumed {ckpt} at step {step} ({elapsed / 60:.1f} min trained)")
     elif cfg.stage == "pams":
         _calibrate(model, data, np_rng, cfg)
@@ -251,6 +265,10 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
         feats_t, h2 = _block_outputs(teacher)
         hooks = h1 + h2
 
+    # Quantized models are validated in fp32 like inference: under bf16 autocast the selector
+    # logits (sums of ~1e3) lose their +-1 differences (argmax ties -> 4 bits) and the eval
+    # quantizer runs its clip/round grid in bf16.
+    val_bf16 = cfg.bf16 and cfg.stage == "fp"
     start = time.time()
     budget_s = cfg.minutes * 60
     logf = open(run / "log.jsonl", "a")
@@ -307,7 +325,7 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
                 rec = {"step": step, "min": round(now / 60, 2), "lr": lr_now, **{k: v / n_acc for k, v in acc.items()}}
                 acc, n_acc = {}, 0
                 if step % cfg.val_every == 0:
-                    rec.update(validate(model, val, cfg.bf16))
+                    rec.update(validate(model, val, val_bf16))
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
                 log(json.dumps(rec))
@@ -319,7 +337,7 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
         now = elapsed + time.time() - start
         save_state(ckpt, model, opt, step, cfg, np_rng, now)
         logf.close()
-    rec = {"step": step, "min": round(now / 60, 2), "final": True, **validate(model, val, cfg.bf16)}
+    rec = {"step": step, "min": round(now / 60, 2), "final": True, **validate(model, val, val_bf16)}
     with open(run / "log.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")
     log(json.dumps(rec))

@@ -1,0 +1,91 @@
+"""Turn a training checkpoint into shipped weights: safetensors file + manifest entry.
+
+Usage:
+    python -m cadyq_cli.train.export runs/edsr_x4_cadyq/last.pt --name edsr-baseline-x4 \
+        --run runs/edsr_x4_fp --run runs/edsr_x4_pams --run runs/edsr_x4_cadyq \
+        [--eval eval_x4.json] [--data "T91 + BSD200 + BSDS500test (../shared/data/train), 10 held out"]
+
+The manifest (``weights/manifest.json``) records per model: arch, scale, parameters, the
+stages with steps and minutes (read from each run's last checkpoint), data, seed, sha256 and
+the measured benchmark metrics (from ``cadyq eval --json`` output).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+from ..checkpoint import load_model_file, save_weights
+from .loop import load_state
+
+__all__ = ["export"]
+
+
+def _stage_info(run: Path) -> dict:
+    st = load_state(run / "last.pt")
+    cfg = st["config"]
+    info = {"stage": cfg["stage"], "steps": int(st["step"]), "minutes": round(float(st["elapsed_s"]) / 60, 1),
+            "batch": cfg["batch"], "lr_patch": cfg["lr_patch"], "lr": cfg["lr"], "seed": cfg["seed"], "bf16": cfg["bf16"]}
+    log = run / "log.jsonl"
+    if log.is_file():
+        vals = [json.loads(ln) for ln in log.read_text().splitlines() if "val_psnr" in ln]
+        if vals:
+            info["final_val_psnr"] = round(vals[-1]["val_psnr"], 3)
+            if "val_fab" in vals[-1]:
+                info["final_val_fab"] = round(vals[-1]["val_fab"], 3)
+    return info
+
+
+def _metrics_from_eval(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    out: dict = {}
+    for r in data["results"]:
+        out.setdefault(r["dataset"], {})[r["mode"]] = {
+            k: (round(r[k], 4) if isinstance(r.get(k), float) else r.get(k)) for k in ("psnr", "ssim", "fab", "bitops_g")
+        } | {"images": len(r.get("images", []))}
+    return out
+
+
+def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json: list[Path], data: str, notes: str) -> dict:
+    """Write ``<weights_dir>/<name>.safetensors`` and update the manifest; return the entry."""
+    model = load_model_file(ckpt)
+    out = weights_dir / f"{name}.safetensors"
+    save_weights(model, out, {"name": name})
+    sha = hashlib.sha256(out.read_bytes()).hexdigest()
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    manifest_path = weights_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"models": []}
+    old = next((m for m in manifest["models"] if m["name"] == name), {})
+    metrics = dict(old.get("metrics", {}))
+    for e in eval_json:
+        for ds, modes in _metrics_from_eval(e).items():
+            metrics.setdefault(ds, {}).update(modes)
+    entry = {
+        "name": name, "file": out.name, "arch": model.arch, "scale": model.scale, "sha256": sha, "params": params,
+        "data": data, "license": "MIT (weights trained by the cadyq project)",
+        "stages": [_stage_info(r) for r in runs] or old.get("stages", []), "metrics": metrics, "notes": notes or old.get("notes", ""),
+    }
+    manifest["models"] = [m for m in manifest["models"] if m["name"] != name] + [entry]
+    manifest["models"].sort(key=lambda m: m["name"])
+    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    return entry
+
+
+def main() -> None:
+    """Command-line entry point (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("ckpt", type=Path)
+    p.add_argument("--name", required=True)
+    p.add_argument("--weights-dir", type=Path, default=Path(__file__).resolve().parents[2] / "weights")
+    p.add_argument("--run", type=Path, action="append", default=[])
+    p.add_argument("--eval", type=Path, action="append", default=[])
+    p.add_argument("--data", default="T91 + BSD200 + BSDS500test (490 images of ../shared/data/train; 10 held out for validation)")
+    p.add_argument("--notes", default="")
+    a = p.parse_args()
+    e = export(a.ckpt, a.name, a.weights_dir, a.run, a.eval, a.data, a.notes)
+    print(json.dumps({k: e[k] for k in ("name", "file", "sha256", "params")}))  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Shipped cadyq weights (installed as the ``cadyq_weights`` package); see manifest.json."""
