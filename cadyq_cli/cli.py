@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -42,7 +43,7 @@ class Tiling(str, Enum):
     paper = "paper"
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):  # not Exception: library code that catches Exception must not swallow it
     """Raised from the signal handler so that cleanup runs and the summary prints."""
 
     def __init__(self, code: int) -> None:
@@ -55,7 +56,7 @@ def _on_signal(signum: int, frame: object) -> None:
 
 
 def _fail(msg: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/red] {msg}", soft_wrap=True)
+    err.print(f"[red]error:[/red] {escape(msg)}", soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -98,12 +99,12 @@ def _model_label(model: str | None, weights: Path | None, scale: int) -> str:
 def _print_report(rec: dict, fab_map: list[list[float]]) -> None:
     t = Table(box=None, show_header=False, pad_edge=False)
     t.add_column(style="bold")
-    t.add_column()
+    t.add_column(overflow="fold")  # long paths wrap instead of being cut with "…"
     hist = rec["bits_histogram"]
     n = max(1, sum(hist.values()))
     pct = 100.0 * rec["bitops_g"] / max(rec["bitops_fp32_g"], 1e-12)
     mp = rec["width"] * rec["height"] * rec["scale"] ** 2 / 1e6
-    t.add_row("image", f"{rec['input']} → {rec['output']}")
+    t.add_row("image", escape(f"{rec['input']} → {rec['output']}"))
     t.add_row("size", f"{rec['width']}x{rec['height']} → {rec['width'] * rec['scale']}x{rec['height'] * rec['scale']}")
     t.add_row("FAB", f"{rec['fab']:.2f} bits  ({rec['mode']}, {rec['tiling']})")
     t.add_row("bits", "  ".join(f"{b}-bit {100 * hist[b] / n:.0f}%" for b in ("4", "6", "8")))
@@ -161,9 +162,15 @@ def upscale(
     if not jobs:
         raise _fail(f"{input}: no images found" + ("" if recursive else " (use --recursive for sub-folders)"))
     if input.is_dir():
-        output.mkdir(parents=True, exist_ok=True)
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _fail(f"cannot create the output folder {output}: {(e.strerror or str(e)).lower()}") from None
     label = _model_label(model, weights, scale)
-    sink = sys.stdout if json_out == "-" else (open(json_out, "a") if json_out else None)
+    try:
+        sink = sys.stdout if json_out == "-" else (open(json_out, "a") if json_out else None)
+    except OSError as e:
+        raise _fail(f"--json {json_out}: cannot open ({(e.strerror or str(e)).lower()})") from None
     failures: list[tuple[Path, str]] = []
     done = skipped = 0
     code = 0
@@ -188,7 +195,7 @@ def upscale(
                         raise
                     failures.append((job.src, str(e)))
                     if not quiet:
-                        progress.console.print(f"[red]failed:[/red] {e}", soft_wrap=True)
+                        progress.console.print(f"[red]failed:[/red] {escape(str(e))}", soft_wrap=True)
                     progress.advance(files_task)
                     continue
                 done += 1
@@ -198,7 +205,7 @@ def upscale(
                     sink.flush()
                 if not quiet:
                     for w in warns:
-                        progress.console.print(f"[yellow]warning:[/yellow] {job.src}: {w}", soft_wrap=True)
+                        progress.console.print(f"[yellow]warning:[/yellow] {escape(f'{job.src}: {w}')}", soft_wrap=True)
                     _print_report(rec, rep.region_fab_map().round(2).tolist() if rep.regions else [])
                 progress.advance(files_task)
     except Interrupted as e:
@@ -216,7 +223,7 @@ def upscale(
             summary += " — interrupted"
         err.print(summary)
         for src, msg in failures:
-            err.print(f"  [red]✗[/red] {msg}", soft_wrap=True)
+            err.print(f"  [red]✗[/red] {escape(msg)}", soft_wrap=True)
     if code:
         raise typer.Exit(code)
     if failures:
@@ -260,7 +267,7 @@ def bitmap(
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     if not quiet:
-        err.print(f"{output}: FAB {rep.fab:.2f}, {rep.grid[0]}x{rep.grid[1]} regions")
+        err.print(escape(f"{output}: FAB {rep.fab:.2f}, {rep.grid[0]}x{rep.grid[1]} regions"))
 
 
 @app.command()
@@ -275,11 +282,11 @@ def models(
         typer.echo(json.dumps([e.__dict__ for e in entries], indent=1))
         return
     if not entries:
-        err.print(f"no shipped weights found in {weights_dir()}")
+        err.print(escape(f"no shipped weights found in {weights_dir()}"))
         raise typer.Exit(1)
     t = Table(title="shipped models")
     for c in ("name", "arch", "scale", "params", "Set5 fp32", "Set5 dynamic", "FAB"):
-        t.add_column(c, justify="right" if c not in ("name", "arch") else "left")
+        t.add_column(c, justify="right" if c not in ("name", "arch") else "left", no_wrap=c == "name")  # names stay whole
     for e in entries:
         s5 = e.metrics.get("Set5", {})
         fp, dy = s5.get("fp32", {}), s5.get("dynamic", {})
@@ -305,7 +312,8 @@ def eval_cmd(
     mode_list = [m.strip() for m in (modes or "fp32,w8a8,dynamic").split(",") if m.strip()]
     bicubic_only = bicubic and model is None and weights is None
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=err, transient=True, redirect_stdout=False, redirect_stderr=False, disable=quiet)
+                        console=err, transient=True, redirect_stdout=False, redirect_stderr=False,
+                        disable=quiet or not err.is_terminal)  # off a terminal rich would leave a blank line
     try:
         net = None if bicubic_only else _load(model, weights, arch, scale, "fp32", device, threads)
         with progress:
@@ -326,7 +334,7 @@ def eval_cmd(
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     if not quiet:
-        t = Table(title=f"x{scale} {res.model or 'bicubic'} ({tiling} tiling)")
+        t = Table(title=f"x{scale} {res.model} ({tiling} tiling)" if res.model else f"x{scale} bicubic")
         for c in ("dataset", "mode", "images", "PSNR", "SSIM", "FAB", "BitOPs (G)"):
             t.add_column(c, justify="left" if c in ("dataset", "mode") else "right")
         for r in res.results:

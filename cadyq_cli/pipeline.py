@@ -91,7 +91,12 @@ def upscale_file(
         s = model.scale
         alpha = cv2.resize(img.alpha.astype(np.float32), (img.width * s, img.height * s), interpolation=cv2.INTER_CUBIC)
         alpha = np.clip(alpha, 0.0, 1.0)
-    job.dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        job.dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        blocker = next((p for p in (job.dst.parent, *job.dst.parent.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is not a directory" if blocker is not None else (e.strerror or str(e)).lower()
+        raise ImageWriteError(f"cannot write {job.dst}: {why}") from None
     warnings = list(img.warnings)
     warnings += write_image(
         job.dst, sr, alpha=alpha, gray=img.gray, bit_depth=img.bit_depth, icc_profile=img.icc_profile,

@@ -76,13 +76,14 @@ def imresize(img: np.ndarray, scale: float | None = None, output_shape: tuple[in
     if squeeze:
         x = x[:, :, None]
     order = [0, 1] if sh <= sw else [1, 0]
-    for dim in order:
+    for dim in order:  # dense matrix products (BLAS); each dimension in turn
         if dim == 0:
-            m = _weights(h, out_h, sh, antialias)
-            x = np.einsum("oi,iwc->owc", m, x)
+            m = _weights(x.shape[0], out_h, sh, antialias)
+            x = (m @ x.reshape(x.shape[0], -1)).reshape(out_h, x.shape[1], x.shape[2])
         else:
-            m = _weights(w, out_w, sw, antialias)
-            x = np.einsum("oi,hic->hoc", m, x)
+            m = _weights(x.shape[1], out_w, sw, antialias)
+            x = np.ascontiguousarray(x.transpose(1, 0, 2))
+            x = (m @ x.reshape(x.shape[0], -1)).reshape(out_w, x.shape[1], x.shape[2]).transpose(1, 0, 2)
     if squeeze:
         x = x[:, :, 0]
     if img.dtype == np.uint8:

@@ -739,7 +739,7 @@ def official_patch_test(
 
     Each bits tensor has shape (1, n_selectors).
     """
-    lr = torch.from_numpy(np.ascontiguousarray(lr_uint8_hwc)).permute(2, 0, 1).float()
+    lr = torch.from_numpy(np.ascontiguousarray(lr_uint8_hwc)).permute(2, 0, 1).float().contiguous()
     lr = lr.unsqueeze(0)
     h, w = lr.shape[-2:]
     rows, cols = _starts(h, patch, step), _starts(w, patch, step)
@@ -767,7 +767,7 @@ def official_whole_test(
     sd: dict[str, torch.Tensor], arch: str, scale: int, lr_uint8_hwc: np.ndarray
 ) -> tuple[np.ndarray, torch.Tensor]:
     """Image-wise official test: one forward, clamp to [0,255], round half to even."""
-    lr = torch.from_numpy(np.ascontiguousarray(lr_uint8_hwc)).permute(2, 0, 1).float()
+    lr = torch.from_numpy(np.ascontiguousarray(lr_uint8_hwc)).permute(2, 0, 1).float().contiguous()
     sr, bits = official_forward(sd, arch, scale, lr.unsqueeze(0))
     img = _to_uint8(sr)[0].permute(1, 2, 0).numpy().astype(np.uint8)
     return img, bits

@@ -101,7 +101,7 @@ class SRModel(nn.Module):
         quantizer rounding can change a patch's output by many grey levels, so batched
         inference would no longer equal the official per-patch inference. Small tiles are
         therefore run one at a time (they are cheap) and 1x1-conv models in chunks of 15.
-        Convs with at most 4 input channels are excluded: they run in float64
+        Convs with at most 4 input channels are excluded: they run sample by sample
         (:func:`~cadyq_cli.quant.modules.conv_forward`) or are identity mean shifts.
         """
         n = x.shape[0]
@@ -125,6 +125,9 @@ class SRModel(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: RegionGrid | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Super-resolve a batch; see the class docstring for the contract."""
+        # Conv kernels (and so float rounding) depend on the memory layout; a permuted HWC image
+        # would run channels-last. Use the official layout (np2Tensor: contiguous NCHW).
+        x = x.contiguous()
         chunk = self._invariant_chunk(x)
         if chunk < x.shape[0]:
             parts = [self._forward_batch(x[i : i + chunk], grid) for i in range(0, x.shape[0], chunk)]

@@ -75,7 +75,7 @@ def cost_table(model: nn.Module, probe: int = 8) -> list[ConvCost]:
                 macs = x.numel() / x.shape[0] * mod.out_channels / mod.groups * k
             else:
                 macs = out.numel() / out.shape[0] * mod.in_channels / mod.groups * k
-            px = x.shape[2] * x.shape[3]
+            px = probe * probe  # LR pixels: convs after an upsampler see more pixels than the input
             quant = isinstance(mod, QuantConv2d)
             sel, bits = (src if src is not None else (None, 32))
             rows.append(ConvCost(name, macs / px, 8 if quant else 32, sel, bits))

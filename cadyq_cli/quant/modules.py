@@ -123,21 +123,22 @@ class QuantContext:
 
 
 def conv_forward(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``conv`` applied with ``weight``; thin convs (<= 4 input channels) run in float64 at inference.
+    """``conv`` applied with ``weight``; thin convs (<= 4 input channels) run sample by sample at inference.
 
-    oneDNN picks different kernels for 3-channel convs depending on the batch size, so a
-    patch's result would change (by an ulp, enough to flip a later rounding) with the batch it
-    runs in. Computing these tiny layers in float64 and rounding back makes batched inference
-    equal per-patch inference. Every other conv shape is batch invariant as it is.
+    PyTorch picks different CPU kernels for 3-channel convs depending on the batch size, so a
+    patch's result would change (by an ulp, enough to flip a later quantizer rounding) with the
+    batch it runs in. Running these tiny layers one sample at a time, in float32, gives every
+    patch exactly what a batch-1 forward gives (the official protocol runs each patch alone)
+    at negligible cost. Wider convs are kept batch invariant by
+    :meth:`cadyq_cli.models._base.SRModel._invariant_chunk`.
     """
     if (
         conv.in_channels <= 4
-        and x.dtype == torch.float32
+        and x.shape[0] > 1
         and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled("cpu")
     ):
-        b = None if conv.bias is None else conv.bias.double()
-        return conv._conv_forward(x.double(), weight.double(), b).float()
+        return torch.cat([conv._conv_forward(x[i : i + 1], weight, conv.bias) for i in range(x.shape[0])])
     return conv._conv_forward(x, weight, conv.bias)
 
 
@@ -260,9 +261,10 @@ class BitSelector(nn.Module):
 
     def logits(self, x: torch.Tensor, ctx: QuantContext) -> torch.Tensor:
         """Selector logits per sample and region: (N, nh, nw, 3)."""
-        std = region_std(x.float(), ctx.grid)  # (N, C, nh, nw)
-        z = torch.cat([ctx.grad.to(std.dtype), std], dim=1).permute(0, 2, 3, 1)
-        return self.net_small(z)
+        with torch.autocast(x.device.type, enabled=False):  # decisions always in float32
+            std = region_std(x.float(), ctx.grid)  # (N, C, nh, nw)
+            z = torch.cat([ctx.grad.float(), std], dim=1).permute(0, 2, 3, 1)
+            return self.net_small(z)
 
     def forward(self, x: torch.Tensor, ctx: QuantContext) -> torch.Tensor:
         """Quantize x (N, C, H, W) and append the chosen bits (N, nh, nw) to ``ctx.bits``."""
@@ -279,8 +281,8 @@ class BitSelector(nn.Module):
             return self._forward_train(x, ctx)
         idx = self.logits(x, ctx).argmax(dim=-1)  # (N, nh, nw); first maximum wins
         ctx.bits.append(self._bits_table[idx])
-        alpha = self.alphas().to(x.dtype)[idx]
-        qmax = self._qmax_table.to(x.dtype)[idx]
+        alpha = self.alphas()[idx]  # float32: the quantization grid is never rounded to bf16
+        qmax = self._qmax_table[idx]
         if ctx.grid is None or idx.shape[1:] == (1, 1):
             alpha = alpha.reshape(n, 1, 1, 1)
             qmax = qmax.reshape(n, 1, 1, 1)

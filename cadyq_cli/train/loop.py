@@ -162,8 +162,9 @@ def _prepare(cfg: TrainConfig, resume: dict | None) -> tuple[SRModel, SRModel | 
                     for q in sel.candidates:
                         q.alpha.copy_(a)
         teacher = _load_model_weights(src, cfg) if src else None
-        if teacher is not None:
-            set_quant_mode(teacher, "w8a8")
+        if teacher is not None:  # the PAMS teacher runs w8a8; an fp-stage teacher (uncalibrated clips) runs fp32
+            fp_teacher = load_state(Path(src)).get("config", {}).get("stage") == "fp"
+            set_quant_mode(teacher, "fp32" if fp_teacher else "w8a8")
         set_quant_mode(model, "dynamic")
     if teacher is not None:
         teacher.eval()

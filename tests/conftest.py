@@ -1,0 +1,130 @@
+"""Shared fixtures: a tiny random-weight x2 checkpoint, image factories, one torch thread.
+
+The checkpoint is a full EDSR-baseline x2 (32 bit selectors) with random selector heads and
+clip values of 30, so that the dynamic mode really picks 4, 6 and 8 bits. Images are small
+(tens of pixels) so that every test stays cheap on a loaded CPU.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cadyq_cli.checkpoint import save_weights
+from cadyq_cli.models import create_model
+from cadyq_cli.models._base import SRModel
+from cadyq_cli.quant.modes import set_quant_mode
+from cadyq_cli.quant.modules import ActQuantizer
+
+
+def _randomize(model: SRModel, seed: int = 0) -> SRModel:
+    """Random selector heads and 'calibrated' clip values, so bits vary with the content."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for sel in model.selectors:
+            torch.nn.init.normal_(sel.net_small[0].weight, std=0.05)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, ActQuantizer):
+                    m.alpha.fill_(30.0)
+                    m.max_val.fill_(30.0)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def one_thread() -> Iterator[None]:
+    """Run torch single-threaded (tiny convolutions, and a shared, loaded machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def weights_x2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of a random-weight EDSR-baseline x2 checkpoint (safetensors, ours)."""
+    torch.manual_seed(0)
+    model = _randomize(create_model("edsr", 2))  # type: ignore[arg-type]
+    path = tmp_path_factory.mktemp("weights") / "edsr_x2.safetensors"
+    save_weights(model, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def load_x2(weights_x2: Path) -> Callable[[str], SRModel]:
+    """``load_x2(mode)``: the checkpoint of :func:`weights_x2` loaded as the CLI loads it."""
+    from cadyq_cli.weights import load_model
+
+    cache: dict[str, SRModel] = {}
+
+    def load(mode: str = "dynamic") -> SRModel:
+        if mode not in cache:
+            cache[mode] = load_model(weights=weights_x2, scale=2, mode=mode)
+        return cache[mode]
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def small_model() -> Callable[[str], SRModel]:
+    """``small_model(mode)``: a 2-block EDSR x2 (random weights) with a tight receptive radius.
+
+    With only 2 residual blocks the receptive radius is 1 + 4 + 1 + 1 + 1 = 8 LR px, so the
+    seamless tiling really cuts images of a few tens of pixels into many tiles.
+    """
+    torch.manual_seed(1)
+    model = _randomize(create_model("edsr", 2, n_resblocks=2, n_feats=16), seed=1)  # type: ignore[arg-type]
+    model.receptive_radius = 9  # type: ignore[misc]
+
+    def get(mode: str = "fp32") -> SRModel:
+        set_quant_mode(model, mode)
+        return model
+
+    return get
+
+
+def image_array(w: int, h: int, channels: int = 3, seed: int = 0, dtype: type = np.uint8) -> np.ndarray:
+    """A smooth pattern plus noise, (h, w, channels) (or (h, w) for one channel)."""
+    rng = np.random.default_rng(seed)
+    top = 255 if dtype == np.uint8 else 65535
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    base = [np.sin(x / 3.0 + c) * np.cos(y / 4.0 - c) for c in range(channels)]
+    arr = (np.stack(base, axis=2) * 0.35 + 0.5 + rng.normal(0, 0.08, (h, w, channels))) * top
+    arr = np.clip(np.rint(arr), 0, top).astype(dtype)
+    return arr[:, :, 0] if channels == 1 else arr
+
+
+@pytest.fixture(scope="session")
+def pattern() -> Callable[..., np.ndarray]:
+    """The :func:`image_array` factory, as a fixture."""
+    return image_array
+
+
+@pytest.fixture()
+def make_image(tmp_path: Path) -> Callable[..., Path]:
+    """``make_image(name, w=24, h=18, mode="RGB", seed=0, folder=tmp_path, **save_kw)`` -> path.
+
+    Modes: RGB, RGBA, L, LA, P (palette), CMYK; the format follows the extension.
+    """
+
+    def make(name: str, w: int = 24, h: int = 18, mode: str = "RGB", seed: int = 0,
+             folder: Path | None = None, **save_kw: object) -> Path:
+        path = (folder or tmp_path) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        channels = {"RGB": 3, "RGBA": 4, "L": 1, "LA": 2, "P": 3, "CMYK": 4}[mode]
+        arr = image_array(w, h, channels, seed)
+        if mode == "P":
+            im = Image.fromarray(arr, "RGB").quantize(16)
+        else:
+            im = Image.fromarray(arr, mode)
+        im.save(path, **save_kw)
+        return path
+
+    return make

@@ -1,0 +1,192 @@
+"""Training stages on a tiny synthetic dataset: loss goes down, exact resume, checkpoints, pams, cadyq.
+
+Kept light (one thread, 16 px LR patches, batch 2): the whole file runs in well under a minute.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from cadyq_cli.checkpoint import load_model_file
+from cadyq_cli.models import create_model
+from cadyq_cli.quant.modes import set_quant_mode
+from cadyq_cli.train.data import list_images, load_pairs, split_train_val
+from cadyq_cli.train.loop import TrainConfig, _prepare, load_state, train_stage, validate
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Single-threaded for the whole module (set before the module-scoped training runs)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six 64x64 textured images: smooth gradients plus oriented stripes."""
+    root = tmp_path_factory.mktemp("hr")
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:64, 0:64].astype(np.float32)
+    for i in range(6):
+        img = np.zeros((64, 64, 3), np.float32)
+        for c in range(3):
+            a, b = rng.uniform(-1, 1, 2)
+            f, ph = rng.uniform(0.2, 0.8), rng.uniform(0, 6)
+            img[..., c] = 128 + 40 * (a * xx + b * yy) / 64 + 60 * np.sin(f * (xx * np.cos(ph) + yy * np.sin(ph)) + ph)
+        cv2.imwrite(str(root / f"im{i}.png"), np.clip(img, 0, 255).astype(np.uint8))
+    return root
+
+
+def _cfg(data_dir: Path, run: Path, **kw: object) -> TrainConfig:
+    base: dict = dict(
+        stage="fp", arch="edsr_baseline", scale=2, data=[str(data_dir)], run_dir=str(run), steps=6, batch=2,
+        lr_patch=16, lr=1e-3, bf16=False, threads=1, n_val=2, val_every=1000, log_every=1, save_every=2,
+        calib_batches=2,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _val(data_dir: Path):
+    _, val_paths = split_train_val(list_images([data_dir]), 2, 0)
+    return load_pairs(val_paths, 2, min_lr=8)
+
+
+@pytest.fixture(scope="module")
+def fp_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("fp")
+    train_stage(_cfg(data_dir, run, steps=20, bf16=True))
+    return run
+
+
+@pytest.fixture(scope="module")
+def pams_run(data_dir: Path, fp_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("pams")
+    train_stage(_cfg(data_dir, run, stage="pams", init=str(fp_run / "last.pt"), steps=4))
+    return run
+
+
+def test_fp_lowers_training_loss(fp_run: Path) -> None:
+    recs = [r for r in _log(fp_run) if "l1" in r]
+    assert [r["step"] for r in recs] == list(range(1, 21))
+    first = np.mean([r["l1"] for r in recs[:5]])
+    last = np.mean([r["l1"] for r in recs[-5:]])
+    assert last < 0.8 * first, (first, last)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_resume_is_exact_fp(data_dir: Path, tmp_path: Path, bf16: bool) -> None:
+    train_stage(_cfg(data_dir, tmp_path / "a", bf16=bf16))
+    train_stage(_cfg(data_dir, tmp_path / "b", bf16=bf16, stop_at=3))
+    assert load_state(tmp_path / "b" / "last.pt")["step"] == 3
+    train_stage(_cfg(data_dir, tmp_path / "b", bf16=bf16))
+    a = load_state(tmp_path / "a" / "last.pt")
+    b = load_state(tmp_path / "b" / "last.pt")
+    assert a["step"] == b["step"] == 6
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    la = [r["l1"] for r in _log(tmp_path / "a") if "l1" in r]
+    lb = [r["l1"] for r in _log(tmp_path / "b") if "l1" in r]
+    assert la == lb
+
+
+def test_checkpoint_round_trip(data_dir: Path, fp_run: Path) -> None:
+    st = load_state(fp_run / "last.pt")
+    assert st["format"] == "cadyq-train-1" and st["step"] == 20
+    model = create_model("edsr_baseline", 2)
+    model.load_state_dict(st["model"], strict=True)
+    set_quant_mode(model, "fp32")
+    # the final record was computed by the in-memory model right after it was saved
+    final = _log(fp_run)[-1]
+    assert final["final"] and validate(model, _val(data_dir), True)["val_psnr"] == final["val_psnr"]
+    other = load_model_file(fp_run / "last.pt")
+    set_quant_mode(other, "fp32")
+    model.eval()
+    x = torch.rand(1, 3, 12, 12) * 255
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], other(x)[0])
+
+
+def test_pams_stage(data_dir: Path, fp_run: Path, pams_run: Path) -> None:
+    recs = [r for r in _log(pams_run) if "l1" in r]
+    assert len(recs) == 4 and all("distill" in r for r in recs)
+    sd = load_state(pams_run / "last.pt")["model"]
+    alphas = {k: float(v) for k, v in sd.items() if k.endswith(".alpha")}
+    assert len(alphas) == 16 * 7  # per block: 2 selectors x 3 candidates + quant_act3
+    for k, a in alphas.items():
+        assert a > 0 and abs(a - 10.0) > 1e-2, (k, a)  # calibrated (10 is the constructor default)
+    fp_sd = load_state(fp_run / "last.pt")["model"]
+    assert not torch.equal(sd["head.0.weight"], fp_sd["head.0.weight"])
+    model = load_model_file(pams_run / "last.pt")
+    assert model.arch == "edsr_baseline" and model.scale == 2
+    set_quant_mode(model, "w8a8")
+    final = _log(pams_run)[-1]
+    assert validate(model, _val(data_dir), False)["val_psnr"] == final["val_psnr"]
+
+
+def test_cadyq_stage_and_resume(data_dir: Path, pams_run: Path, tmp_path: Path) -> None:
+    init = str(pams_run / "last.pt")
+    kw = dict(stage="cadyq", init=init, steps=3, bf16=True)
+    train_stage(_cfg(data_dir, tmp_path / "a", **kw))
+    train_stage(_cfg(data_dir, tmp_path / "b", **kw, stop_at=2))
+    # resuming without --init keeps the teacher (taken from the checkpoint's config)
+    train_stage(_cfg(data_dir, tmp_path / "b", **{**kw, "init": None}))
+    a = load_state(tmp_path / "a" / "last.pt")
+    b = load_state(tmp_path / "b" / "last.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    recs = [r for r in _log(tmp_path / "a") if "l1" in r]
+    assert len(recs) == 3
+    for r in recs:
+        assert 4.0 <= r["fab"] <= 8.0 and 4.0 <= r["soft_bits"] <= 8.0
+        assert "at" in r and "distill" in r
+    assert [r["at"] for r in recs] == [r["at"] for r in _log(tmp_path / "b") if "l1" in r]
+    start = load_state(pams_run / "last.pt")["model"]
+    sel_keys = [k for k in start if ".net_small." in k]
+    assert len(sel_keys) == 64
+    assert sum(not torch.equal(start[k], a["model"][k]) for k in sel_keys) == len(sel_keys)  # all got gradients
+    # the pams 8-bit clip seeds the three candidates
+    assert a["model"]["body.0.bitsel1.quant_bit1.alpha"].item() != 10.0
+
+
+def test_cadyq_bit_loss_lowers_fab(data_dir: Path, pams_run: Path, tmp_path: Path) -> None:
+    start = load_model_file(pams_run / "last.pt")  # dynamic mode, fresh selectors: 8 bits everywhere
+    val = _val(data_dir)
+    assert validate(start, val, False)["val_fab"] == 8.0
+    run = tmp_path / "c"
+    train_stage(_cfg(data_dir, run, stage="cadyq", init=str(pams_run / "last.pt"), steps=6,
+                     bit_weight_max=50.0, bit_ramp_steps=1))
+    log = _log(run)
+    recs = [r for r in log if "l1" in r]
+    assert np.mean([r["soft_bits"] for r in recs[-3:]]) < np.mean([r["soft_bits"] for r in recs[:3]]) - 0.5
+    assert log[-1]["val_fab"] < 7.0
+
+
+def test_cadyq_teacher_mode(data_dir: Path, fp_run: Path, pams_run: Path) -> None:
+    init = str(pams_run / "last.pt")
+    cfg = _cfg(data_dir, pams_run / "unused", stage="cadyq", init=init)
+    model, teacher = _prepare(cfg, None)
+    assert model.mode.name == "dynamic" and teacher is not None and teacher.mode.name == "w8a8"
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    cfg.teacher = str(fp_run / "last.pt")  # an fp teacher has uncalibrated clips: it runs fp32
+    assert _prepare(cfg, None)[1].mode.name == "fp32"
+
+
+def test_selector_choice_survives_bf16_autocast(pams_run: Path) -> None:
+    model = load_model_file(pams_run / "last.pt")
+    x = torch.rand(2, 3, 16, 16) * 255
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, bits = model(x)
+    assert float(bits.mean()) == 8.0
