@@ -31,6 +31,10 @@ class ResBlock(nn.Module):
             QuantConv2d(n_feats, n_feats, 3, padding=1),
         )
         self.quant_act3 = ActQuantizer(8)
+        # inputs nobody reads again may be quantized in place (bitsel1's input can be the head
+        # output, which the global skip still needs)
+        self.body[2].inplace = True
+        self.quant_act3.inplace = True
         self.res_scale = res_scale
 
     def forward(self, x: torch.Tensor, ctx: QuantContext) -> torch.Tensor:  # noqa: D102

@@ -61,7 +61,7 @@ class FBlock(nn.Module):
 
 def _enhancement(c_in: int, c_mid: int, c_mid2: int, c_out: int, groups: int) -> nn.Sequential:
     """[sel, conv, LReLU] x 3 with the middle conv grouped."""
-    return nn.Sequential(
+    seq = nn.Sequential(
         BitSelector(c_in),
         QuantConv2d(c_in, c_mid, 3, padding=1),
         nn.LeakyReLU(_SLOPE),
@@ -72,6 +72,8 @@ def _enhancement(c_in: int, c_mid: int, c_mid2: int, c_out: int, groups: int) ->
         QuantConv2d(c_mid2, c_out, 3, padding=1),
         nn.LeakyReLU(_SLOPE),
     )
+    seq[3].inplace = seq[6].inplace = True  # LReLU outputs nobody reads again
+    return seq
 
 
 class DBlock(nn.Module):

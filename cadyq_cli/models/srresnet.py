@@ -36,6 +36,7 @@ class SRResBlock(nn.Module):
         super().__init__()
         self.classify1 = BitSelector(n_feats)
         self.classify2 = BitSelector(n_feats)
+        self.classify2.inplace = True  # conv1's activation, read only here (classify1's input feeds conv1)
         self.conv1 = QuantConv2d(n_feats, n_feats, 3, padding=1)
         self.conv2 = QuantConv2d(n_feats, n_feats, 3, padding=1)
         self.bn1 = nn.BatchNorm2d(n_feats)
