@@ -159,6 +159,8 @@ def upscale(
         if debug:
             raise
         raise _fail(str(e)) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
     if not jobs:
         raise _fail(f"{input}: no images found" + ("" if recursive else " (use --recursive for sub-folders)"))
     if input.is_dir():
@@ -222,8 +224,8 @@ def upscale(
         if code:
             summary += " — interrupted"
         err.print(summary)
-        for src, msg in failures:
-            err.print(f"  [red]✗[/red] {escape(msg)}", soft_wrap=True)
+    for src, msg in failures:  # failures are listed even with --quiet
+        err.print(f"  [red]✗[/red] {escape(msg)}", soft_wrap=True)
     if code:
         raise typer.Exit(code)
     if failures:
@@ -255,6 +257,8 @@ def bitmap(
         if output.exists() and not overwrite:
             raise CadyqError(f"{output}: exists (use --overwrite)")
         net = _load(model, weights, arch, scale, mode.value, device, threads)
+        if layer is not None and not 0 <= layer < net.n_selectors:
+            raise CadyqError(f"--layer must be between 0 and {net.n_selectors - 1} for {net.arch}")
         img = read_image(input, max_pixels=max_pixels or None)
         _, rep = upscale_array(net, img.rgb, cfg)
         pic = bit_heatmap(img.rgb, rep, layer)
