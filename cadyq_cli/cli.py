@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional

@@ -38,9 +38,9 @@ def _randomize(model: SRModel, seed: int = 0) -> SRModel:
     return model.eval()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def one_thread() -> Iterator[None]:
-    """Run torch single-threaded (tiny convolutions, and a shared, loaded machine)."""
+    """Run torch single-threaded: tiny convolutions are faster so, and CI has 2 cores."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

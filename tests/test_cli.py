@@ -31,7 +31,6 @@ from cadyq_cli.engine import TilingConfig, upscale_array
 from cadyq_cli.io import read_image
 from cadyq_cli.tiling import plan_seamless
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 CADYQ = Path(sys.executable).with_name("cadyq")
 N_SEL = 32

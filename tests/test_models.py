@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -29,15 +29,6 @@ PAMS_ENTRIES: dict[str, dict[int, int]] = {
 N_SELECTORS = {"edsr_baseline": 32, "carn": 18, "srresnet": 32, "idn": 24}
 N_FEATURE_BLOCKS = {"edsr_baseline": 16, "carn": 9, "srresnet": 16, "idn": 4}
 CASES = [(a, s) for a in CADYQ_COUNTS for s in CADYQ_COUNTS[a]]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny convolutions are much faster single-threaded (and share the machine politely)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 _MODELS: dict[tuple[str, int], SRModel] = {}

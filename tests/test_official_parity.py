@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import pickle
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -33,15 +32,6 @@ except ImportError:  # tests/ itself on sys.path (pytest prepend mode)
 #: (arch, scale) run against the reference; the arch names are the reference's (``edsr``).
 CASES = [("edsr", 4), ("carn", 4), ("srresnet", 4), ("idn", 4), ("edsr", 2), ("edsr", 3)]
 SAVE_FORMS = [("bare", "model.pt"), ("wrapped", "model_best.pth.tar"), ("bare", "model.pth.tar"), ("wrapped", "ckpt.pt")]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Single-threaded torch: faster for tiny convs on the shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _content(h: int, w: int, seed: int) -> np.ndarray:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -59,15 +58,6 @@ def _smooth(n: int = 20) -> torch.Tensor:
     yy, xx = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
     base = 128 + 80 * torch.sin(xx / 3.0) * torch.cos(yy / 4.0)
     return torch.stack([base, base * 0.8 + 20, base * 0.6 + 40]).unsqueeze(0).round()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Single-threaded torch: much faster on the shared 2-core box (no OpenMP contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

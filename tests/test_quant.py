@@ -6,7 +6,6 @@ accounting against MAC counts computed by hand from the layer shapes.
 """
 from __future__ import annotations
 
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -35,15 +34,6 @@ try:
     from tests import official_reference as ref
 except ImportError:  # tests/ itself on sys.path (pytest prepend mode)
     import official_reference as ref  # type: ignore[no-redef]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Single-threaded torch: faster for tiny convs on the shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _gen(seed: int) -> torch.Generator:

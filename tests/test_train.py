@@ -19,15 +19,6 @@ from cadyq_cli.train.data import list_images, load_pairs, split_train_val
 from cadyq_cli.train.loop import TrainConfig, _prepare, load_state, train_stage, validate
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Single-threaded for the whole module (set before the module-scoped training runs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six 64x64 textured images: smooth gradients plus oriented stripes."""
