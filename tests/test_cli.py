@@ -641,3 +641,47 @@ def test_models_listing_and_unknown_model(monkeypatch: pytest.MonkeyPatch, weigh
     monkeypatch.setenv("CADYQ_WEIGHTS_DIR", str(tmp_path / "empty"))
     res = runner.invoke(app, ["models"])
     assert res.exit_code == 1 and "no shipped weights" in res.stderr
+
+
+# --------------------------------------------------------------------------- more odd inputs
+
+
+def test_unicode_and_spaces_in_paths(cli: Callable[..., Result], make_image: Callable[..., Path], tmp_path: Path) -> None:
+    src_dir = tmp_path / "fotos ü"
+    make_image("ïmage with space.png", 12, 10, folder=src_dir)
+    make_image("日本.jpg", 10, 8, folder=src_dir)
+    out = tmp_path / "out dir é"
+    _ok(cli("upscale", src_dir, out, "-q"))
+    assert _open(out / "ïmage with space.png").size == (24, 20)
+    assert _open(out / "日本.jpg").size == (20, 16)
+
+
+def test_la_image_keeps_gray_and_alpha(cli: Callable[..., Result], make_image: Callable[..., Path], tmp_path: Path) -> None:
+    src = make_image("la.png", 14, 10, mode="LA")
+    _ok(cli("upscale", src, tmp_path / "out.png", "-q"))
+    out = _open(tmp_path / "out.png")
+    assert out.mode == "LA" and out.size == (28, 20)
+
+
+def test_animated_gif_uses_first_frame_with_warning(pattern: Callable[..., np.ndarray], cli: Callable[..., Result],
+                                                   tmp_path: Path) -> None:
+    frames = [Image.fromarray(pattern(12, 10, seed=s)) for s in (0, 1)]
+    src = tmp_path / "anim.gif"
+    frames[0].save(src, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    res = cli("upscale", src, tmp_path / "out.png")
+    _ok(res)
+    assert _open(tmp_path / "out.png").size == (24, 20)
+    assert "frame" in res.stderr.lower()
+
+
+def test_tile_batch_size_does_not_change_output(load_x2: Callable[[str], object], pattern: Callable[..., np.ndarray]) -> None:
+    from cadyq_cli.engine import TilingConfig, upscale_array
+
+    model = load_x2("dynamic")
+    rgb = pattern(70, 50).astype(np.float32)
+    outs = [upscale_array(model, rgb, TilingConfig("paper", tile=24, overlap=4, batch=b)) for b in (1, 3, 16)]
+    for sr, rep in outs[1:]:
+        assert np.array_equal(sr, outs[0][0])
+        assert [r.bits for r in rep.regions] == [r.bits for r in outs[0][1].regions]
+    outs = [upscale_array(model, rgb, TilingConfig("seamless", tile=16, region=16, batch=b)) for b in (1, 4)]
+    assert np.array_equal(outs[0][0], outs[1][0])
