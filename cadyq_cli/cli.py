@@ -364,6 +364,9 @@ def train(
     bf16: Annotated[bool, typer.Option(help="bf16 autocast on CPU")] = True,
     threads: Annotated[int, typer.Option(help="torch threads (0: default)")] = 0,
     val_every: Annotated[int, typer.Option(help="validate every N steps")] = 250,
+    bit_weight: Annotated[float, typer.Option(help="cadyq: weight of the bit loss (reached after --bit-ramp steps)")] = 0.5,
+    bit_ramp: Annotated[int, typer.Option(help="cadyq: steps over which the bit-loss weight rises from 0")] = 100,
+    selector_lr: Annotated[float, typer.Option(help="cadyq: learning rate of the bit selectors")] = 1e-3,
 ) -> None:
     """Train one stage (fp → pams → cadyq); resumable, stops at the time budget."""
     from .train.loop import TrainConfig, train_stage
@@ -372,7 +375,7 @@ def train(
         stage=stage, arch=arch, scale=scale, data=[str(d) for d in data], run_dir=str(run_dir),
         init=str(init) if init else None, teacher=str(teacher) if teacher else None, minutes=minutes,
         steps=steps, batch=batch, lr=lr, lr_patch=lr_patch, seed=seed, bf16=bf16, threads=threads,
-        val_every=val_every,
+        val_every=val_every, bit_weight_max=bit_weight, bit_ramp_steps=bit_ramp, selector_lr=selector_lr,
     )
     train_stage(cfg, log=lambda s: typer.echo(s, err=True))
 

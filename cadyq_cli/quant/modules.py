@@ -312,6 +312,6 @@ class BitSelector(nn.Module):
         hard = F.one_hot(probs.argmax(-1), 3).to(probs.dtype)
         w = hard - probs.detach() + probs  # forward: one-hot; backward: soft
         outs = torch.stack([q.quantize(x, b) for q, b in zip(self.candidates, CANDIDATE_BITS)], dim=1)
-        ctx.bits.append((hard @ self._bits_table).reshape(-1, 1, 1))
-        ctx.soft_bits.append(probs @ self._bits_table)
+        ctx.bits.append((hard * self._bits_table).sum(-1).reshape(-1, 1, 1))  # elementwise: no bf16 matmul
+        ctx.soft_bits.append((probs * self._bits_table).sum(-1))
         return (w.reshape(*w.shape, 1, 1, 1).to(outs.dtype) * outs).sum(dim=1)

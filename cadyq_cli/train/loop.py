@@ -48,8 +48,8 @@ class TrainConfig:
     lr: float = 2e-4
     lr_min: float = 1e-6
     selector_lr: float = 1e-3
-    bit_weight_max: float = 0.05  # cadyq: weight of the bit loss reached at bit_ramp_steps
-    bit_ramp_steps: int = 2000
+    bit_weight_max: float = 0.5  # cadyq: weight of the bit loss reached at bit_ramp_steps
+    bit_ramp_steps: int = 100
     at_weight: float = 100.0  # cadyq: attention-transfer weight
     distill_weight: float = 1.0  # pams/cadyq: L1 to the teacher output
     minutes: float = 60.0
