@@ -92,7 +92,12 @@ def bit_heatmap(rgb: np.ndarray, report: ImageReport, layer: int | None = None, 
         cv2.putText(legend, f"{b} bit", (x + int(32 * fs), bar_h // 2 + int(8 * fs)), font, fs, (235, 235, 235), th, cv2.LINE_AA)
         x += int(130 * fs)
     what = "mean bits over layers" if layer is None else f"layer {layer}"
-    label = f"FAB {report.fab:.2f}  ({what}, x{report.scale}, {report.mode})"
+    label = f"FAB {report.fab:.2f}"
+    for candidate in (f"{label}  ({what}, x{report.scale}, {report.mode})", f"{label}  ({what})", label):
+        (tw, _), _ = cv2.getTextSize(candidate, font, fs, th)
+        if x + tw + 10 <= out.shape[1]:
+            label = candidate
+            break
     (tw, _), _ = cv2.getTextSize(label, font, fs, th)
     cv2.putText(legend, label, (max(x, out.shape[1] - tw - 10), bar_h // 2 + int(8 * fs)), font, fs, (235, 235, 235), th, cv2.LINE_AA)
     return np.concatenate([out, legend], axis=0)
