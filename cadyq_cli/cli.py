@@ -307,6 +307,8 @@ def eval_cmd(
     tiling: Annotated[str, typer.Option("--tiling", help="paper (official 96/90 patches), seamless or whole")] = "paper",
     json_out: Annotated[Optional[str], typer.Option("--json", help="write the results as JSON to PATH, or - for stdout")] = None,
     csv_out: Annotated[Optional[Path], typer.Option("--csv", help="write one row per image and mode to PATH")] = None,
+    limit: Annotated[int, typer.Option("--limit", help="only the first N images (by name) of each folder; 0: all")] = 0,
+    matlab_y: Annotated[bool, typer.Option("--matlab-y", help="round Y to 8 bits before PSNR/SSIM, as MATLAB's rgb2ycbcr does")] = False,
     threads: ThreadsOpt = 0, device: DeviceOpt = "cpu", quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Benchmark protocol: PSNR/SSIM on Y (MATLAB bicubic LR, shave = scale), FAB and BitOPs per dataset."""
@@ -323,7 +325,8 @@ def eval_cmd(
             task = progress.add_task("eval", total=None)
             res = evaluate(data_dirs, scale, net, mode_list, bicubic, tiling,
                            lambda d, t, label: progress.update(task, completed=d, total=t, description=label),
-                           model_name=None if net is None else _model_label(model, weights, scale))
+                           model_name=None if net is None else _model_label(model, weights, scale),
+                           limit=limit, round_y=matlab_y)
         if json_out is not None:
             text = json.dumps(results_to_json(res), indent=1)
             typer.echo(text) if json_out == "-" else Path(json_out).write_text(text + "\n")

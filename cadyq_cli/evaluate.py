@@ -133,6 +133,8 @@ def evaluate(
     tiling: str = "paper",
     progress: Progress | None = None,
     model_name: str | None = None,
+    limit: int = 0,
+    round_y: bool = False,
 ) -> EvalResult:
     """Run the benchmark protocol (module docstring) on each dataset folder.
 
@@ -146,6 +148,8 @@ def evaluate(
         tiling: ``paper`` (official patches, default), ``seamless`` or ``whole``.
         progress: ``progress(done, total, label)`` after each image and mode.
         model_name: name recorded in the result (default: the model's architecture).
+        limit: evaluate only the first ``limit`` images (sorted by name) of each folder; 0: all.
+        round_y: round Y to integers before PSNR/SSIM (MATLAB ``rgb2ycbcr`` on uint8 images).
 
     Returns:
         One :class:`DatasetResult` per dataset and mode (bicubic first).
@@ -167,7 +171,7 @@ def evaluate(
         raise EvalInputError(f"the model is x{model.scale}, not x{scale}")
     if not bicubic and not mode_list:
         raise EvalInputError("nothing to evaluate: give a model with modes, or --bicubic")
-    datasets = [(Path(d).name or str(d), list_images(Path(d))) for d in data_dirs]  # validate all first
+    datasets = [(Path(d).name or str(d), list_images(Path(d))[: limit or None]) for d in data_dirs]  # validate all first
 
     cfg = TilingConfig(tiling=tiling)
     row_modes = (["bicubic"] if bicubic else []) + mode_list
@@ -198,7 +202,7 @@ def evaluate(
                         fab = 32.0 if not parse_mode(m).quantized else float(report.fab)
                         bitops = float(report.bitops)
                     rows[m].images.append(
-                        ImageResult(path.name, psnr_y(sr, hr, scale), ssim_y(sr, hr, scale), fab, bitops)
+                        ImageResult(path.name, psnr_y(sr, hr, scale, round_y), ssim_y(sr, hr, scale, round_y), fab, bitops)
                     )
                     done += 1
                     if progress is not None:

@@ -15,36 +15,40 @@ import numpy as np
 __all__ = ["rgb_to_y", "psnr_y", "ssim_y"]
 
 
-def rgb_to_y(img: np.ndarray, divisor: float = 256.0) -> np.ndarray:
-    """BT.601 luma of an (H, W, 3) RGB 0..255 image (or pass-through of an (H, W) gray image)."""
+def rgb_to_y(img: np.ndarray, divisor: float = 256.0, round_y: bool = False) -> np.ndarray:
+    """BT.601 luma of an (H, W, 3) RGB 0..255 image (or pass-through of an (H, W) gray image).
+
+    ``round_y`` rounds Y to integers as MATLAB's ``rgb2ycbcr`` does for uint8 images.
+    """
     x = img.astype(np.float64)
     if x.ndim == 2:
         return x
-    return (65.738 * x[..., 0] + 129.057 * x[..., 1] + 25.064 * x[..., 2]) / divisor + 16.0
+    y = (65.738 * x[..., 0] + 129.057 * x[..., 1] + 25.064 * x[..., 2]) / divisor + 16.0
+    return np.floor(y + 0.5) if round_y else y
 
 
 def _shave(x: np.ndarray, shave: int) -> np.ndarray:
     return x[shave:-shave, shave:-shave] if shave > 0 else x
 
 
-def psnr_y(sr: np.ndarray, hr: np.ndarray, shave: int) -> float:
+def psnr_y(sr: np.ndarray, hr: np.ndarray, shave: int, round_y: bool = False) -> float:
     """PSNR in dB on Y between two RGB 0..255 images of equal size, ignoring ``shave`` px borders.
 
-    Identical images give ``inf``.
+    Identical images give ``inf``. ``round_y``: Y rounded to integers (MATLAB uint8 convention).
     """
     if sr.shape != hr.shape:
         raise ValueError(f"shape mismatch {sr.shape} vs {hr.shape}")
-    d = _shave(rgb_to_y(sr) - rgb_to_y(hr), shave) / 255.0
+    d = _shave(rgb_to_y(sr, round_y=round_y) - rgb_to_y(hr, round_y=round_y), shave) / 255.0
     mse = float(np.mean(d * d))
     return float("inf") if mse == 0 else -10.0 * np.log10(mse)
 
 
-def ssim_y(sr: np.ndarray, hr: np.ndarray, shave: int) -> float:
+def ssim_y(sr: np.ndarray, hr: np.ndarray, shave: int, round_y: bool = False) -> float:
     """SSIM on Y (MATLAB-style, see module docstring) ignoring ``shave`` px borders."""
     if sr.shape != hr.shape:
         raise ValueError(f"shape mismatch {sr.shape} vs {hr.shape}")
-    a = _shave(rgb_to_y(sr, 255.0), shave)
-    b = _shave(rgb_to_y(hr, 255.0), shave)
+    a = _shave(rgb_to_y(sr, 255.0, round_y), shave)
+    b = _shave(rgb_to_y(hr, 255.0, round_y), shave)
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     k = cv2.getGaussianKernel(11, 1.5)
     win = k @ k.T

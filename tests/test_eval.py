@@ -275,3 +275,21 @@ def test_cli_eval_usage_errors(dataset: Path, tmp_path: Path, edsr_x2: Path) -> 
     r = runner.invoke(app, ["eval", str(dataset), "--scale", "2", "--weights", str(edsr_x2), "--modes", "fp64"])
     assert r.exit_code == 2
     _one_line_error(r.stderr)
+
+
+def test_evaluate_limit_and_matlab_y(dataset: Path) -> None:
+    first = evaluate([dataset], 2, None, [], bicubic=True, limit=2).results[0]
+    assert [i.name for i in first.images] == ["a_odd.png", "b_rgb.png"]
+    rounded = evaluate([dataset], 2, None, [], bicubic=True, limit=1, round_y=True).results[0].images[0]
+    hr = np.asarray(Image.open(dataset / "a_odd.png").convert("RGB"))[:40, :46]
+    sr = imresize(imresize(hr, 0.5), 2)
+    y = lambda im: np.floor((65.738 * im[..., 0] + 129.057 * im[..., 1] + 25.064 * im[..., 2]) / 256 + 16.5)  # noqa: E731
+    d = (y(sr.astype(float)) - y(hr.astype(float)))[2:-2, 2:-2] / 255
+    assert rounded.psnr == pytest.approx(-10 * np.log10(np.mean(d * d)), abs=1e-9)
+    assert rounded.psnr != pytest.approx(first.images[0].psnr, abs=1e-6)
+
+
+def test_cli_eval_limit_option(dataset: Path) -> None:
+    res = CliRunner().invoke(app, ["eval", str(dataset), "--scale", "2", "--bicubic", "--limit", "1", "--json", "-"])
+    assert res.exit_code == 0, res.stderr
+    assert len(json.loads(res.stdout)["results"][0]["images"]) == 1
