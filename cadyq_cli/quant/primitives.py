@@ -62,8 +62,10 @@ def fake_quant_act(x: torch.Tensor, alpha: torch.Tensor, qmax: torch.Tensor | fl
     if not (x.requires_grad or torch.is_tensor(alpha) and alpha.requires_grad and torch.is_grad_enabled()):
         # inference: the same operations in the same order, in place on one buffer
         # (bit-identical, about 3x faster than allocating a tensor per step)
-        c = x.clamp_(-alpha, alpha) if inplace else torch.clamp(x, -alpha, alpha)
-        return c.div_(alpha).mul_(qmax).round_().div_(qmax).mul_(alpha)
+        # clip(x, -a, a) / a == clip(x / a, -1, 1) bit for bit (|x| <= a: the same division;
+        # beyond: exactly +-1 either way), and a scalar clamp is ~4x cheaper than tensor bounds
+        y = x.div_(alpha) if inplace else torch.div(x, alpha)
+        return y.clamp_(-1.0, 1.0).mul_(qmax).round_().div_(qmax).mul_(alpha)
     c = torch.maximum(torch.minimum(x, alpha), -alpha)
     y = c / alpha
     y = round_ste(y * qmax) / qmax
