@@ -17,6 +17,7 @@ import torch
 from .errors import CheckpointMismatchError, CheckpointReadError, UnsafeCheckpointError
 from .models import create_model, get_arch
 from .models._base import SRModel
+from .models._pams import strip_module_prefix
 
 __all__ = ["read_state_dict", "detect_arch", "load_model_file", "save_weights", "model_from_state_dict"]
 
@@ -34,9 +35,7 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointReadError(f"{path}: not a state dict (entry {bad[0]!r} is not a tensor)")
-    if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module.") :]: v for k, v in obj.items()}
-    return obj  # type: ignore[return-value]
+    return strip_module_prefix(obj)  # type: ignore[arg-type]
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

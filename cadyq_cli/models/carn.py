@@ -20,7 +20,7 @@ from ..errors import CheckpointMismatchError
 from ..quant.modules import InputConv2d, BitSelector, QuantContext, QuantConv2d
 from ._base import MeanShift, SRModel
 from ._registry import register_model
-from .edsr import _present_prefix, _strip_module_prefix, convert_pams_quantizers
+from ._pams import convert_pams_quantizers, present_prefix, strip_module_prefix
 
 __all__ = ["CARN", "ResidualUnit", "CascadingBlock", "pams_to_cadyq", "is_pams_state_dict"]
 
@@ -180,7 +180,7 @@ class CARN(SRModel):
 
 def is_pams_state_dict(sd: dict[str, torch.Tensor]) -> bool:
     """True if ``sd`` is an official CARN_PAMS state dict (fixed 8-bit quantizers, no selectors)."""
-    sd = _strip_module_prefix(sd)
+    sd = strip_module_prefix(sd)
     return "b1.b1.body.0.alpha" in sd or "b1.b1.quant_act1.alpha" in sd
 
 
@@ -200,7 +200,7 @@ def pams_to_cadyq(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     Raises:
         CheckpointMismatchError: sd is not a CARN_PAMS state dict.
     """
-    sd = _strip_module_prefix(sd)
+    sd = strip_module_prefix(sd)
     if not is_pams_state_dict(sd):
         raise CheckpointMismatchError("not a CARN PAMS state dict (no b1.b1.body.0.alpha)")
     n_feats = int(sd["entry.weight"].shape[0])
@@ -209,7 +209,7 @@ def pams_to_cadyq(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for b in range(1, _N_BLOCKS + 1):
         for r in range(1, _N_UNITS + 1):
             p = f"b{b}.b{r}"
-            moves[_present_prefix(sd, f"{p}.body.0", f"{p}.quant_act1")] = (f"{p}.body.0", n_feats)
-            moves[_present_prefix(sd, f"{p}.body.3", f"{p}.quant_act2")] = (f"{p}.body.3", n_feats)
+            moves[present_prefix(sd, f"{p}.body.0", f"{p}.quant_act1")] = (f"{p}.body.0", n_feats)
+            moves[present_prefix(sd, f"{p}.body.3", f"{p}.quant_act2")] = (f"{p}.body.3", n_feats)
             aliases += [f"{p}.quant_act1", f"{p}.quant_act2"]
     return convert_pams_quantizers(sd, moves, aliases)

@@ -18,7 +18,7 @@ from ..errors import CheckpointMismatchError
 from ..quant.modules import ActQuantizer, BitSelector, QuantContext, QuantConv2d
 from ._base import SRModel
 from ._registry import register_model
-from .edsr import _count_blocks, _present_prefix, _strip_module_prefix, convert_pams_quantizers
+from ._pams import convert_pams_quantizers, count_blocks, present_prefix, strip_module_prefix
 
 __all__ = ["IDN", "FBlock", "DBlock", "pams_to_cadyq", "is_pams_state_dict"]
 
@@ -136,7 +136,7 @@ class IDN(SRModel):
 
 def is_pams_state_dict(sd: dict[str, torch.Tensor]) -> bool:
     """True if ``sd`` is an official IDN_PAMS state dict (fixed 8-bit quantizers, no selectors)."""
-    sd = _strip_module_prefix(sd)
+    sd = strip_module_prefix(sd)
     return "dblocks.0.enhancement_top.0.alpha" in sd or "dblocks.0.quant_act1.alpha" in sd
 
 
@@ -156,12 +156,12 @@ def pams_to_cadyq(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     Raises:
         CheckpointMismatchError: sd is not an IDN_PAMS state dict.
     """
-    sd = _strip_module_prefix(sd)
+    sd = strip_module_prefix(sd)
     if not is_pams_state_dict(sd):
         raise CheckpointMismatchError("not an IDN PAMS state dict (no dblocks.0.enhancement_top.0.alpha)")
     moves: dict[str, tuple[str, int]] = {}
     aliases: list[str] = []
-    for d in range(_count_blocks(sd, "dblocks.{}.compression.weight")):
+    for d in range(count_blocks(sd, "dblocks.{}.compression.weight")):
         for k, part in enumerate(("top", "bottom")):
             p = f"dblocks.{d}.enhancement_{part}"
             # channels of each selector's input: in-channels of conv .1, out-channels of .1 and .4
@@ -172,6 +172,6 @@ def pams_to_cadyq(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             )
             for j, (pos, ch) in enumerate(zip((0, 3, 6), channels)):
                 alias = f"dblocks.{d}.quant_act{3 * k + j + 1}"
-                moves[_present_prefix(sd, f"{p}.{pos}", alias)] = (f"{p}.{pos}", ch)
+                moves[present_prefix(sd, f"{p}.{pos}", alias)] = (f"{p}.{pos}", ch)
                 aliases.append(alias)
     return convert_pams_quantizers(sd, moves, aliases)

@@ -18,7 +18,7 @@ from ..errors import CheckpointMismatchError
 from ..quant.modules import InputConv2d, BitSelector, QuantContext, QuantConv2d
 from ._base import MeanShift, SRModel
 from ._registry import register_model
-from .edsr import _count_blocks, _strip_module_prefix, convert_pams_quantizers
+from ._pams import convert_pams_quantizers, count_blocks, strip_module_prefix
 
 __all__ = ["SRResNet", "SRResBlock", "pams_to_cadyq", "is_pams_state_dict"]
 
@@ -107,7 +107,7 @@ class SRResNet(SRModel):
 
 def is_pams_state_dict(sd: dict[str, torch.Tensor]) -> bool:
     """True if ``sd`` is an official SRResNet_PAMS state dict (fixed 8-bit quantizers, no selectors)."""
-    sd = _strip_module_prefix(sd)
+    sd = strip_module_prefix(sd)
     return "body.0.quant_act1.alpha" in sd and "body.0.conv1.weight" in sd
 
 
@@ -127,12 +127,12 @@ def pams_to_cadyq(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     Raises:
         CheckpointMismatchError: sd is not an SRResNet_PAMS state dict.
     """
-    sd = _strip_module_prefix(sd)
+    sd = strip_module_prefix(sd)
     if not is_pams_state_dict(sd):
         raise CheckpointMismatchError("not an SRResNet PAMS state dict (no body.0.quant_act1.alpha)")
     n_feats = int(sd["head.0.weight"].shape[0])
     moves: dict[str, tuple[str, int]] = {}
-    for i in range(_count_blocks(sd, "body.{}.quant_act1.alpha")):
+    for i in range(count_blocks(sd, "body.{}.quant_act1.alpha")):
         moves[f"body.{i}.quant_act1"] = (f"body.{i}.classify1", n_feats)
         moves[f"body.{i}.quant_act2"] = (f"body.{i}.classify2", n_feats)
     return convert_pams_quantizers(sd, moves, [])
