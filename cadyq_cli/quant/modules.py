@@ -36,6 +36,8 @@ class RegionGrid:
 
     row_idx: torch.Tensor
     col_idx: torch.Tensor
+    #: per-grid constants reused by every selector of a forward (one-hot matrices, counts)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_bounds(cls, row_bounds: list[int], col_bounds: list[int], device: torch.device | str = "cpu") -> RegionGrid:
@@ -60,18 +62,21 @@ class RegionGrid:
         return int(self.row_idx[-1]) + 1, int(self.col_idx[-1]) + 1
 
     def onehots(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(nh, H) and (nw, W) 0/1 matrices that sum pixels into regions."""
-        nh, nw = self.shape
-        oh = F.one_hot(self.row_idx, nh).T.to(dtype)
-        ow = F.one_hot(self.col_idx, nw).T.to(dtype)
-        return oh, ow
+        """(nh, H) and (nw, W) 0/1 matrices that sum pixels into regions (built once per grid)."""
+        key = ("onehots", dtype)
+        if key not in self._cache:
+            nh, nw = self.shape
+            self._cache[key] = (F.one_hot(self.row_idx, nh).T.to(dtype), F.one_hot(self.col_idx, nw).T.to(dtype))
+        return self._cache[key]  # type: ignore[return-value]
 
     def counts(self) -> torch.Tensor:
-        """(nh, nw) float, number of pixels in each region."""
-        nh, nw = self.shape
-        ch = torch.bincount(self.row_idx, minlength=nh).float()
-        cw = torch.bincount(self.col_idx, minlength=nw).float()
-        return ch[:, None] * cw[None, :]
+        """(nh, nw) float, number of pixels in each region (computed once per grid)."""
+        if "counts" not in self._cache:
+            nh, nw = self.shape
+            ch = torch.bincount(self.row_idx, minlength=nh).float()
+            cw = torch.bincount(self.col_idx, minlength=nw).float()
+            self._cache["counts"] = ch[:, None] * cw[None, :]
+        return self._cache["counts"]  # type: ignore[return-value]
 
     def expand(self, m: torch.Tensor) -> torch.Tensor:
         """Broadcast a per-region map (..., nh, nw) to pixels (..., H, W)."""
