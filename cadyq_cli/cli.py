@@ -356,7 +356,7 @@ def train(
     run_dir: Annotated[Path, typer.Option("--run", help="run folder; resumes from its last.pt")],
     arch: Annotated[str, typer.Option(help="architecture")] = "edsr_baseline",
     scale: Annotated[int, typer.Option(help="upscaling factor")] = 4,
-    init: Annotated[Optional[Path], typer.Option(help="previous stage checkpoint")] = None,
+    init: Annotated[Optional[Path], typer.Option(help="previous stage checkpoint (fp: warm start from matching tensors, e.g. another scale)")] = None,
     teacher: Annotated[Optional[Path], typer.Option(help="teacher checkpoint (default: --init)")] = None,
     minutes: Annotated[float, typer.Option(help="time budget; stops cleanly and saves")] = 60.0,
     steps: Annotated[int, typer.Option(help="schedule length in steps")] = 300_000,
@@ -370,6 +370,8 @@ def train(
     bit_weight: Annotated[float, typer.Option(help="cadyq: weight of the bit loss (reached after --bit-ramp steps)")] = 0.5,
     bit_ramp: Annotated[int, typer.Option(help="cadyq: steps over which the bit-loss weight rises from 0")] = 100,
     selector_lr: Annotated[float, typer.Option(help="cadyq: learning rate of the bit selectors")] = 1e-3,
+    selector_norm: Annotated[bool, typer.Option(help="cadyq: train selectors on standardized features")] = True,
+    clip_init: Annotated[str, typer.Option(help="cadyq: 4/6-bit clips: mse (calibrated) or copy (official)")] = "mse",
 ) -> None:
     """Train one stage (fp → pams → cadyq); resumable, stops at the time budget."""
     from .train.loop import TrainConfig, train_stage
@@ -379,6 +381,7 @@ def train(
         init=str(init) if init else None, teacher=str(teacher) if teacher else None, minutes=minutes,
         steps=steps, batch=batch, lr=lr, lr_patch=lr_patch, seed=seed, bf16=bf16, threads=threads,
         val_every=val_every, bit_weight_max=bit_weight, bit_ramp_steps=bit_ramp, selector_lr=selector_lr,
+        selector_norm=selector_norm, clip_init=clip_init,
     )
     train_stage(cfg, log=lambda s: typer.echo(s, err=True))
 

@@ -158,7 +158,7 @@ def test_cadyq_bit_loss_lowers_fab(data_dir: Path, pams_run: Path, tmp_path: Pat
     assert validate(start, val, False)["val_fab"] == 8.0
     run = tmp_path / "c"
     train_stage(_cfg(data_dir, run, stage="cadyq", init=str(pams_run / "last.pt"), steps=6,
-                     bit_weight_max=50.0, bit_ramp_steps=1))
+                     bit_weight_max=50.0, bit_ramp_steps=1, selector_lr=0.05))
     log = _log(run)
     recs = [r for r in log if "l1" in r]
     assert np.mean([r["soft_bits"] for r in recs[-3:]]) < np.mean([r["soft_bits"] for r in recs[:3]]) - 0.5
@@ -181,3 +181,33 @@ def test_selector_choice_survives_bf16_autocast(pams_run: Path) -> None:
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         _, bits = model(x)
     assert float(bits.mean()) == 8.0
+
+
+def test_standardized_selector_folds_to_raw_features() -> None:
+    from cadyq_cli.quant.modules import BitSelector, QuantContext
+
+    torch.manual_seed(0)
+    sel = BitSelector(4)
+    with torch.no_grad():
+        sel.net_small[0].weight.normal_()
+        sel.net_small[0].bias.normal_()
+    x = torch.randn(5, 4, 8, 8) * torch.rand(5, 1, 1, 1) * 30
+    ctx = QuantContext(grad=torch.rand(5, 2, 1, 1) * 100, grid=None)
+    sel.znorm = (torch.rand(6) * 10, torch.rand(6) + 0.5)
+    normalized = sel.logits(x, ctx)
+    w, b = sel.folded_linear()
+    raw = sel.features(x, ctx) @ w.T + b
+    assert torch.allclose(normalized.reshape(5, 3), raw, rtol=1e-5, atol=1e-4)
+
+
+def test_mse_clip_beats_max_and_official_copy() -> None:
+    from cadyq_cli.quant.primitives import fake_quant_act
+    from cadyq_cli.train.loop import mse_clip
+
+    x = torch.randn(50_000).abs() ** 2 * 10  # heavy-tailed, non-negative like post-ReLU features
+    top = float(x.abs().max())
+    a4, a8 = mse_clip(x, 4), mse_clip(x, 8)
+    err = lambda a, q: float((fake_quant_act(x, torch.tensor([a]), q) - x).pow(2).mean())  # noqa: E731
+    assert a4 < a8 <= top  # fewer bits: a tighter clip
+    assert err(a4, 7.0) < 0.5 * err(top, 7.0)
+    assert err(a4, 7.0) <= min(err(f * top, 7.0) for f in (0.1, 0.2, 0.4, 0.8))

@@ -261,6 +261,9 @@ class BitSelector(nn.Module):
         self.inplace = False
         self.gumbel = True
         self.tau = 1.0
+        #: training only: (mean, scale) of the features z. When set, ``net_small`` acts on
+        #: (z - mean) / scale; :meth:`folded_linear` gives the equivalent raw-feature weights
+        self.znorm: tuple[torch.Tensor, torch.Tensor] | None = None
         self.register_buffer("_bits_table", torch.tensor(CANDIDATE_BITS, dtype=torch.float32), persistent=False)
         self.register_buffer(
             "_qmax_table", torch.tensor([float(qmax_for_bits(b)) for b in CANDIDATE_BITS]), persistent=False
@@ -280,7 +283,23 @@ class BitSelector(nn.Module):
         with torch.autocast(x.device.type, enabled=False):  # decisions always in float32
             std = region_std(x.float(), ctx.grid)  # (N, C, nh, nw)
             z = torch.cat([ctx.grad.float(), std], dim=1).permute(0, 2, 3, 1)
+            if self.znorm is not None:
+                z = (z - self.znorm[0]) / self.znorm[1]
             return self.net_small(z)
+
+    def features(self, x: torch.Tensor, ctx: QuantContext) -> torch.Tensor:
+        """Raw selector features z = [g_x, g_y, std_1..std_C], one row per sample: (N, C + 2)."""
+        std = region_std(x.detach().float(), None).flatten(1)
+        return torch.cat([ctx.grad.float().mean(dim=(2, 3)), std], dim=1)
+
+    def folded_linear(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of ``net_small`` acting on raw features (folds :attr:`znorm` in)."""
+        w, b = self.net_small[0].weight.detach(), self.net_small[0].bias.detach()
+        if self.znorm is None:
+            return w.clone(), b.clone()
+        mean, scale = self.znorm
+        wf = w / scale
+        return wf, b - wf @ mean
 
     def forward(self, x: torch.Tensor, ctx: QuantContext) -> torch.Tensor:
         """Quantize x (N, C, H, W) and append the chosen bits (N, nh, nw) to ``ctx.bits``."""

@@ -22,11 +22,12 @@ import torch.nn.functional as F
 from ..metrics import psnr_y
 from ..models import create_model
 from ..models._base import SRModel
-from ..quant.modes import set_quant_mode
+from ..quant.modes import CANDIDATE_BITS, set_quant_mode
 from ..quant.modules import ActQuantizer, BitSelector
+from ..quant.primitives import fake_quant_act, qmax_for_bits
 from .data import SRPairs, list_images, load_pairs, split_train_val
 
-__all__ = ["TrainConfig", "train_stage", "save_state", "load_state"]
+__all__ = ["TrainConfig", "train_stage", "save_state", "load_state", "warm_start"]
 
 STAGES = ("fp", "pams", "cadyq")
 
@@ -40,7 +41,9 @@ class TrainConfig:
     scale: int = 4
     data: list[str] = field(default_factory=list)
     run_dir: str = "runs/edsr_x4_fp"
-    init: str | None = None  # checkpoint to start from (previous stage), ignored when resuming
+    init: str | None = None  # checkpoint to start from (previous stage), ignored when resuming;
+    # for ``fp`` a warm start: every tensor whose name and shape match is copied (e.g. the body
+    # of another scale's model), the rest keeps its fresh initialization
     teacher: str | None = None  # cadyq/pams: teacher checkpoint (default: init)
     steps: int = 300_000  # schedule length (cosine); a session runs as many as its budget allows
     batch: int = 16
@@ -52,6 +55,8 @@ class TrainConfig:
     bit_ramp_steps: int = 100
     at_weight: float = 100.0  # cadyq: attention-transfer weight
     distill_weight: float = 1.0  # pams/cadyq: L1 to the teacher output
+    selector_norm: bool = True  # cadyq: train the selectors on standardized features (folded on save)
+    clip_init: str = "mse"  # cadyq: 4/6-bit candidate clips: "mse" (calibrated) or "copy" (official: 8-bit clip)
     minutes: float = 60.0
     stop_at: int | None = None  # stop this invocation at this step (the schedule still spans `steps`)
     seed: int = 0
@@ -71,12 +76,14 @@ def _rng_state() -> dict:
 def save_state(path: Path, model: SRModel, opt: torch.optim.Optimizer | None, step: int, cfg: TrainConfig,
                np_rng: np.random.Generator, elapsed_s: float) -> None:
     """Write a resumable checkpoint atomically."""
+    sd, sel_train = _folded_state(model)
     state = {
         "format": "cadyq-train-1",
         "config": asdict(cfg),
         "step": step,
         "elapsed_s": elapsed_s,
-        "model": model.state_dict(),
+        "model": sd,
+        "selector_train": sel_train,
         "optimizer": opt.state_dict() if opt is not None else None,
         "torch_rng": torch.get_rng_state(),
         "numpy_rng": np_rng.bit_generator.state,
@@ -85,6 +92,34 @@ def save_state(path: Path, model: SRModel, opt: torch.optim.Optimizer | None, st
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def _folded_state(model: SRModel) -> tuple[dict, dict]:
+    """The model's state dict with every standardized selector folded back to raw features
+    (so the checkpoint runs as is), and the standardized parameters for an exact resume."""
+    sd = model.state_dict()
+    sel_train = {}
+    names = {id(m): n for n, m in model.named_modules()}
+    for sel in model.selectors:
+        if sel.znorm is None:
+            continue
+        name = names[id(sel)]
+        w, b = sel.folded_linear()
+        sel_train[name] = {"weight": sd[f"{name}.net_small.0.weight"], "bias": sd[f"{name}.net_small.0.bias"],
+                           "mean": sel.znorm[0], "scale": sel.znorm[1]}
+        sd[f"{name}.net_small.0.weight"], sd[f"{name}.net_small.0.bias"] = w, b
+    return sd, sel_train
+
+
+def _restore_selector_train(model: SRModel, sel_train: dict) -> None:
+    """Undo :func:`_folded_state` after loading a checkpoint (resume)."""
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for name, t in sel_train.items():
+            sel = mods[name]
+            sel.net_small[0].weight.copy_(t["weight"])
+            sel.net_small[0].bias.copy_(t["bias"])
+            sel.znorm = (t["mean"], t["scale"])
 
 
 def load_state(path: Path) -> dict:
@@ -103,6 +138,22 @@ def _load_model_weights(path: str, cfg: TrainConfig) -> SRModel:
     sd = st["model"] if "model" in st else st
     model.load_state_dict(sd, strict=True)
     return model  # type: ignore[return-value]
+
+
+def warm_start(model: SRModel, path: str) -> list[str]:
+    """Copy every tensor of checkpoint ``path`` whose name and shape match ``model``'s.
+
+    Used to start a new scale from a trained one (EDSR's scale-independent head and body);
+    returns the names left at their fresh initialization (the upsampler, typically).
+    """
+    st = load_state(Path(path))
+    src = st["model"] if "model" in st else st
+    own = model.state_dict()
+    take = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
+    if not take:
+        raise SystemExit(f"{path}: no tensor matches {type(model).__name__}")
+    model.load_state_dict(take, strict=False)
+    return sorted(set(own) - set(take))
 
 
 def _block_outputs(model: SRModel) -> tuple[list[torch.Tensor], list]:
@@ -142,6 +193,8 @@ def _prepare(cfg: TrainConfig, resume: dict | None) -> tuple[SRModel, SRModel | 
     teacher = None
     if cfg.stage == "fp":
         model = create_model(cfg.arch, cfg.scale)
+        if resume is None and cfg.init:
+            warm_start(model, cfg.init)
         set_quant_mode(model, "fp32")
         return model, None  # type: ignore[return-value]
     if resume is None and cfg.init is None:
@@ -203,6 +256,67 @@ def _calibrate(model: SRModel, data: SRPairs, rng: np.random.Generator, cfg: Tra
     set_quant_mode(model, "w8a8")
 
 
+def mse_clip(x: torch.Tensor, bits: int, grid: int = 64) -> float:
+    """Clip value alpha minimizing the mean squared error of ``Q_bits(x; alpha)`` on samples x."""
+    qmax = float(qmax_for_bits(bits))
+    top = float(x.abs().max())
+    alphas = torch.linspace(top / grid, top, grid)
+    errs = torch.stack([(fake_quant_act(x, a.reshape(1), qmax) - x).pow(2).mean() for a in alphas])
+    return float(alphas[int(errs.argmin())])
+
+
+@torch.no_grad()
+def _init_selectors(model: SRModel, data: SRPairs, rng: np.random.Generator, cfg: TrainConfig,
+                    log: Callable[[str], None]) -> None:
+    """CADyQ stage start: candidate clips and selector feature statistics from w8a8 batches.
+
+    * ``clip_init == "mse"``: the 4- and 6-bit candidates get the clip minimizing their own
+      quantization MSE (the official code copies the 8-bit clip into all three, which leaves
+      a 4-bit step so coarse that flat, low-amplitude regions lose most, so the selector
+      learns to spend bits on them rather than on detail).
+    * ``selector_norm``: the selector is trained on standardized features (z - mean) / scale.
+      Raw features (gradient x1000, channel stds) are all positive and large, so every
+      raw-space update of the linear selector moves high-content patches' logits most, and the
+      bit loss alone pushed detailed regions to 4 bits first. Saved checkpoints hold the folded
+      raw-feature weights, so the official inference form is unchanged.
+    """
+    was_training = model.training
+    model.eval()
+    set_quant_mode(model, "w8a8")
+    feats: dict[int, list[torch.Tensor]] = {id(s): [] for s in model.selectors}
+    samples: dict[int, list[torch.Tensor]] = {id(s): [] for s in model.selectors}
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def _hook(sel: BitSelector, inputs: tuple) -> None:
+        x, ctx = inputs[0], inputs[1]
+        feats[id(sel)].append(sel.features(x, ctx))
+        flat = x.detach().float().flatten()
+        samples[id(sel)].append(flat[torch.randint(0, flat.numel(), (100_000,), generator=gen)])
+
+    handles = [s.register_forward_pre_hook(_hook) for s in model.selectors]
+    try:
+        for _ in range(cfg.calib_batches):
+            x, _ = data.sample(rng, cfg.batch, cfg.lr_patch)
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    for i, sel in enumerate(model.selectors):
+        if cfg.clip_init == "mse":
+            a = torch.cat(samples[id(sel)])
+            for q, b in zip(sel.candidates[:2], CANDIDATE_BITS[:2]):
+                q.alpha.fill_(mse_clip(a, b))
+                q.max_val.copy_(q.alpha[0])
+        if cfg.selector_norm:
+            z = torch.cat(feats[id(sel)])
+            mean = z.mean(0)
+            sel.znorm = (mean, z.std(0) + 1e-3 * mean.abs() + 1e-6)
+        if i < 2:
+            log(f"selector {i}: clips {[round(float(q.alpha), 2) for q in sel.candidates]}")
+    set_quant_mode(model, "dynamic")
+    model.train(was_training)
+
+
 def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -> Path:
     """Run (or resume) one stage until ``cfg.steps`` or ``cfg.minutes``; return the checkpoint path."""
     if cfg.stage not in STAGES:
@@ -246,6 +360,7 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
     step, elapsed = 0, 0.0
     if resume is not None:
         model.load_state_dict(resume["model"], strict=True)
+        _restore_selector_train(model, resume.get("selector_train") or {})
         opt.load_state_dict(resume["optimizer"])
         step, elapsed = int(resume["step"]), float(resume["elapsed_s"])
         torch.set_rng_state(resume["torch_rng"])
@@ -254,6 +369,8 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
         log(f"resumed {ckpt} at step {step} ({elapsed / 60:.1f} min trained)")
     elif cfg.stage == "pams":
         _calibrate(model, data, np_rng, cfg)
+    elif cfg.stage == "cadyq":
+        _init_selectors(model, data, np_rng, cfg, log)
     model.train()
     if teacher is not None:
         teacher.eval()
