@@ -225,3 +225,15 @@ def test_region_grid_and_training_step(arch: str) -> None:
     (sr.mean() + torch.stack(m._last_soft_bits).mean()).backward()
     assert all(s.net_small[0].weight.grad is not None for s in m.selectors)
     assert all(s.quant_bit3.alpha.grad is not None for s in m.selectors)
+
+
+@pytest.mark.parametrize("r", [2, 3])
+def test_fast_pixel_shuffle_matches_torch(r: int) -> None:
+    from cadyq_cli.models._base import PixelShuffle
+
+    x = torch.randn(2, 4 * r * r, 5, 7)
+    with torch.inference_mode():
+        assert torch.equal(PixelShuffle(r)(x), torch.nn.functional.pixel_shuffle(x, r))
+    xg = x.clone().requires_grad_(True)  # training path: the stock operator, gradients flow
+    PixelShuffle(r)(xg).sum().backward()
+    assert torch.equal(xg.grad, torch.ones_like(x))

@@ -11,7 +11,7 @@ from ..errors import UnsupportedScaleError
 from ..quant.modes import MODES, QuantMode
 from ..quant.modules import BitSelector, QuantContext, RegionGrid, region_mean
 
-__all__ = ["SRModel", "MeanShift", "grad_feature", "DIV2K_RGB_MEAN"]
+__all__ = ["SRModel", "MeanShift", "PixelShuffle", "grad_feature", "DIV2K_RGB_MEAN"]
 
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
@@ -20,6 +20,24 @@ DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 _NATIVE_CONV_NUMEL = 20480
 
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8.0
+
+
+class PixelShuffle(nn.PixelShuffle):
+    """``nn.PixelShuffle`` with a faster CPU inference path (same values, same module name).
+
+    ATen's CPU pixel shuffle takes about 2.5x the time of one explicit strided copy into the
+    output layout; on an EDSR x4 forward it was 10-14 % of the total. With autograd on, the
+    stock operator is used.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if torch.is_grad_enabled() and x.requires_grad or x.device.type != "cpu" or x.dim() != 4:
+            return super().forward(x)
+        r = self.upscale_factor
+        n, c, h, w = x.shape
+        out = torch.empty((n, c // (r * r), h, r, w, r), dtype=x.dtype, device=x.device)
+        out.copy_(x.reshape(n, c // (r * r), r, r, h, w).permute(0, 1, 4, 2, 5, 3))
+        return out.reshape(n, c // (r * r), h * r, w * r)
 
 
 def grad_feature(x01: torch.Tensor, grid: RegionGrid | None = None) -> torch.Tensor:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import CheckpointMismatchError
 from ..quant.modules import InputConv2d, BitSelector, QuantContext, QuantConv2d
-from ._base import MeanShift, SRModel
+from ._base import MeanShift, PixelShuffle, SRModel
 from ._registry import register_model
 from ._pams import convert_pams_quantizers, present_prefix, strip_module_prefix
 
@@ -115,9 +115,9 @@ class _UpsampleStage(nn.Module):
         layers: list[nn.Module] = []
         if scale in (2, 4):
             for _ in range(scale // 2):
-                layers += [nn.Conv2d(n_feats, 4 * n_feats, 3, padding=1), nn.ReLU(inplace=True), nn.PixelShuffle(2)]
+                layers += [nn.Conv2d(n_feats, 4 * n_feats, 3, padding=1), nn.ReLU(inplace=True), PixelShuffle(2)]
         else:
-            layers += [nn.Conv2d(n_feats, 9 * n_feats, 3, padding=1), nn.ReLU(inplace=True), nn.PixelShuffle(3)]
+            layers += [nn.Conv2d(n_feats, 9 * n_feats, 3, padding=1), nn.ReLU(inplace=True), PixelShuffle(3)]
         self.body = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..errors import CheckpointMismatchError
 from ..quant.modules import InputConv2d, ActQuantizer, BitSelector, QuantContext, QuantConv2d
-from ._base import MeanShift, SRModel
+from ._base import MeanShift, PixelShuffle, SRModel
 from ._pams import count_blocks, present_prefix, strip_module_prefix, convert_pams_quantizers
 from ._registry import register_model
 
@@ -53,9 +53,9 @@ class Upsampler(nn.Sequential):
         layers: list[nn.Module] = []
         if scale in (2, 4):
             for _ in range(scale // 2):
-                layers += [nn.Conv2d(n_feats, 4 * n_feats, 3, padding=1), nn.PixelShuffle(2)]
+                layers += [nn.Conv2d(n_feats, 4 * n_feats, 3, padding=1), PixelShuffle(2)]
         else:
-            layers += [nn.Conv2d(n_feats, 9 * n_feats, 3, padding=1), nn.PixelShuffle(3)]
+            layers += [nn.Conv2d(n_feats, 9 * n_feats, 3, padding=1), PixelShuffle(3)]
         super().__init__(*layers)
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import CheckpointMismatchError
 from ..quant.modules import InputConv2d, BitSelector, QuantContext, QuantConv2d
-from ._base import MeanShift, SRModel
+from ._base import MeanShift, PixelShuffle, SRModel
 from ._registry import register_model
 from ._pams import convert_pams_quantizers, count_blocks, strip_module_prefix
 
@@ -58,7 +58,7 @@ class _Upsampler(nn.Sequential):
     def __init__(self, scale: int, n_feats: int) -> None:
         layers: list[nn.Module] = []
         for _ in range(scale // 2):
-            layers += [nn.Conv2d(n_feats, 4 * n_feats, 3, padding=1, bias=False), nn.PixelShuffle(2), nn.PReLU()]
+            layers += [nn.Conv2d(n_feats, 4 * n_feats, 3, padding=1, bias=False), PixelShuffle(2), nn.PReLU()]
         super().__init__(*layers)
 
 

@@ -27,6 +27,11 @@ def _stage_info(run: Path) -> dict:
     cfg = st["config"]
     info = {"stage": cfg["stage"], "steps": int(st["step"]), "minutes": round(float(st["elapsed_s"]) / 60, 1),
             "batch": cfg["batch"], "lr_patch": cfg["lr_patch"], "lr": cfg["lr"], "seed": cfg["seed"], "bf16": cfg["bf16"]}
+    if cfg.get("init"):
+        info["init"] = cfg["init"]  # previous stage, or (fp) the warm-start checkpoint
+    if cfg["stage"] == "cadyq":
+        info |= {k: cfg[k] for k in ("bit_weight_max", "bit_ramp_steps", "selector_lr", "selector_norm", "clip_init")
+                 if k in cfg}
     log = run / "log.jsonl"
     if log.is_file():
         vals = [json.loads(ln) for ln in log.read_text().splitlines() if "val_psnr" in ln]
