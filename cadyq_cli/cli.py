@@ -72,10 +72,12 @@ ThreadsOpt = Annotated[int, typer.Option("--threads", help="CPU threads (0: torc
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress or report on stderr")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks")]
+KernelsOpt = Annotated[str, typer.Option("--kernels", help="quantized convs: auto (int8 where exact), int8, or float (reference)")]
 MaxPxOpt = Annotated[int, typer.Option("--max-pixels", help="refuse inputs larger than this many pixels (0: no limit)")]
 
 
-def _load(model: str | None, weights: Path | None, arch: str | None, scale: int, mode: str, device: str, threads: int):  # noqa: ANN202
+def _load(model: str | None, weights: Path | None, arch: str | None, scale: int, mode: str, device: str, threads: int,  # noqa: ANN202
+          kernels: str = "auto"):
     import torch
 
     from .weights import load_model
@@ -86,7 +88,7 @@ def _load(model: str | None, weights: Path | None, arch: str | None, scale: int,
         raise CadyqError("--arch goes with --weights")
     if weights is not None and model is not None:
         raise CadyqError("give --model or --weights, not both")
-    return load_model(model=model, weights=weights, arch=arch, scale=scale, mode=mode, device=device)
+    return load_model(model=model, weights=weights, arch=arch, scale=scale, mode=mode, device=device, kernels=kernels)
 
 
 def _model_label(model: str | None, weights: Path | None, scale: int) -> str:
@@ -139,7 +141,7 @@ def upscale(
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="descend into sub-folders")] = False,
     suffix: Annotated[str, typer.Option("--suffix", help="added to output file names")] = "",
     ext: Annotated[Optional[str], typer.Option("--ext", help="output format: png, jpg, webp, tif, bmp")] = None,
-    threads: ThreadsOpt = 0, device: DeviceOpt = "cpu", max_pixels: MaxPxOpt = 64_000_000,
+    threads: ThreadsOpt = 0, device: DeviceOpt = "cpu", kernels: KernelsOpt = "auto", max_pixels: MaxPxOpt = 64_000_000,
     quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Upscale an image, or every image of a folder, and report bits and BitOPs per region."""
@@ -153,7 +155,7 @@ def upscale(
     try:
         cfg.validate()
         jobs = plan_jobs(input, output, recursive, suffix, ext)
-        net = _load(model, weights, arch, scale, mode.value, device, threads)
+        net = _load(model, weights, arch, scale, mode.value, device, threads, kernels)
     except (CadyqError, ValueError) as e:
         if debug:
             raise
@@ -240,7 +242,7 @@ def bitmap(
     overlap: OverlapOpt = 6, region: RegionOpt = 96,
     layer: Annotated[Optional[int], typer.Option("--layer", help="show selector K instead of the mean over layers")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing file")] = False,
-    threads: ThreadsOpt = 0, device: DeviceOpt = "cpu", max_pixels: MaxPxOpt = 64_000_000,
+    threads: ThreadsOpt = 0, device: DeviceOpt = "cpu", kernels: KernelsOpt = "auto", max_pixels: MaxPxOpt = 64_000_000,
     quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Save the bit-allocation heatmap of an image: mean selected bits per region."""
@@ -255,7 +257,7 @@ def bitmap(
         cfg.validate()
         if output.exists() and not overwrite:
             raise CadyqError(f"{output}: exists (use --overwrite)")
-        net = _load(model, weights, arch, scale, mode.value, device, threads)
+        net = _load(model, weights, arch, scale, mode.value, device, threads, kernels)
         if layer is not None and not 0 <= layer < net.n_selectors:
             raise CadyqError(f"--layer must be between 0 and {net.n_selectors - 1} for {net.arch}")
         img = read_image(input, max_pixels=max_pixels or None)
@@ -309,7 +311,7 @@ def eval_cmd(
     csv_out: Annotated[Optional[Path], typer.Option("--csv", help="write one row per image and mode to PATH")] = None,
     limit: Annotated[int, typer.Option("--limit", help="only the first N images (by name) of each folder; 0: all")] = 0,
     matlab_y: Annotated[bool, typer.Option("--matlab-y", help="round Y to 8 bits before PSNR/SSIM, as MATLAB's rgb2ycbcr does")] = False,
-    threads: ThreadsOpt = 0, device: DeviceOpt = "cpu", quiet: QuietOpt = False, debug: DebugOpt = False,
+    threads: ThreadsOpt = 0, device: DeviceOpt = "cpu", kernels: KernelsOpt = "auto", quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Benchmark protocol: PSNR/SSIM on Y (MATLAB bicubic LR, shave = scale), FAB and BitOPs per dataset."""
     from .evaluate import EvalInputError, evaluate, results_to_json, write_csv
@@ -320,7 +322,7 @@ def eval_cmd(
                         console=err, transient=True, redirect_stdout=False, redirect_stderr=False,
                         disable=quiet or not err.is_terminal)  # off a terminal rich would leave a blank line
     try:
-        net = None if bicubic_only else _load(model, weights, arch, scale, "fp32", device, threads)
+        net = None if bicubic_only else _load(model, weights, arch, scale, "fp32", device, threads, kernels)
         with progress:
             task = progress.add_task("eval", total=None)
             res = evaluate(data_dirs, scale, net, mode_list, bicubic, tiling,

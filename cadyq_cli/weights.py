@@ -13,6 +13,7 @@ import torch
 from .checkpoint import load_model_file
 from .errors import CheckpointReadError, UnknownModelError
 from .models._base import SRModel
+from .quant.intconv import set_kernels
 from .quant.modes import set_quant_mode
 
 __all__ = ["WeightsCfg", "weights_dir", "list_weights", "resolve_weights", "load_model", "DEFAULT_MODEL"]
@@ -98,6 +99,7 @@ def load_model(
     scale: int | None = 4,
     mode: str = "dynamic",
     device: str = "cpu",
+    kernels: str = "auto",
 ) -> SRModel:
     """Load a shipped model by name, or any checkpoint file (ours or official), ready to run.
 
@@ -108,6 +110,9 @@ def load_model(
         scale: upscaling factor.
         mode: ``dynamic``, ``fp32``, ``w8a8``, ``w8a6`` or ``w8a4``.
         device: ``cpu`` or ``cuda``.
+        kernels: quantized convs on integer codes (``int8``), as fake-quantized float convs
+            (``float``, the reference semantics op for op), or ``auto`` (int8 where the CPU
+            supports exact int8 kernels); see :mod:`cadyq_cli.quant.intconv`.
 
     Example:
         >>> m = load_model("edsr-baseline", scale=4, mode="dynamic")
@@ -126,4 +131,9 @@ def load_model(
         if device == "cuda" and not torch.cuda.is_available():
             raise UnknownModelError("--device cuda: no CUDA device is available")
         net = net.to(device)
-    return net.eval()
+    net.eval()
+    if device == "cpu":
+        set_kernels(net, kernels)
+    elif kernels == "int8":
+        raise UnknownModelError("--kernels int8 runs on the CPU only")
+    return net

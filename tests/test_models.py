@@ -234,6 +234,9 @@ def test_fast_pixel_shuffle_matches_torch(r: int) -> None:
     x = torch.randn(2, 4 * r * r, 5, 7)
     with torch.inference_mode():
         assert torch.equal(PixelShuffle(r)(x), torch.nn.functional.pixel_shuffle(x, r))
+        cl = PixelShuffle(r)(x.contiguous(memory_format=torch.channels_last))
+        assert cl.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(cl, torch.nn.functional.pixel_shuffle(x, r))
     xg = x.clone().requires_grad_(True)  # training path: the stock operator, gradients flow
     PixelShuffle(r)(xg).sum().backward()
     assert torch.equal(xg.grad, torch.ones_like(x))

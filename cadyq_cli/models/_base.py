@@ -35,9 +35,15 @@ class PixelShuffle(nn.PixelShuffle):
             return super().forward(x)
         r = self.upscale_factor
         n, c, h, w = x.shape
-        out = torch.empty((n, c // (r * r), h, r, w, r), dtype=x.dtype, device=x.device)
-        out.copy_(x.reshape(n, c // (r * r), r, r, h, w).permute(0, 1, 4, 2, 5, 3))
-        return out.reshape(n, c // (r * r), h * r, w * r)
+        c_out = c // (r * r)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            # channels-last in, channels-last out (the integer path runs channels-last)
+            out = torch.empty((n, h, r, w, r, c_out), dtype=x.dtype, device=x.device)
+            out.copy_(x.permute(0, 2, 3, 1).reshape(n, h, w, c_out, r, r).permute(0, 1, 4, 2, 5, 3))
+            return out.reshape(n, h * r, w * r, c_out).permute(0, 3, 1, 2)
+        out = torch.empty((n, c_out, h, r, w, r), dtype=x.dtype, device=x.device)
+        out.copy_(x.reshape(n, c_out, r, r, h, w).permute(0, 1, 4, 2, 5, 3))
+        return out.reshape(n, c_out, h * r, w * r)
 
 
 def grad_feature(x01: torch.Tensor, grid: RegionGrid | None = None) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modes import CANDIDATE_BITS, MODES, QuantMode
-from .primitives import fake_quant_act, fake_quant_weight, qmax_for_bits
+from .primitives import act_codes, fake_quant_act, fake_quant_weight, qmax_for_bits
 
 __all__ = [
     "RegionGrid", "QuantContext", "QuantConv2d", "InputConv2d", "ActQuantizer", "BitSelector", "region_mean", "conv_forward",
@@ -82,14 +82,42 @@ class RegionGrid:
         """Broadcast a per-region map (..., nh, nw) to pixels (..., H, W)."""
         return m[..., self.row_idx, :][..., self.col_idx]
 
+    def pooling(self) -> tuple[int, int, int, int] | None:
+        """(size_h, size_w, pad_top, pad_left) when the grid is a regular lattice cut anywhere
+        (interior regions equal, first and last ones possibly smaller), else None.
+
+        Then a region sum is a sum pooling of the input padded by (pad_top, pad_left) zeros.
+        """
+        if "pooling" not in self._cache:
+            geo = []
+            for idx in (self.row_idx, self.col_idx):
+                sizes = torch.bincount(idx).tolist()
+                size = sizes[1] if len(sizes) > 2 else max(sizes)
+                if any(v != size for v in sizes[1:-1]) or sizes[0] > size or sizes[-1] > size:
+                    geo = None
+                    break
+                geo.append((size, size - sizes[0]))
+            self._cache["pooling"] = None if geo is None else (geo[0][0], geo[1][0], geo[0][1], geo[1][1])
+        return self._cache["pooling"]
+
+
+def region_sum(x: torch.Tensor, grid: RegionGrid) -> torch.Tensor:
+    """Sum of x (N, C, H, W) over each region of ``grid``: (N, C, nh, nw)."""
+    geo = grid.pooling()
+    if geo is None:
+        oh, ow = grid.onehots(x.dtype)
+        return torch.einsum("nchw,ah,bw->ncab", x, oh, ow)
+    kh, kw, pt, pl = geo
+    if pt or pl:
+        x = F.pad(x, (pl, 0, pt, 0))
+    return F.avg_pool2d(x, (kh, kw), (kh, kw), ceil_mode=True, divisor_override=1)
+
 
 def region_mean(x: torch.Tensor, grid: RegionGrid | None) -> torch.Tensor:
     """Mean of x (N, C, H, W) over each region: (N, C, nh, nw), or (N, C, 1, 1) without a grid."""
     if grid is None:
         return x.mean(dim=(2, 3), keepdim=True)
-    oh, ow = grid.onehots(x.dtype)
-    s = torch.einsum("nchw,ah,bw->ncab", x, oh, ow)
-    return s / grid.counts().to(x.dtype)
+    return region_sum(x, grid) / grid.counts().to(x.dtype)
 
 
 def region_std(x: torch.Tensor, grid: RegionGrid | None) -> torch.Tensor:
@@ -107,6 +135,12 @@ def region_std(x: torch.Tensor, grid: RegionGrid | None) -> torch.Tensor:
         s2 = torch.linalg.vector_norm(v, dim=-1).square()  # far faster than a dot/einsum here
         var = (s2 - s1 * s1 / (h * w)) / (h * w - 1)
         s = torch.sqrt(var.clamp_min(0)).reshape(n, c, 1, 1)
+    elif grid.pooling() is not None:
+        # one pass with sum pooling (a regular grid; the engine's grids always are)
+        cnt = grid.counts().to(x.dtype)
+        s1 = region_sum(x, grid)
+        s2 = region_sum(x * x, grid)
+        s = torch.sqrt(((s2 - s1 * s1 / cnt) / (cnt - 1)).clamp_min(0))
     else:
         oh, ow = grid.onehots(x.dtype)
         cnt = grid.counts().to(x.dtype)
@@ -115,6 +149,38 @@ def region_std(x: torch.Tensor, grid: RegionGrid | None) -> torch.Tensor:
         ss = torch.einsum("nchw,ah,bw->ncab", d * d, oh, ow)
         s = torch.sqrt(ss / (cnt - 1))
     return torch.nan_to_num(s, nan=0.0, posinf=0.0)
+
+
+@dataclass
+class QCodes:
+    """Integer codes of a quantized activation, attached to its float tensor as ``_cadyq_codes``
+    for the integer kernels (:mod:`cadyq_cli.quant.intconv`).
+
+    Attributes:
+        i8: the codes as int8, channels-last (N, C, H, W).
+        steps: float step (``alpha / qmax``) of each candidate bit-width.
+        which: None when the whole tensor uses ``steps[0]``; else (N, nh, nw) int64 indices
+            into ``steps`` per sample and region.
+        grid: the region grid of ``which`` (None: one region per sample).
+    """
+
+    i8: torch.Tensor
+    steps: list[float]
+    which: torch.Tensor | None = None
+    grid: RegionGrid | None = None
+
+
+def _emit(codes: torch.Tensor, alpha: torch.Tensor, qmax: torch.Tensor | float, steps: list[float],
+          which: torch.Tensor | None = None, grid: RegionGrid | None = None) -> torch.Tensor:
+    """Finish a quantization from its float codes, attaching the uint8 codes to the result."""
+    i8 = codes.to(torch.int8, memory_format=torch.channels_last)
+    out = codes.div_(qmax).mul_(alpha)  # the same operations as fake_quant_act: same float values
+    out._cadyq_codes = QCodes(i8, steps, which, grid)
+    return out
+
+
+def _codes_wanted(m: nn.Module, x: torch.Tensor) -> bool:
+    return m.emit_codes and not m.training and not (torch.is_grad_enabled() and x.requires_grad)
 
 
 @dataclass
@@ -185,7 +251,14 @@ class QuantConv2d(nn.Conv2d):
         return self._wq_cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return conv_forward(self, x, self.quantized_weight() if self.mode.quantized else self.weight)
+        if self.mode.quantized:
+            q = getattr(x, "_cadyq_codes", None)
+            if q is not None and not torch.is_grad_enabled():
+                from .intconv import int8_conv  # local: intconv builds on this module
+
+                return int8_conv(q, self)
+            return conv_forward(self, x, self.quantized_weight())
+        return conv_forward(self, x, self.weight)
 
 
 class ActQuantizer(nn.Module):
@@ -208,6 +281,8 @@ class ActQuantizer(nn.Module):
         self.calibrating = False
         #: the caller never reads this quantizer's input again: quantize in place at inference
         self.inplace = False
+        #: integer kernels: attach the integer codes to the output (set by ``set_kernels``)
+        self.emit_codes = False
 
     @torch.no_grad()
     def calibrate_(self, x: torch.Tensor) -> None:
@@ -226,7 +301,10 @@ class ActQuantizer(nn.Module):
             return x
         if not self.mode.quantized:
             return x
-        return fake_quant_act(x, self.alpha, float(qmax_for_bits(self.bits)), inplace=self.inplace)
+        qmax = float(qmax_for_bits(self.bits))
+        if _codes_wanted(self, x):
+            return _emit(act_codes(x, self.alpha, qmax, self.inplace), self.alpha, qmax, [float(self.alpha) / qmax])
+        return fake_quant_act(x, self.alpha, qmax, inplace=self.inplace)
 
 
 class BitSelector(nn.Module):
@@ -259,6 +337,8 @@ class BitSelector(nn.Module):
         self.mode: QuantMode = MODES["dynamic"]
         #: the caller never reads this selector's input again: quantize in place at inference
         self.inplace = False
+        #: integer kernels: attach the integer codes to the output (set by ``set_kernels``)
+        self.emit_codes = False
         self.gumbel = True
         self.tau = 1.0
         #: training only: (mean, scale) of the features z. When set, ``net_small`` acts on
@@ -311,7 +391,10 @@ class BitSelector(nn.Module):
             k = CANDIDATE_BITS.index(mode.act_bits)
             nh, nw = ctx.grad.shape[2:]
             ctx.bits.append(torch.full((n, nh, nw), float(mode.act_bits), device=x.device))
-            return fake_quant_act(x, self.candidates[k].alpha, float(qmax_for_bits(mode.act_bits)), inplace=self.inplace)
+            alpha, qmax = self.candidates[k].alpha, float(qmax_for_bits(mode.act_bits))
+            if _codes_wanted(self, x):
+                return _emit(act_codes(x, alpha, qmax, self.inplace), alpha, qmax, [float(alpha) / qmax])
+            return fake_quant_act(x, alpha, qmax, inplace=self.inplace)
         if self.training:
             return self._forward_train(x, ctx)
         idx = self.logits(x, ctx).argmax(dim=-1)  # (N, nh, nw); first maximum wins
@@ -324,6 +407,9 @@ class BitSelector(nn.Module):
         else:
             alpha = ctx.grid.expand(alpha).unsqueeze(1)
             qmax = ctx.grid.expand(qmax).unsqueeze(1)
+        if _codes_wanted(self, x):
+            steps = (self.alphas() / self._qmax_table).tolist()
+            return _emit(act_codes(x, alpha, qmax, self.inplace), alpha, qmax, steps, idx, ctx.grid)
         return fake_quant_act(x, alpha, qmax, inplace=self.inplace)
 
     def _forward_train(self, x: torch.Tensor, ctx: QuantContext) -> torch.Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["qmax_for_bits", "round_ste", "fake_quant_weight", "fake_quant_act"]
+__all__ = ["qmax_for_bits", "round_ste", "fake_quant_weight", "fake_quant_act", "act_codes"]
 
 
 def qmax_for_bits(bits: int) -> int:
@@ -64,9 +64,18 @@ def fake_quant_act(x: torch.Tensor, alpha: torch.Tensor, qmax: torch.Tensor | fl
         # (bit-identical, about 3x faster than allocating a tensor per step)
         # clip(x, -a, a) / a == clip(x / a, -1, 1) bit for bit (|x| <= a: the same division;
         # beyond: exactly +-1 either way), and a scalar clamp is ~4x cheaper than tensor bounds
-        y = x.div_(alpha) if inplace else torch.div(x, alpha)
-        return y.clamp_(-1.0, 1.0).mul_(qmax).round_().div_(qmax).mul_(alpha)
+        return act_codes(x, alpha, qmax, inplace).div_(qmax).mul_(alpha)
     c = torch.maximum(torch.minimum(x, alpha), -alpha)
     y = c / alpha
     y = round_ste(y * qmax) / qmax
     return y * alpha
+
+
+def act_codes(x: torch.Tensor, alpha: torch.Tensor | float, qmax: torch.Tensor | float, inplace: bool = False) -> torch.Tensor:
+    """Integer codes ``round(clip(x / alpha, -1, 1) * qmax)`` of the activation quantizer, as float.
+
+    The first four operations of :func:`fake_quant_act` (inference path), in the same order;
+    ``codes / qmax * alpha`` finishes it bit for bit.
+    """
+    y = x.div_(alpha) if inplace else torch.div(x, alpha)
+    return y.clamp_(-1.0, 1.0).mul_(qmax).round_()
