@@ -4,11 +4,16 @@ EDSR-baseline x4 with random weights in the official format, clip values calibra
 patches and random selector heads (so the chosen bits vary), on N patches of 96x96 LR with
 random textured content. Measured side by side in one run, repetitions interleaved, medians:
 
-  (a) dynamic   our model in ``dynamic`` mode, one forward of the whole batch (inference_mode);
-  (b) official  the official style: each patch alone at batch 1, weights re-quantized on every
-                call, all three candidate quantizations and the STE expression at every
-                selector (tests/official_reference.official_forward);
-  (c) fp32      our model in ``fp32`` mode, one forward of the batch.
+  (a) dynamic        our model in ``dynamic`` mode, one forward of the whole batch
+                     (inference_mode), with the default kernels: quantized convs on int8
+                     codes where the CPU has exact int8 kernels (VNNI/AMX);
+  (a') dynamic-float  the same with ``--kernels float`` (fake-quantized float convs, the
+                     reference operation order);
+  (b) official       the official style: each patch alone at batch 1, weights re-quantized on
+                     every call, all three candidate quantizations and the STE expression at
+                     every selector (tests/official_reference.official_forward);
+  (c) fp32           our model in ``fp32`` mode, one forward of the batch (no quantization code
+                     on the path).
 
 Targets: dynamic within 1.10x of FP32; at least 1.35x faster than the official style.
 
@@ -30,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from cadyq_cli.checkpoint import model_from_state_dict  # noqa: E402
 from cadyq_cli.quant import set_quant_mode  # noqa: E402
+from cadyq_cli.quant.intconv import set_kernels  # noqa: E402
 from tests import official_reference as ref  # noqa: E402
 
 TARGET_DYN_VS_FP32 = 1.10
@@ -81,9 +87,12 @@ def main() -> None:
     sd, model = build(a.size, a.seed)
     x = textured_patches(a.patches, a.size, seed=a.seed)
 
-    def ours(mode: str) -> Callable[[], object]:
+    kernels = set_kernels(model, "auto")
+
+    def ours(mode: str, kern: str = kernels) -> Callable[[], object]:
         def run() -> object:
             set_quant_mode(model, mode)
+            set_kernels(model, kern)
             with torch.inference_mode():
                 return model(x)
         return run
@@ -91,7 +100,8 @@ def main() -> None:
     def official() -> object:
         return ref.official_forward(sd, "edsr", 4, x)  # loops over the patches at batch 1
 
-    variants: dict[str, Callable[[], object]] = {"dynamic": ours("dynamic"), "official": official, "fp32": ours("fp32")}
+    variants: dict[str, Callable[[], object]] = {"dynamic": ours("dynamic"), "dynamic-float": ours("dynamic", "float"),
+                                                 "official": official, "fp32": ours("fp32")}
 
     # warm-up on one patch each (allocator, oneDNN primitive caches), and a bits sanity check
     x_full = x
@@ -100,6 +110,7 @@ def main() -> None:
         fn()
     x = x_full
     set_quant_mode(model, "dynamic")
+    set_kernels(model, kernels)
     with torch.inference_mode():
         _, bits = model(x)
     hist = {b: int((bits == b).sum()) for b in (4, 6, 8)}
@@ -111,15 +122,16 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
 
     print(f"EDSR-baseline x4, {a.patches} patches of {a.size}x{a.size} LR, threads={torch.get_num_threads()}, "
-          f"reps={a.reps} (median)")
+          f"reps={a.reps} (median); dynamic runs with {kernels} kernels")
     print(f"bits chosen (dynamic): {hist}, FAB {float(bits.mean()):.2f}")
-    print(f"{'variant':<10} {'median s':>9} {'per patch ms':>13}   all reps (s)")
+    print(f"{'variant':<14} {'median s':>9} {'per patch ms':>13}   all reps (s)")
     for k in variants:
-        print(f"{k:<10} {med[k]:9.3f} {1000 * med[k] / a.patches:13.1f}   "
+        print(f"{k:<14} {med[k]:9.3f} {1000 * med[k] / a.patches:13.1f}   "
               + " ".join(f"{t:.3f}" for t in times[k]))
     r_fp = med["dynamic"] / med["fp32"]
     r_off = med["official"] / med["dynamic"]
     print(f"dynamic / fp32      = {r_fp:.3f}  (target <= {TARGET_DYN_VS_FP32:.2f})")
+    print(f"dynamic-float / fp32 = {med['dynamic-float'] / med['fp32']:.3f}  (float kernels, for reference)")
     print(f"official / dynamic  = {r_off:.3f}  (target >= {TARGET_OFFICIAL_VS_DYN:.2f})")
     ok_fp = r_fp <= TARGET_DYN_VS_FP32
     ok_off = r_off >= TARGET_OFFICIAL_VS_DYN
