@@ -15,6 +15,7 @@ import torch
 
 from .models._base import SRModel
 from .quant.cost import bitops, cost_table, fab
+from .quant.intconv import kernels_of
 from .quant.modules import RegionGrid
 from .tiling import Tile, plan_paper, plan_seamless
 
@@ -87,6 +88,7 @@ class ImageReport:
     seconds: float
     grid: tuple[int, int]
     regions: list[RegionStats] = field(default_factory=list)
+    kernels: str = "float"  # quantized convs on int8 codes ("int8") or fake-quantized floats
 
     def region_fab_map(self) -> np.ndarray:
         """(rows, cols) array of region FABs (row-major grid of ``regions``)."""
@@ -218,5 +220,6 @@ def upscale_array(
         width=w, height=h, scale=s, mode=mode.name, tiling=cfg.tiling, n_selectors=n_sel,
         fab=fab(rb) if n_sel else 32.0, bits_histogram=hist, bitops=ops, bitops_fp32=bitops(table, px, None, 32),
         seconds=time.perf_counter() - t0, grid=(len(rows), len(cols)), regions=regions,
+        kernels=kernels_of(model) if mode.quantized else "float",
     )
     return out.permute(1, 2, 0).cpu().numpy(), report

@@ -29,6 +29,7 @@ from .errors import CadyqError
 from .io import read_image
 from .metrics import psnr_y, ssim_y
 from .models._base import SRModel
+from .quant.intconv import kernels_of
 from .quant.modes import MODES, parse_mode, set_quant_mode
 from .resize import imresize
 
@@ -102,6 +103,7 @@ class EvalResult:
     model: str | None
     tiling: str
     results: list[DatasetResult] = field(default_factory=list)
+    kernels: str = "float"  # how quantized convs ran: int8 codes or fake-quantized float
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -178,7 +180,7 @@ def evaluate(
     total = sum(len(files) for _, files in datasets) * len(row_modes)
     done = 0
     name = model_name if model_name is not None else (getattr(model, "arch", None) if model is not None else None)
-    result = EvalResult(scale=scale, model=name, tiling=tiling)
+    result = EvalResult(scale=scale, model=name, tiling=tiling, kernels=kernels_of(model) if model is not None else "float")
     previous_mode = getattr(model, "mode", None)
     try:
         for ds_name, files in datasets:
@@ -235,6 +237,7 @@ def results_to_json(result: EvalResult) -> dict:
         "scale": result.scale,
         "model": result.model,
         "tiling": result.tiling,
+        "kernels": result.kernels,
         "results": [
             {
                 "dataset": r.dataset,

@@ -24,6 +24,7 @@ def json_record(report: ImageReport, input_path: str, output_path: str | None, m
         "model": model,
         "mode": report.mode,
         "tiling": report.tiling,
+        "kernels": report.kernels,
         "width": report.width,
         "height": report.height,
         "fab": round(report.fab, 4),

@@ -685,3 +685,22 @@ def test_tile_batch_size_does_not_change_output(load_x2: Callable[[str], object]
         assert [r.bits for r in rep.regions] == [r.bits for r in outs[0][1].regions]
     outs = [upscale_array(model, rgb, TilingConfig("seamless", tile=16, region=16, batch=b)) for b in (1, 4)]
     assert np.array_equal(outs[0][0], outs[1][0])
+
+
+def test_kernels_option(cli: Callable[..., Result], make_image: Callable[..., Path], tmp_path: Path) -> None:
+    from cadyq_cli.quant.intconv import int8_available
+
+    src = make_image("k.png", 40, 30)
+    outs = {}
+    for k in ("float", "auto"):
+        res = cli("upscale", src, tmp_path / f"{k}.png", "--kernels", k, "--json", "-", "--quiet")
+        _ok(res)
+        rec = json.loads(res.stdout)
+        assert rec["kernels"] == ("int8" if k == "auto" and int8_available() else "float")
+        outs[k] = np.asarray(Image.open(tmp_path / f"{k}.png"), dtype=np.int16)
+    assert outs["float"].shape == outs["auto"].shape == (60, 80, 3)
+    assert np.abs(outs["float"] - outs["auto"]).mean() < 0.5  # same semantics, float rounding apart
+    res = cli("upscale", src, tmp_path / "x.png", "--kernels", "fast")
+    assert res.exit_code == 2
+    _error_line(res, "--kernels")
+    assert not (tmp_path / "x.png").exists()
