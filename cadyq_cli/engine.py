@@ -34,7 +34,9 @@ class TilingConfig:
             paper: patch size (default 96).
         overlap: paper: overlap between patches in LR px (default 6, i.e. step 90).
         region: seamless: bits are chosen per ``region`` x ``region`` LR px.
-        batch: tiles of equal shape run together in one forward, up to this many.
+        batch: tiles of equal shape run together in one forward, up to this many and up to
+            ``batch_pixels`` LR input pixels (big tiles gain nothing from batching and would
+            multiply the memory).
     """
 
     tiling: str = "seamless"
@@ -42,6 +44,7 @@ class TilingConfig:
     overlap: int = 6
     region: int = 96
     batch: int = 8
+    batch_pixels: int = 1 << 17
 
     def validate(self) -> None:
         """Raise ValueError for an impossible setting."""
@@ -161,7 +164,10 @@ def upscale_array(
     for i, t in enumerate(tiles):
         layout = (0, 0) if region is None else (t.in_box[0] % region, t.in_box[2] % region)
         groups[(*t.in_shape, *layout)].append(i)
-    batches = [idx[k : k + cfg.batch] for idx in groups.values() for k in range(0, len(idx), cfg.batch)]
+    def _per_batch(shape: tuple[int, ...]) -> int:
+        return max(1, min(cfg.batch, cfg.batch_pixels // max(1, shape[0] * shape[1])))
+
+    batches = [idx[k : k + _per_batch(key)] for key, idx in groups.items() for k in range(0, len(idx), _per_batch(key))]
     batches.sort(key=lambda b: b[0])
 
     done = 0

@@ -1,7 +1,7 @@
 """What every backbone shares: input convention, gradient feature, mean shift, forward contract."""
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +114,35 @@ class SRModel(nn.Module):
     def forward_features(self, x: torch.Tensor, ctx: QuantContext) -> torch.Tensor:
         """Backbone forward on the 0..255 input; implemented by each architecture."""
         raise NotImplementedError
+
+    #: inference: the upsampling tail runs in row strips whose large intermediates stay under
+    #: about this many bytes (memory bounded by the strip, not by the tile)
+    tail_budget_bytes: int = 1 << 28
+
+    def run_tail(self, feat: torch.Tensor, tail: Callable[[torch.Tensor], torch.Tensor], halo: int = 3,
+                 channels: int = 64) -> torch.Tensor:
+        """``tail(feat)`` for an upsampling tail of convs whose receptive radius is <= ``halo`` LR px.
+
+        At inference, a large ``feat`` (N, C, H, W) runs in row strips, each with ``halo`` rows
+        of context on both sides, so the HR intermediates (``channels`` x scale² per LR pixel,
+        two alive at a time) stay under :attr:`tail_budget_bytes`. Each output pixel is
+        computed from the same inputs as without strips.
+        """
+        n, _, h, w = feat.shape
+        per_row = 8 * channels * self.scale * self.scale * n * w
+        rows = max(8, self.tail_budget_bytes // max(per_row, 1))
+        if self.training or torch.is_grad_enabled() or rows >= h:
+            return tail(feat)
+        s = self.scale
+        out = None
+        for y0 in range(0, h, rows):
+            y1 = min(h, y0 + rows)
+            a, b = max(0, y0 - halo), min(h, y1 + halo)
+            part = tail(feat[:, :, a:b])
+            if out is None:
+                out = part.new_empty((n, part.shape[1], h * s, w * s))
+            out[:, :, y0 * s : y1 * s] = part[:, :, (y0 - a) * s : (y1 - a) * s]
+        return out
 
     def _invariant_chunk(self, x: torch.Tensor) -> int:
         """Largest batch chunk whose convolutions take the same CPU kernel as a batch of one.

@@ -174,8 +174,7 @@ class CARN(SRModel):
     def forward_features(self, x: torch.Tensor, ctx: QuantContext) -> torch.Tensor:  # noqa: D102
         h = self.entry(self.sub_mean(x / 255.0))
         o = _cascade(h, [self.b1, self.b2, self.b3], [self.c1, self.c2, self.c3], ctx)
-        y = self.add_mean(self.exit(self.upsample(o, self.scale)))
-        return y * 255.0
+        return self.run_tail(o, lambda t: self.add_mean(self.exit(self.upsample(t, self.scale))) * 255.0)
 
 
 def is_pams_state_dict(sd: dict[str, torch.Tensor]) -> bool:

@@ -90,7 +90,7 @@ class EDSRBaseline(SRModel):
         for blk in self.body[:-1]:
             r = blk(r, ctx)
         r = self.body[-1](r) + h
-        return self.add_mean(self.tail(r))
+        return self.run_tail(r, lambda t: self.add_mean(self.tail(t)))
 
 
 def is_pams_state_dict(sd: dict[str, torch.Tensor]) -> bool:

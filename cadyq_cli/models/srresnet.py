@@ -102,7 +102,7 @@ class SRResNet(SRModel):
         for blk in self.body[:-2]:
             r = blk(r, ctx)
         r = self.body[-1](self.body[-2](r)) + h
-        return self.tail(r)
+        return self.run_tail(r, self.tail, halo=4)
 
 
 def is_pams_state_dict(sd: dict[str, torch.Tensor]) -> bool:
