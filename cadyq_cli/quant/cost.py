@@ -25,7 +25,7 @@ from torch import nn
 from .modes import set_quant_mode
 from .modules import ActQuantizer, BitSelector, QuantConv2d
 
-__all__ = ["ConvCost", "cost_table", "bitops", "fab"]
+__all__ = ["ConvCost", "cost_table", "bitops", "fab", "probe_forward"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,22 @@ class ConvCost:
     weight_bits: int
     act_selector: int | None
     act_bits: int
+
+
+@torch.no_grad()
+def probe_forward(model: nn.Module, handles: list, size: int, restore_mode: object | None) -> None:
+    """One eval-mode forward of a random ``size`` x ``size`` image with the given hooks attached;
+    removes the hooks and restores the training flag and (if given) the quantization mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.rand(1, 3, size, size) * 255)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+        if restore_mode is not None:
+            set_quant_mode(model, restore_mode)
 
 
 @torch.no_grad()
@@ -87,16 +103,7 @@ def cost_table(model: nn.Module, probe: int = 8) -> list[ConvCost]:
             handles.append(mod.register_forward_hook(on_quant))
         if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d)) and "mean" not in name:
             handles.append(mod.register_forward_hook(on_conv(name)))
-    was_training = model.training
-    model.eval()
-    try:
-        model(torch.rand(1, 3, probe, probe) * 255)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-        if old_mode is not None:
-            set_quant_mode(model, old_mode)
+    probe_forward(model, handles, probe, old_mode)
     model._cadyq_cost_table = rows  # type: ignore[attr-defined]
     return rows
 

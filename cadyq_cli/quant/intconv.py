@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import CadyqError
+from .cost import probe_forward
 from .modules import ActQuantizer, BitSelector, QCodes, QuantConv2d
 
 __all__ = ["QCodes", "int8_available", "int8_conv", "set_kernels", "kernels_of"]
@@ -185,14 +186,5 @@ def _find_conv_feeders(model: nn.Module) -> set[int]:
             handles.append(m.register_forward_hook(on_quant))
         elif isinstance(m, QuantConv2d):
             handles.append(m.register_forward_pre_hook(on_conv))
-    was_training = model.training
-    model.eval()
-    try:
-        model(torch.rand(1, 3, 12, 12) * 255)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-        if old is not None:
-            set_quant_mode(model, old)
+    probe_forward(model, handles, 12, old)
     return feeders
