@@ -180,7 +180,8 @@ def _emit(codes: torch.Tensor, alpha: torch.Tensor, qmax: torch.Tensor | float, 
 
 
 def _codes_wanted(m: nn.Module, x: torch.Tensor) -> bool:
-    return m.emit_codes and not m.training and not (torch.is_grad_enabled() and x.requires_grad)
+    return (m.emit_codes and x.device.type == "cpu" and not m.training
+            and not (torch.is_grad_enabled() and x.requires_grad))
 
 
 @dataclass
