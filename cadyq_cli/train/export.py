@@ -48,7 +48,8 @@ def _metrics_from_eval(path: Path) -> dict:
     for r in data["results"]:
         out.setdefault(r["dataset"], {})[r["mode"]] = {
             k: (round(r[k], 4) if isinstance(r.get(k), float) else r.get(k)) for k in ("psnr", "ssim", "fab", "bitops_g")
-        } | {"images": len(r.get("images", []))}
+        } | {"images": len(r.get("images", []))} | ({"kernels": data["kernels"]} if r["mode"] not in ("bicubic", "fp32")
+                                                    and "kernels" in data else {})
     return out
 
 
