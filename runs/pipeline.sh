@@ -8,17 +8,18 @@ S=$1; FP_MIN=$2; PAMS_MIN=$3; CADYQ_MIN=$4; T=${5:-0}
 D=${DATA_ROOT:-../shared/data/train}; B=${BENCH_ROOT:-../shared/data/benchmark}
 DATA="--data $D/T91 --data $D/BSD200 --data $D/BSDS500test"
 R=runs/edsr_x${S}
+C=${CADYQ_RUN:-${R}_cadyq}   # cadyq run folder (a new one to redo the stage)
 WARM=""; [ "$S" != 4 ] && WARM="--init runs/edsr_x4_fp/last.pt"
 [ "$FP_MIN" != 0 ] && cadyq train fp $DATA --run ${R}_fp --scale $S $WARM --steps 1500 --minutes $FP_MIN --threads $T
 [ "$PAMS_MIN" != 0 ] && cadyq train pams $DATA --run ${R}_pams --scale $S --init ${R}_fp/last.pt --steps 300 --lr 1e-4 \
     --minutes $PAMS_MIN --val-every 100 --threads $T
-[ "$CADYQ_MIN" != 0 ] && cadyq train cadyq $DATA --run ${R}_cadyq --scale $S --init ${R}_pams/last.pt --batch 8 --steps 400 \
-    --lr 5e-5 --bit-weight 0.7 --bit-ramp 30 --selector-lr 5e-3 --minutes $CADYQ_MIN --val-every 60 --threads $T
+[ "$CADYQ_MIN" != 0 ] && cadyq train cadyq $DATA --run $C --scale $S --init ${R}_pams/last.pt --batch 8 --steps 400 \
+    --lr 5e-5 --bit-weight ${BIT_WEIGHT:-0.3} --bit-ramp 30 --selector-lr ${SEL_LR:-5e-3} --minutes $CADYQ_MIN --val-every 60 --threads $T
 if [ "${EVAL:-1}" = 1 ]; then
-  cadyq eval $B/Set5 $B/Set14 $B/B100 --scale $S --weights ${R}_cadyq/last.pt --modes fp32,w8a8,w8a4,dynamic \
+  cadyq eval $B/Set5 $B/Set14 $B/B100 --scale $S --weights $C/last.pt --modes fp32,w8a8,w8a4,dynamic \
       --bicubic --json eval_x${S}_main.json --threads $T -q
-  cadyq eval $B/Urban100 --limit 20 --scale $S --weights ${R}_cadyq/last.pt --modes fp32,w8a8,w8a4,dynamic \
+  cadyq eval $B/Urban100 --limit 20 --scale $S --weights $C/last.pt --modes fp32,w8a8,w8a4,dynamic \
       --bicubic --json eval_x${S}_urban20.json --threads $T -q
-  python -m cadyq_cli.train.export ${R}_cadyq/last.pt --name edsr-baseline-x${S} --run ${R}_fp --run ${R}_pams \
-      --run ${R}_cadyq --eval eval_x${S}_main.json --eval eval_x${S}_urban20.json
+  python -m cadyq_cli.train.export $C/last.pt --name edsr-baseline-x${S} --run ${R}_fp --run ${R}_pams \
+      --run $C --eval eval_x${S}_main.json --eval eval_x${S}_urban20.json
 fi
