@@ -25,7 +25,7 @@ from torch import nn
 from .modes import set_quant_mode
 from .modules import ActQuantizer, BitSelector, QuantConv2d
 
-__all__ = ["ConvCost", "cost_table", "bitops", "fab", "probe_forward"]
+__all__ = ["ConvCost", "cost_table", "bitops", "fab"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class ConvCost:
         weight_bits: 8 for quantized convs, 32 otherwise.
         act_selector: index of the bit selector feeding this conv, or None.
         act_bits: fixed activation bits when ``act_selector`` is None (8 or 32).
+        feeder: name of the quantizer module whose output is this conv's input, or None.
     """
 
     name: str
@@ -45,22 +46,7 @@ class ConvCost:
     weight_bits: int
     act_selector: int | None
     act_bits: int
-
-
-@torch.no_grad()
-def probe_forward(model: nn.Module, handles: list, size: int, restore_mode: object | None) -> None:
-    """One eval-mode forward of a random ``size`` x ``size`` image with the given hooks attached;
-    removes the hooks and restores the training flag and (if given) the quantization mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        model(torch.rand(1, 3, size, size) * 255)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-        if restore_mode is not None:
-            set_quant_mode(model, restore_mode)
+    feeder: str | None = None
 
 
 @torch.no_grad()
@@ -71,21 +57,22 @@ def cost_table(model: nn.Module, probe: int = 8) -> list[ConvCost]:
         return cached
     old_mode = getattr(model, "mode", None)
     set_quant_mode(model, "dynamic")
-    produced: list[tuple[torch.Tensor, int | None, int]] = []
+    produced: list[tuple[torch.Tensor, int | None, int, str]] = []  # keeps outputs alive: identity is safe
     sel_index = {id(s): i for i, s in enumerate(m for m in model.modules() if isinstance(m, BitSelector))}
+    names = {id(m): n for n, m in model.named_modules()}
     rows: list[ConvCost] = []
     handles = []
 
     def on_quant(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
         if isinstance(mod, BitSelector):
-            produced.append((out, sel_index[id(mod)], 8))
+            produced.append((out, sel_index[id(mod)], 8, names[id(mod)]))
         else:
-            produced.append((out, None, mod.bits))
+            produced.append((out, None, mod.bits, names[id(mod)]))
 
     def on_conv(name: str):  # noqa: ANN202
         def hook(mod: nn.Conv2d | nn.ConvTranspose2d, inp: tuple, out: torch.Tensor) -> None:
             x = inp[0]
-            src = next(((s, b) for t, s, b in reversed(produced) if t is x), None)
+            src = next(((s, b, n) for t, s, b, n in reversed(produced) if t is x), None)
             k = mod.kernel_size[0] * mod.kernel_size[1]
             if isinstance(mod, nn.ConvTranspose2d):
                 macs = x.numel() / x.shape[0] * mod.out_channels / mod.groups * k
@@ -93,8 +80,8 @@ def cost_table(model: nn.Module, probe: int = 8) -> list[ConvCost]:
                 macs = out.numel() / out.shape[0] * mod.in_channels / mod.groups * k
             px = probe * probe  # LR pixels: convs after an upsampler see more pixels than the input
             quant = isinstance(mod, QuantConv2d)
-            sel, bits = (src if src is not None else (None, 32))
-            rows.append(ConvCost(name, macs / px, 8 if quant else 32, sel, bits))
+            sel, bits, feeder = (src if src is not None else (None, 32, None))
+            rows.append(ConvCost(name, macs / px, 8 if quant else 32, sel, bits, feeder))
 
         return hook
 
@@ -103,7 +90,16 @@ def cost_table(model: nn.Module, probe: int = 8) -> list[ConvCost]:
             handles.append(mod.register_forward_hook(on_quant))
         if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d)) and "mean" not in name:
             handles.append(mod.register_forward_hook(on_conv(name)))
-    probe_forward(model, handles, probe, old_mode)
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.rand(1, 3, probe, probe) * 255)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+        if old_mode is not None:
+            set_quant_mode(model, old_mode)
     model._cadyq_cost_table = rows  # type: ignore[attr-defined]
     return rows
 

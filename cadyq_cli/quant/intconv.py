@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import CadyqError
-from .cost import probe_forward
+from .cost import cost_table
 from .modules import ActQuantizer, BitSelector, QCodes, QuantConv2d
 
 __all__ = ["QCodes", "int8_available", "int8_conv", "set_kernels", "kernels_of"]
@@ -133,20 +133,19 @@ def int8_conv(q: QCodes, conv: QuantConv2d) -> torch.Tensor:
 def set_kernels(model: nn.Module, kernels: str = "auto") -> str:
     """Choose how ``model``'s quantized convs run: ``int8``, ``float`` or ``auto`` (int8 where available).
 
-    Links every activation quantizer whose output feeds a quantized conv (found with a probe
-    forward) so that, at inference, it hands the conv its integer codes. Returns the kernels used.
+    Links every activation quantizer whose output feeds a quantized conv (from the model's
+    cost table) so that, at inference, it hands the conv its integer codes. Returns the kernels used.
     """
     if kernels not in ("auto", "int8", "float"):
         raise CadyqError(f"--kernels must be auto, int8 or float, not {kernels!r}")
     use = kernels != "float" and int8_available()
     if kernels == "int8" and not use:
         raise CadyqError("int8 kernels are not available on this machine (they need oneDNN and a CPU with VNNI or AMX)")
-    quants = [m for m in model.modules() if isinstance(m, (BitSelector, ActQuantizer)) and not _inside_selector(m, model)]
-    if use and not getattr(model, "_int8_links", None):
-        model._int8_links = _find_conv_feeders(model)
-    linked = getattr(model, "_int8_links", set()) if use else set()
-    for m in quants:
-        m.emit_codes = id(m) in linked
+    # quantizers whose output is a quantized conv's input (the cost table found them by identity)
+    linked = {c.feeder for c in cost_table(model) if c.weight_bits == 8 and c.feeder} if use else set()
+    for name, m in model.named_modules():
+        if isinstance(m, (BitSelector, ActQuantizer)):
+            m.emit_codes = name in linked
     model._kernels = "int8" if use else "float"
     return model._kernels
 
@@ -154,37 +153,3 @@ def set_kernels(model: nn.Module, kernels: str = "auto") -> str:
 def kernels_of(model: nn.Module) -> str:
     """The kernels ``model`` currently runs with (``float`` until :func:`set_kernels` is called)."""
     return getattr(model, "_kernels", "float")
-
-
-def _inside_selector(m: nn.Module, model: nn.Module) -> bool:
-    if not isinstance(m, ActQuantizer):
-        return False
-    return any(m in s.candidates for s in model.modules() if isinstance(s, BitSelector))
-
-
-@torch.no_grad()
-def _find_conv_feeders(model: nn.Module) -> set[int]:
-    """ids of the quantizers whose output tensor is the input of a QuantConv2d (probe forward)."""
-    from .modes import set_quant_mode
-
-    old = getattr(model, "mode", None)
-    set_quant_mode(model, "w8a8")
-    produced: dict[int, tuple[int, torch.Tensor]] = {}  # the tensors are kept alive: ids stay unique
-    feeders: set[int] = set()
-    handles = []
-
-    def on_quant(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
-        produced[id(out)] = (id(mod), out)
-
-    def on_conv(mod: nn.Module, inp: tuple) -> None:
-        src = produced.get(id(inp[0]))
-        if src is not None and src[1] is inp[0]:
-            feeders.add(src[0])
-
-    for m in model.modules():
-        if isinstance(m, (BitSelector, ActQuantizer)):
-            handles.append(m.register_forward_hook(on_quant))
-        elif isinstance(m, QuantConv2d):
-            handles.append(m.register_forward_pre_hook(on_conv))
-    probe_forward(model, handles, 12, old)
-    return feeders
