@@ -196,7 +196,7 @@ def test_standardized_selector_folds_to_raw_features() -> None:
     sel.znorm = (torch.rand(6) * 10, torch.rand(6) + 0.5)
     normalized = sel.logits(x, ctx)
     w, b = sel.folded_linear()
-    raw = sel.features(x, ctx) @ w.T + b
+    raw = sel.features(x, ctx).flatten(0, 2) @ w.T + b
     assert torch.allclose(normalized.reshape(5, 3), raw, rtol=1e-5, atol=1e-4)
 
 

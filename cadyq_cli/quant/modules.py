@@ -12,6 +12,7 @@ input) it is exactly the per-patch CADyQ selector of the paper.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +121,11 @@ def region_mean(x: torch.Tensor, grid: RegionGrid | None) -> torch.Tensor:
     return region_sum(x, grid) / grid.counts().to(x.dtype)
 
 
+def _std_from_sums(s1: torch.Tensor, s2: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
+    """Unbiased std from the sum and the sum of squares of n values."""
+    return torch.sqrt(((s2 - s1 * s1 / n) / (n - 1)).clamp_min(0))
+
+
 def region_std(x: torch.Tensor, grid: RegionGrid | None) -> torch.Tensor:
     """Unbiased per-channel std of x (N, C, H, W) over each region: (N, C, nh, nw).
 
@@ -133,14 +139,13 @@ def region_std(x: torch.Tensor, grid: RegionGrid | None) -> torch.Tensor:
         v = x.reshape(n, c, h * w)
         s1 = v.sum(-1)
         s2 = torch.linalg.vector_norm(v, dim=-1).square()  # far faster than a dot/einsum here
-        var = (s2 - s1 * s1 / (h * w)) / (h * w - 1)
-        s = torch.sqrt(var.clamp_min(0)).reshape(n, c, 1, 1)
+        s = _std_from_sums(s1, s2, h * w).reshape(n, c, 1, 1)
     elif grid.pooling() is not None:
         # one pass with sum pooling (a regular grid; the engine's grids always are)
         cnt = grid.counts().to(x.dtype)
         s1 = region_sum(x, grid)
         s2 = region_sum(x * x, grid)
-        s = torch.sqrt(((s2 - s1 * s1 / cnt) / (cnt - 1)).clamp_min(0))
+        s = _std_from_sums(s1, s2, cnt)
     else:
         oh, ow = grid.onehots(x.dtype)
         cnt = grid.counts().to(x.dtype)
@@ -170,18 +175,22 @@ class QCodes:
     grid: RegionGrid | None = None
 
 
-def _emit(codes: torch.Tensor, alpha: torch.Tensor, qmax: torch.Tensor | float, steps: list[float],
-          which: torch.Tensor | None = None, grid: RegionGrid | None = None) -> torch.Tensor:
-    """Finish a quantization from its float codes, attaching the uint8 codes to the result."""
+def _quantize(m: nn.Module, x: torch.Tensor, alpha: torch.Tensor, qmax: torch.Tensor | float,
+              steps: Callable[[], list[float]], which: torch.Tensor | None = None,
+              grid: RegionGrid | None = None) -> torch.Tensor:
+    """``fake_quant_act`` for quantizer ``m``; at CPU inference, when ``m`` feeds a quantized conv
+    (``m.emit_codes``), the int8 codes are attached to the result as ``_cadyq_codes``.
+
+    ``steps()`` gives the float step of each bit-width ``which`` indexes (only called then).
+    """
+    if not (m.emit_codes and x.device.type == "cpu" and not m.training
+            and not (torch.is_grad_enabled() and x.requires_grad)):
+        return fake_quant_act(x, alpha, qmax, inplace=m.inplace)
+    codes = act_codes(x, alpha, qmax, m.inplace)
     i8 = codes.to(torch.int8, memory_format=torch.channels_last)
     out = codes.div_(qmax).mul_(alpha)  # the same operations as fake_quant_act: same float values
-    out._cadyq_codes = QCodes(i8, steps, which, grid)
+    out._cadyq_codes = QCodes(i8, steps(), which, grid)
     return out
-
-
-def _codes_wanted(m: nn.Module, x: torch.Tensor) -> bool:
-    return (m.emit_codes and x.device.type == "cpu" and not m.training
-            and not (torch.is_grad_enabled() and x.requires_grad))
 
 
 @dataclass
@@ -303,9 +312,7 @@ class ActQuantizer(nn.Module):
         if not self.mode.quantized:
             return x
         qmax = float(qmax_for_bits(self.bits))
-        if _codes_wanted(self, x):
-            return _emit(act_codes(x, self.alpha, qmax, self.inplace), self.alpha, qmax, [float(self.alpha) / qmax])
-        return fake_quant_act(x, self.alpha, qmax, inplace=self.inplace)
+        return _quantize(self, x, self.alpha, qmax, lambda: [float(self.alpha) / qmax])
 
 
 class BitSelector(nn.Module):
@@ -362,16 +369,15 @@ class BitSelector(nn.Module):
     def logits(self, x: torch.Tensor, ctx: QuantContext) -> torch.Tensor:
         """Selector logits per sample and region: (N, nh, nw, 3)."""
         with torch.autocast(x.device.type, enabled=False):  # decisions always in float32
-            std = region_std(x.float(), ctx.grid)  # (N, C, nh, nw)
-            z = torch.cat([ctx.grad.float(), std], dim=1).permute(0, 2, 3, 1)
+            z = self.features(x, ctx)
             if self.znorm is not None:
                 z = (z - self.znorm[0]) / self.znorm[1]
             return self.net_small(z)
 
     def features(self, x: torch.Tensor, ctx: QuantContext) -> torch.Tensor:
-        """Raw selector features z = [g_x, g_y, std_1..std_C], one row per sample: (N, C + 2)."""
-        std = region_std(x.detach().float(), None).flatten(1)
-        return torch.cat([ctx.grad.float().mean(dim=(2, 3)), std], dim=1)
+        """Raw selector features z = [g_x, g_y, std_1..std_C] per sample and region: (N, nh, nw, C + 2)."""
+        std = region_std(x.float(), ctx.grid)  # (N, C, nh, nw)
+        return torch.cat([ctx.grad.float(), std], dim=1).permute(0, 2, 3, 1)
 
     def folded_linear(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, bias) of ``net_small`` acting on raw features (folds :attr:`znorm` in)."""
@@ -393,9 +399,7 @@ class BitSelector(nn.Module):
             nh, nw = ctx.grad.shape[2:]
             ctx.bits.append(torch.full((n, nh, nw), float(mode.act_bits), device=x.device))
             alpha, qmax = self.candidates[k].alpha, float(qmax_for_bits(mode.act_bits))
-            if _codes_wanted(self, x):
-                return _emit(act_codes(x, alpha, qmax, self.inplace), alpha, qmax, [float(alpha) / qmax])
-            return fake_quant_act(x, alpha, qmax, inplace=self.inplace)
+            return _quantize(self, x, alpha, qmax, lambda: [float(alpha) / qmax])
         if self.training:
             return self._forward_train(x, ctx)
         idx = self.logits(x, ctx).argmax(dim=-1)  # (N, nh, nw); first maximum wins
@@ -408,10 +412,7 @@ class BitSelector(nn.Module):
         else:
             alpha = ctx.grid.expand(alpha).unsqueeze(1)
             qmax = ctx.grid.expand(qmax).unsqueeze(1)
-        if _codes_wanted(self, x):
-            steps = (self.alphas() / self._qmax_table).tolist()
-            return _emit(act_codes(x, alpha, qmax, self.inplace), alpha, qmax, steps, idx, ctx.grid)
-        return fake_quant_act(x, alpha, qmax, inplace=self.inplace)
+        return _quantize(self, x, alpha, qmax, lambda: (self.alphas() / self._qmax_table).tolist(), idx, ctx.grid)
 
     def _forward_train(self, x: torch.Tensor, ctx: QuantContext) -> torch.Tensor:
         """Straight-through soft choice, one decision per sample (training uses patches)."""

@@ -289,7 +289,7 @@ def _init_selectors(model: SRModel, data: SRPairs, rng: np.random.Generator, cfg
 
     def _hook(sel: BitSelector, inputs: tuple) -> None:
         x, ctx = inputs[0], inputs[1]
-        feats[id(sel)].append(sel.features(x, ctx))
+        feats[id(sel)].append(sel.features(x.detach(), ctx).flatten(0, 2))  # training patches: one region each
         flat = x.detach().float().flatten()
         samples[id(sel)].append(flat[torch.randint(0, flat.numel(), (100_000,), generator=gen)])
 
