@@ -27,9 +27,7 @@ Usage: python bench/bench_dynamic.py [--threads N] [--reps 3] [--patches 16] [--
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -42,6 +40,9 @@ from cadyq_cli.checkpoint import model_from_state_dict  # noqa: E402
 from cadyq_cli.quant import set_quant_mode  # noqa: E402
 from cadyq_cli.quant.intconv import set_kernels  # noqa: E402
 from tests import official_reference as ref  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from _timing import interleaved  # noqa: E402
 
 TARGET_DYN_VS_FP32 = 1.10
 TARGET_OFFICIAL_VS_DYN = 1.35
@@ -70,12 +71,6 @@ def build(size: int, seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.nn.M
     sd = ref.calibrate_alphas(sd, "edsr", 4, calib)
     model = model_from_state_dict(sd, "edsr", 4)
     return sd, model
-
-
-def timed(fn: Callable[[], object]) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def main() -> None:
@@ -123,11 +118,7 @@ def main() -> None:
         _, bits = model(x)
     hist = {b: int((bits == b).sum()) for b in (4, 6, 8)}
 
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(a.reps):
-        for name, fn in variants.items():
-            times[name].append(timed(fn))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    times, med = interleaved(variants, a.reps)
 
     print(f"EDSR-baseline x4, {a.patches} patches of {a.size}x{a.size} LR, threads={torch.get_num_threads()}, "
           f"reps={a.reps} (median); dynamic runs with {kernels} kernels")
@@ -176,11 +167,7 @@ def image_bench(a: argparse.Namespace) -> None:
     }
     for fn in variants.values():
         fn()
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(a.reps):
-        for name, fn in variants.items():
-            times[name].append(timed(fn))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    times, med = interleaved(variants, a.reps)
     print(f"EDSR-baseline x4 (random official-format weights), one {w}x{h} LR image, "
           f"threads={torch.get_num_threads()}, reps={a.reps} (median); dynamic runs with {kernels} kernels")
     for k in variants:

@@ -33,15 +33,13 @@ from cadyq_cli.quant.intconv import set_kernels  # noqa: E402
 from cadyq_cli.quant.modules import QuantConv2d, RegionGrid  # noqa: E402
 from cadyq_cli.weights import load_model  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from _timing import interleaved  # noqa: E402
+
 
 def _median_time(fn: Callable[[], object], reps: int) -> float:
     fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return interleaved({"f": fn}, reps)[1]["f"]
 
 
 def gemm_peaks(reps: int) -> dict[str, float]:
@@ -97,13 +95,7 @@ def main() -> None:
                 "dynamic (float kernels)": run("dynamic", "float")}
     for f in variants.values():
         f()
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(a.reps):
-        for k, f in variants.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    _, med = interleaved(variants, a.reps)
 
     # time spent in the full-precision layers, measured with hooks in fp32 mode
     spent = [0.0]

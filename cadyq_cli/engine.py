@@ -164,10 +164,10 @@ def upscale_array(
     for i, t in enumerate(tiles):
         layout = (0, 0) if region is None else (t.in_box[0] % region, t.in_box[2] % region)
         groups[(*t.in_shape, *layout)].append(i)
-    def _per_batch(shape: tuple[int, ...]) -> int:
-        return max(1, min(cfg.batch, cfg.batch_pixels // max(1, shape[0] * shape[1])))
-
-    batches = [idx[k : k + _per_batch(key)] for key, idx in groups.items() for k in range(0, len(idx), _per_batch(key))]
+    batches = []
+    for key, idx in groups.items():  # up to cfg.batch tiles and cfg.batch_pixels LR pixels per forward
+        n = max(1, min(cfg.batch, cfg.batch_pixels // max(1, key[0] * key[1])))
+        batches += [idx[k : k + n] for k in range(0, len(idx), n)]
     batches.sort(key=lambda b: b[0])
 
     done = 0

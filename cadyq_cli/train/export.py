@@ -46,10 +46,11 @@ def _metrics_from_eval(path: Path) -> dict:
     data = json.loads(path.read_text())
     out: dict = {}
     for r in data["results"]:
-        out.setdefault(r["dataset"], {})[r["mode"]] = {
-            k: (round(r[k], 4) if isinstance(r.get(k), float) else r.get(k)) for k in ("psnr", "ssim", "fab", "bitops_g")
-        } | {"images": len(r.get("images", []))} | ({"kernels": data["kernels"]} if r["mode"] not in ("bicubic", "fp32")
-                                                    and "kernels" in data else {})
+        entry = {k: (round(r[k], 4) if isinstance(r.get(k), float) else r.get(k)) for k in ("psnr", "ssim", "fab", "bitops_g")}
+        entry["images"] = len(r.get("images", []))
+        if r["mode"] not in ("bicubic", "fp32") and "kernels" in data:
+            entry["kernels"] = data["kernels"]  # how the quantized convs ran
+        out.setdefault(r["dataset"], {})[r["mode"]] = entry
     return out
 
 
