@@ -7,13 +7,12 @@ Prints, measured side by side in one run (interleaved repetitions, medians):
      (``--scaling``; slow on 2 cores), plus 1500x1000 (the memory target: at most 2 GB).
      Target: linear time, peak memory bounded by tile size.
 
-Usage: python bench/bench_upscale.py [--weights W] [--size 320x240] [--reps 3] [--scaling]
+Usage: python bench/bench_upscale.py [--weights W] [--size 320x240] [--reps 3] [--scaling [--scaling-sizes 1500x1000]]
 """
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,13 +35,15 @@ def _image(path: Path, w: int, h: int) -> None:
 
 
 def _run(cmd: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS MiB of the child) for one process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """(seconds, peak RSS MiB of this child alone: ``os.wait4`` returns its own rusage)."""
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
     dt = time.perf_counter() - t
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return dt, max(after, before) / 1024.0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return dt, usage.ru_maxrss / 1024.0
 
 
 def main() -> None:
@@ -52,6 +53,8 @@ def main() -> None:
     p.add_argument("--size", default="320x240", help="LR input size WxH")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--scaling", action="store_true", help="also run the 0.25/1/4 MP scaling test")
+    p.add_argument("--scaling-sizes", default="577x433,1155x866,1500x1000,2309x1732",
+                   help="inputs of the scaling test, WxH list (default: 0.25, 1, 1.5, 4 MP)")
     a = p.parse_args()
     if a.weights is None:
         sys.path.insert(0, str(ROOT))
@@ -77,20 +80,11 @@ def main() -> None:
         if a.scaling:
             print("\nscaling (cadyq upscale, x4):")
             base = None
-            for side_w, side_h in ((577, 433), (1155, 866), (1500, 1000), (2309, 1732)):  # 0.25, 1, 1.5, 4 MP
+            for side_w, side_h in (tuple(map(int, v.lower().split("x"))) for v in a.scaling_sizes.split(",")):
                 mpx = side_w * side_h / 1e6
                 srcs = Path(d) / f"s{mpx}.png"
                 _image(srcs, side_w, side_h)
-                script = (
-                    "import resource,subprocess,sys;"
-                    "subprocess.run(sys.argv[1:],check=True,stdout=subprocess.DEVNULL,stderr=subprocess.DEVNULL);"
-                    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
-                )
-                t = time.perf_counter()
-                r = subprocess.run([sys.executable, "-c", script, *cadyq, "upscale", str(srcs), str(Path(d) / f"o{mpx}.png"),
-                                    "--weights", a.weights, "--quiet"], check=True, capture_output=True, text=True)
-                dt = time.perf_counter() - t
-                rss = int(r.stdout.strip()) / 1024
+                dt, rss = _run(cadyq + ["upscale", str(srcs), str(Path(d) / f"o{mpx}.png"), "--weights", a.weights, "--quiet"])
                 base = base or dt / mpx
                 print(f"  {side_w}x{side_h} ({mpx:4.2f} MP): {dt:7.1f} s  ({dt / mpx / base:.2f}x linear)  peak RSS {rss:7.0f} MiB")
 

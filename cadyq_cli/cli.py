@@ -366,7 +366,7 @@ def train(
     lr: Annotated[float, typer.Option(help="learning rate")] = 2e-4,
     lr_patch: Annotated[int, typer.Option(help="LR crop size")] = 48,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
-    bf16: Annotated[bool, typer.Option(help="bf16 autocast on CPU")] = True,
+    bf16: Annotated[str, typer.Option(help="bf16 autocast on CPU: auto (measured at start: on where it is faster), on, off")] = "auto",
     threads: Annotated[int, typer.Option(help="torch threads (0: default)")] = 0,
     val_every: Annotated[int, typer.Option(help="validate every N steps")] = 250,
     bit_weight: Annotated[float, typer.Option(help="cadyq: weight of the bit loss (reached after --bit-ramp steps)")] = 0.5,
@@ -376,12 +376,17 @@ def train(
     clip_init: Annotated[str, typer.Option(help="cadyq: 4/6-bit clips: mse (calibrated) or copy (official)")] = "mse",
 ) -> None:
     """Train one stage (fp → pams → cadyq); resumable, stops at the time budget."""
-    from .train.loop import TrainConfig, train_stage
+    from .train.loop import TrainConfig, bf16_helps, train_stage
 
+    if bf16 not in ("auto", "on", "off"):
+        raise typer.BadParameter("--bf16 must be auto, on or off")
+    use_bf16 = bf16 == "on" or (bf16 == "auto" and bf16_helps(threads))
+    if bf16 == "auto":
+        typer.echo(f"bf16 autocast: {'on' if use_bf16 else 'off'} (measured on this CPU)", err=True)
     cfg = TrainConfig(
         stage=stage, arch=arch, scale=scale, data=[str(d) for d in data], run_dir=str(run_dir),
         init=str(init) if init else None, teacher=str(teacher) if teacher else None, minutes=minutes,
-        steps=steps, batch=batch, lr=lr, lr_patch=lr_patch, seed=seed, bf16=bf16, threads=threads,
+        steps=steps, batch=batch, lr=lr, lr_patch=lr_patch, seed=seed, bf16=use_bf16, threads=threads,
         val_every=val_every, bit_weight_max=bit_weight, bit_ramp_steps=bit_ramp, selector_lr=selector_lr,
         selector_norm=selector_norm, clip_init=clip_init,
     )

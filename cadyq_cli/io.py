@@ -360,12 +360,24 @@ def _pillow_to_arrays(
 
 
 def _quantize(values: np.ndarray, bit_depth: int, scale: float) -> np.ndarray:
-    """Clamp and round float samples to uint8/uint16; ``scale`` maps them to 0..max."""
+    """Clamp and round float samples to uint8/uint16; ``scale`` maps them to 0..max.
+
+    Works through row blocks of about 4 MiB, so converting a large image needs no full-size
+    float temporaries. Samples that already have the target integer type (``scale`` 1) pass through.
+    """
     top = 255 if bit_depth == 8 else 65535
-    arr = np.asarray(values, dtype=np.float32) * np.float32(scale)
-    arr = np.nan_to_num(arr, nan=0.0, posinf=top, neginf=0.0)
-    np.clip(arr, 0, top, out=arr)
-    return np.rint(arr).astype(np.uint8 if bit_depth == 8 else np.uint16)
+    dtype = np.uint8 if bit_depth == 8 else np.uint16
+    values = np.asarray(values)
+    if values.dtype == dtype and scale == 1.0:
+        return np.ascontiguousarray(values)
+    out = np.empty(values.shape, dtype)
+    rows = max(1, (1 << 20) // max(1, values[0].size))  # values: (H, W[, C])
+    for y in range(0, values.shape[0], rows):
+        arr = np.multiply(values[y : y + rows], np.float32(scale), dtype=np.float32)
+        np.nan_to_num(arr, copy=False, nan=0.0, posinf=top, neginf=0.0)
+        np.clip(arr, 0, top, out=arr)
+        out[y : y + rows] = np.rint(arr, out=arr)
+    return out
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -609,8 +621,9 @@ def write_image(
     Args:
         path: output file; its extension (``.png .jpg .jpeg .webp .tif .tiff .bmp``) picks the
             format. The parent directory must exist.
-        rgb: (H, W, 3) float RGB on 0..255 (clamped, rounded half to even). With ``gray`` a
-            (H, W) or (H, W, 1) array is accepted too; three channels are averaged.
+        rgb: (H, W, 3) float RGB on 0..255 (clamped, rounded half to even), or uint8 samples
+            written as they are (8-bit output). With ``gray`` a (H, W) or (H, W, 1) array is
+            accepted too; three channels are averaged.
         alpha: optional (H, W) alpha on 0..1. Dropped (with a warning) for JPEG and BMP.
         gray: write a single-channel image (plus alpha when given); WebP, and 16-bit TIFF
             with alpha, store it as RGB(A).
@@ -662,9 +675,9 @@ def write_image(
     if not overwrite and os.path.lexists(path):
         raise ImageWriteError(f"cannot write {path}: file exists (allow overwriting to replace it)")
 
-    colour = rgb.astype(np.float32, copy=False)
-    if gray:
-        colour = colour.mean(axis=2, keepdims=True, dtype=np.float32) if colour.shape[2] == 3 else colour
+    colour = rgb if rgb.dtype == np.uint8 and bit_depth == 8 else rgb.astype(np.float32, copy=False)
+    if gray and colour.shape[2] == 3:
+        colour = colour.mean(axis=2, keepdims=True, dtype=np.float32)
     warnings: list[str] = []
     try:
         data = _encode(fmt, colour, alpha, bit_depth, icc_profile, exif, int(quality), warnings)

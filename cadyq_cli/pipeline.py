@@ -85,7 +85,10 @@ def upscale_file(
     if job.dst.exists() and not overwrite:
         raise ImageWriteError(f"{job.dst}: output exists (use --overwrite or --skip-existing)")
     img = read_image(job.src, max_pixels=max_pixels)
-    sr, report = upscale_array(model, img.rgb, cfg, progress)
+    # 8-bit colour output is rounded tile by tile into a uint8 canvas (gray averages the
+    # channels before rounding, 16-bit keeps the fraction: those stay float)
+    canvas = "uint8" if img.bit_depth == 8 and not img.gray else "float32"
+    sr, report = upscale_array(model, img.rgb, cfg, progress, out_dtype=canvas)
     alpha = None
     if img.alpha is not None:
         s = model.scale

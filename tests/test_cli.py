@@ -383,6 +383,21 @@ def test_seamless_property(pattern: Callable[..., np.ndarray], small_model: Call
     assert (cover == 1).all()
 
 
+@pytest.mark.parametrize("tiling", [TilingConfig("seamless", tile=16, region=8), TilingConfig("paper", tile=24, overlap=4)])
+def test_uint8_canvas_is_the_rounded_float_canvas(pattern: Callable[..., np.ndarray], small_model: Callable[[str], object],
+                                                  tiling: TilingConfig) -> None:
+    rgb = pattern(45, 37, seed=2).astype(np.float32)
+    net = small_model("dynamic")
+    f32, rep_f = upscale_array(net, rgb, tiling)  # type: ignore[arg-type]
+    u8, rep_u = upscale_array(net, rgb, tiling, out_dtype="uint8")  # type: ignore[arg-type]
+    assert u8.dtype == np.uint8 and f32.dtype == np.float32 and u8.shape == f32.shape == (74, 90, 3)
+    assert u8.flags.c_contiguous and f32.flags.c_contiguous
+    assert np.array_equal(u8, np.rint(f32).astype(np.uint8))  # the same rounding write_image applies
+    assert rep_u.fab == rep_f.fab and rep_u.regions == rep_f.regions
+    with pytest.raises(ValueError, match="out_dtype"):
+        upscale_array(net, rgb, tiling, out_dtype="float16")  # type: ignore[arg-type]
+
+
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(h=st.integers(1, 70), w=st.integers(1, 70), tile=st.integers(8, 40), overlap=st.integers(0, 8),
        mode=st.sampled_from(["fp32", "dynamic"]))

@@ -433,3 +433,16 @@ def test_write_argument_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         write_image(tmp_path / "x.png", np.zeros((2, 2, 3)), bit_depth=12)
     assert os.listdir(tmp_path) == []
+
+
+def test_uint8_samples_and_floats_write_the_same_file(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    f = rng.uniform(-20, 280, (300, 7000, 3)).astype(np.float32)  # several 4 MiB row blocks
+    f[0, 0, 0], f[1, 1, 1], f[2, 2, 2] = np.nan, np.inf, -np.inf
+    expect = np.rint(np.clip(np.nan_to_num(f, nan=0.0, posinf=255, neginf=0), 0, 255)).astype(np.uint8)
+    write_image(tmp_path / "f.png", f)
+    write_image(tmp_path / "u.png", expect)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "f.png")), expect)
+    assert (tmp_path / "f.png").read_bytes() == (tmp_path / "u.png").read_bytes()
+    write_image(tmp_path / "u16.png", expect, bit_depth=16)  # uint8 samples widened, not passed through
+    assert np.array_equal(read_image(tmp_path / "u16.png").rgb, expect.astype(np.float32))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import int8_conv
 from .modes import CANDIDATE_BITS, MODES, QuantMode
 from .primitives import act_codes, fake_quant_act, fake_quant_weight, qmax_for_bits
 
@@ -159,7 +160,7 @@ def region_std(x: torch.Tensor, grid: RegionGrid | None) -> torch.Tensor:
 @dataclass
 class QCodes:
     """Integer codes of a quantized activation, attached to its float tensor as ``_cadyq_codes``
-    for the integer kernels (:mod:`cadyq_cli.quant.intconv`).
+    for the integer kernels (:mod:`cadyq_cli.quant.kernels`).
 
     Attributes:
         i8: the codes as int8, channels-last (N, C, H, W).
@@ -264,8 +265,6 @@ class QuantConv2d(nn.Conv2d):
         if self.mode.quantized:
             q = getattr(x, "_cadyq_codes", None)
             if q is not None and not torch.is_grad_enabled():
-                from .intconv import int8_conv  # local: intconv builds on this module
-
                 return int8_conv(q, self)
             return conv_forward(self, x, self.quantized_weight())
         return conv_forward(self, x, self.weight)

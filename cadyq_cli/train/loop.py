@@ -27,7 +27,7 @@ from ..quant.modules import ActQuantizer, BitSelector
 from ..quant.primitives import fake_quant_act, qmax_for_bits
 from .data import SRPairs, list_images, load_pairs, split_train_val
 
-__all__ = ["TrainConfig", "train_stage", "save_state", "load_state", "warm_start"]
+__all__ = ["TrainConfig", "train_stage", "save_state", "load_state", "warm_start", "bf16_helps"]
 
 STAGES = ("fp", "pams", "cadyq")
 
@@ -67,6 +67,35 @@ class TrainConfig:
     save_every: int = 100
     log_every: int = 20
     calib_batches: int = 4
+
+
+def bf16_helps(threads: int = 0) -> bool:
+    """Whether bf16 autocast speeds up training on this CPU, measured: one 64->64 3x3 conv
+    forward + backward on a batch of training-sized maps, fp32 against bf16 (about a second).
+
+    On CPUs with native bf16 (AVX-512 BF16, AMX) autocast was ~2.8x faster here; on an AVX2-only
+    CPU it was 15x slower (emulated), so a fixed default would be wrong on one of them.
+    """
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        conv = torch.nn.Conv2d(64, 64, 3, padding=1)
+        x = torch.randn(8, 64, 48, 48, requires_grad=True)
+
+        def run(bf16: bool) -> float:
+            best = float("inf")
+            for _ in range(3):
+                t = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    y = conv(x)
+                y.float().sum().backward()
+                best = min(best, time.perf_counter() - t)
+            return best
+
+        return run(True) < 0.8 * run(False)
+    finally:
+        torch.set_num_threads(old)
 
 
 def _rng_state() -> dict:
@@ -226,6 +255,21 @@ def _prepare(cfg: TrainConfig, resume: dict | None) -> tuple[SRModel, SRModel | 
     return model, teacher  # type: ignore[return-value]
 
 
+def _probe_batches(model: SRModel, data: SRPairs, rng: np.random.Generator, cfg: TrainConfig,
+                   sel_hook: Callable[[BitSelector, tuple], None], after_batch: Callable[[], None] = lambda: None) -> None:
+    """Run ``cfg.calib_batches`` training batches through ``model`` with ``sel_hook`` as a forward
+    pre-hook on every bit selector (it sees the selector's input), calling ``after_batch`` after each."""
+    handles = [s.register_forward_pre_hook(sel_hook) for s in model.selectors]
+    try:
+        for _ in range(cfg.calib_batches):
+            x, _ = data.sample(rng, cfg.batch, cfg.lr_patch)
+            model(x)
+            after_batch()
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def _calibrate(model: SRModel, data: SRPairs, rng: np.random.Generator, cfg: TrainConfig) -> None:
     """PAMS init: every clip value from the mean per-sample max |activation| of FP batches."""
@@ -239,16 +283,13 @@ def _calibrate(model: SRModel, data: SRPairs, rng: np.random.Generator, cfg: Tra
         for q in sel.candidates:
             q.calibrate_(inputs[0])
 
-    handles = [s.register_forward_pre_hook(_sel_hook) for s in model.selectors]
-    for _ in range(cfg.calib_batches):
-        for q in quants:
-            q.calibrating = True
-        x, _ = data.sample(rng, cfg.batch, cfg.lr_patch)
-        model(x)
+    def _collect() -> None:  # each calibrating forward overwrote alpha with its batch's statistic
         for q in quants:
             sums[id(q)] += float(q.alpha)
-    for h in handles:
-        h.remove()
+
+    for q in quants:
+        q.calibrating = True
+    _probe_batches(model, data, rng, cfg, _sel_hook, _collect)
     for q in quants:
         q.calibrating = False
         q.alpha.fill_(sums[id(q)] / cfg.calib_batches)
@@ -293,14 +334,7 @@ def _init_selectors(model: SRModel, data: SRPairs, rng: np.random.Generator, cfg
         flat = x.detach().float().flatten()
         samples[id(sel)].append(flat[torch.randint(0, flat.numel(), (100_000,), generator=gen)])
 
-    handles = [s.register_forward_pre_hook(_hook) for s in model.selectors]
-    try:
-        for _ in range(cfg.calib_batches):
-            x, _ = data.sample(rng, cfg.batch, cfg.lr_patch)
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    _probe_batches(model, data, rng, cfg, _hook)
     for i, sel in enumerate(model.selectors):
         if cfg.clip_init == "mse":
             a = torch.cat(samples[id(sel)])
@@ -315,6 +349,16 @@ def _init_selectors(model: SRModel, data: SRPairs, rng: np.random.Generator, cfg
             log(f"selector {i}: clips {[round(float(q.alpha), 2) for q in sel.candidates]}")
     set_quant_mode(model, "dynamic")
     model.train(was_training)
+
+
+# Settings that only say how (or how long) this invocation runs, not what it trains.
+_RUNTIME_KEYS = ("minutes", "stop_at", "threads", "run_dir", "data")
+
+
+def _config_changes(saved: dict, cfg: TrainConfig) -> dict:
+    """Training settings that differ between a checkpoint's config and a resuming one: {key: [old, new]}."""
+    now = asdict(cfg)
+    return {k: [saved.get(k), v] for k, v in now.items() if k not in _RUNTIME_KEYS and saved.get(k, v) != v}
 
 
 def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -> Path:
@@ -335,6 +379,7 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
         for k in ("init", "teacher"):  # resuming without --init must keep the teacher (and its losses)
             if getattr(cfg, k) is None and saved.get(k):
                 setattr(cfg, k, saved[k])
+        changes = _config_changes(saved, cfg)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np_rng = np.random.default_rng(cfg.seed)
@@ -390,6 +435,9 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
     start = time.time()
     budget_s = cfg.minutes * 60
     logf = open(run / "log.jsonl", "a")
+    if resume is not None and changes:  # the run's lineage: what changed at this step
+        logf.write(json.dumps({"step": step, "config_change": changes}) + "\n")
+        log(f"config changed at step {step}: {changes}")
     acc: dict[str, float] = {}
     n_acc = 0
     try:
