@@ -101,7 +101,7 @@ def test_checkpoint_round_trip(data_dir: Path, fp_run: Path) -> None:
     set_quant_mode(model, "fp32")
     # the final record was computed by the in-memory model right after it was saved
     final = _log(fp_run)[-1]
-    assert final["final"] and validate(model, _val(data_dir), True)["val_psnr"] == final["val_psnr"]
+    assert final["final"] and validate(model, _val(data_dir), st["config"]["bf16"])["val_psnr"] == final["val_psnr"]
     other = load_model_file(fp_run / "last.pt")
     set_quant_mode(other, "fp32")
     model.eval()
