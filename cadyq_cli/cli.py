@@ -362,6 +362,7 @@ def train(
     teacher: Annotated[Optional[Path], typer.Option(help="teacher checkpoint (default: --init)")] = None,
     minutes: Annotated[float, typer.Option(help="time budget; stops cleanly and saves")] = 60.0,
     steps: Annotated[int, typer.Option(help="schedule length in steps")] = 300_000,
+    stop_at: Annotated[Optional[int], typer.Option(help="stop this invocation at this step (the schedule still spans --steps)")] = None,
     batch: Annotated[int, typer.Option(help="batch size")] = 16,
     lr: Annotated[float, typer.Option(help="learning rate")] = 2e-4,
     lr_patch: Annotated[int, typer.Option(help="LR crop size")] = 48,
@@ -386,7 +387,7 @@ def train(
     cfg = TrainConfig(
         stage=stage, arch=arch, scale=scale, data=[str(d) for d in data], run_dir=str(run_dir),
         init=str(init) if init else None, teacher=str(teacher) if teacher else None, minutes=minutes,
-        steps=steps, batch=batch, lr=lr, lr_patch=lr_patch, seed=seed, bf16=use_bf16, threads=threads,
+        steps=steps, stop_at=stop_at, batch=batch, lr=lr, lr_patch=lr_patch, seed=seed, bf16=use_bf16, threads=threads,
         val_every=val_every, bit_weight_max=bit_weight, bit_ramp_steps=bit_ramp, selector_lr=selector_lr,
         selector_norm=selector_norm, clip_init=clip_init,
     )
