@@ -5,16 +5,8 @@
 # env: BIT_WEIGHT (default 0.5), EVAL=1 to evaluate (paper tiling) and export afterwards.
 set -euo pipefail
 S=$1; FROM=$2; NEW=$3; MIN=$4; T=${5:-0}
-D=${DATA_ROOT:-../shared/data/train}; B=${BENCH_ROOT:-../shared/data/benchmark}
-R=runs/edsr_x${S}
+D=${DATA_ROOT:-../shared/data/train}
 [ -e "$NEW/last.pt" ] || { mkdir -p "$NEW"; cp "$FROM/last.pt" "$FROM/log.jsonl" "$NEW/"; }
 cadyq train cadyq --data $D/T91 --data $D/BSD200 --data $D/BSDS500test --run $NEW --scale $S --batch 8 --steps 400 \
     --lr 5e-5 --bit-weight ${BIT_WEIGHT:-0.5} --bit-ramp 30 --selector-lr 5e-3 --minutes $MIN --val-every 60 --threads $T
-if [ "${EVAL:-0}" = 1 ]; then
-  cadyq eval $B/Set5 $B/Set14 $B/B100 --scale $S --weights $NEW/last.pt --modes fp32,w8a8,w8a4,dynamic \
-      --bicubic --json eval_x${S}_main.json --threads $T -q
-  cadyq eval $B/Urban100 --limit 20 --scale $S --weights $NEW/last.pt --modes fp32,w8a8,w8a4,dynamic \
-      --bicubic --json eval_x${S}_urban20.json --threads $T -q
-  python -m cadyq_cli.train.export $NEW/last.pt --name edsr-baseline-x${S} --run ${R}_fp --run ${R}_pams \
-      --run $NEW --eval eval_x${S}_main.json --eval eval_x${S}_urban20.json
-fi
+if [ "${EVAL:-0}" = 1 ]; then runs/eval_export.sh $S $NEW $T; fi

@@ -5,7 +5,7 @@
 # Then: eval on the benchmarks (paper tiling) and export to weights/ with a manifest entry.
 set -euo pipefail
 S=$1; FP_MIN=$2; PAMS_MIN=$3; CADYQ_MIN=$4; T=${5:-0}
-D=${DATA_ROOT:-../shared/data/train}; B=${BENCH_ROOT:-../shared/data/benchmark}
+D=${DATA_ROOT:-../shared/data/train}
 DATA="--data $D/T91 --data $D/BSD200 --data $D/BSDS500test"
 R=runs/edsr_x${S}
 C=${CADYQ_RUN:-${R}_cadyq}   # cadyq run folder (a new one to redo the stage)
@@ -15,11 +15,4 @@ WARM=""; [ "$S" != 4 ] && WARM="--init runs/edsr_x4_fp/last.pt"
     --minutes $PAMS_MIN --val-every 100 --threads $T
 [ "$CADYQ_MIN" != 0 ] && cadyq train cadyq $DATA --run $C --scale $S --init ${R}_pams/last.pt --batch 8 --steps 400 \
     --lr 5e-5 --bit-weight ${BIT_WEIGHT:-0.3} --bit-ramp 30 --selector-lr ${SEL_LR:-5e-3} --minutes $CADYQ_MIN --val-every 60 --threads $T
-if [ "${EVAL:-1}" = 1 ]; then
-  cadyq eval $B/Set5 $B/Set14 $B/B100 --scale $S --weights $C/last.pt --modes fp32,w8a8,w8a4,dynamic \
-      --bicubic --json eval_x${S}_main.json --threads $T -q
-  cadyq eval $B/Urban100 --limit 20 --scale $S --weights $C/last.pt --modes fp32,w8a8,w8a4,dynamic \
-      --bicubic --json eval_x${S}_urban20.json --threads $T -q
-  python -m cadyq_cli.train.export $C/last.pt --name edsr-baseline-x${S} --run ${R}_fp --run ${R}_pams \
-      --run $C --eval eval_x${S}_main.json --eval eval_x${S}_urban20.json
-fi
+if [ "${EVAL:-1}" = 1 ]; then runs/eval_export.sh $S $C $T; fi
