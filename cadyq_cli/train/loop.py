@@ -371,6 +371,7 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
     run.mkdir(parents=True, exist_ok=True)
     ckpt = run / "last.pt"
     resume = load_state(ckpt) if ckpt.exists() else None
+    changes: dict = {}
     if resume is not None:
         saved = resume["config"]
         for k in ("stage", "arch", "scale", "seed", "batch", "lr_patch"):
@@ -435,8 +436,9 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
     start = time.time()
     budget_s = cfg.minutes * 60
     logf = open(run / "log.jsonl", "a")
-    if resume is not None and changes:  # the run's lineage: what changed at this step
+    if changes:  # the run's lineage: what changed at this step (flushed: it must survive a crash)
         logf.write(json.dumps({"step": step, "config_change": changes}) + "\n")
+        logf.flush()
         log(f"config changed at step {step}: {changes}")
     acc: dict[str, float] = {}
     n_acc = 0
