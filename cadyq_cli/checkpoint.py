@@ -8,6 +8,7 @@ official CADyQ ones, and loaded strictly; any missing, unexpected or mis-shaped 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -158,12 +159,32 @@ def load_model_file(path: str | Path, arch: str | None = None, scale: int | None
     return model_from_state_dict(sd, arch, scale, source=str(path))
 
 
+def _canonical_safetensors(blob: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted.
+
+    safetensors writes ``__metadata__`` in hash-map order, which changes from process to process;
+    sorting makes a file a pure function of its tensors and metadata (reproducible sha256).
+    Tensor offsets are relative to the data section, so only the header is rewritten.
+    """
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data section stays 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + blob[8 + n :]
+
+
 def save_weights(model: SRModel, path: str | Path, metadata: dict[str, object] | None = None) -> None:
-    """Save a model as safetensors with ``arch``/``scale`` metadata (aliased keys stored as copies)."""
-    from safetensors.torch import save_file
+    """Save a model as safetensors with ``arch``/``scale`` metadata (aliased keys stored as copies).
+
+    The file is byte-reproducible: the same weights and metadata give the same sha256.
+    """
+    from safetensors.torch import save
 
     sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "arch": model.arch, "scale": str(model.scale)}
     for k, v in (metadata or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
-    save_file(sd, str(path), metadata=meta)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(_canonical_safetensors(save(sd, metadata=meta)))
+    os.replace(tmp, path)

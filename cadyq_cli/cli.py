@@ -369,7 +369,8 @@ def train(
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     bf16: Annotated[str, typer.Option(help="bf16 autocast on CPU: auto (measured at start: on where it is faster), on, off")] = "auto",
     threads: Annotated[int, typer.Option(help="torch threads (0: default)")] = 0,
-    val_every: Annotated[int, typer.Option(help="validate every N steps")] = 250,
+    val_every: Annotated[int, typer.Option(help="validate every N steps (a multiple of 20, the log interval)")] = 250,
+    keep_val: Annotated[bool, typer.Option(help="keep <run>/step<N>.pt at every validation (pick one later with python -m cadyq_cli.train.select)")] = False,
     bit_weight: Annotated[float, typer.Option(help="cadyq: weight of the bit loss (reached after --bit-ramp steps)")] = 0.5,
     bit_ramp: Annotated[int, typer.Option(help="cadyq: steps over which the bit-loss weight rises from 0")] = 100,
     selector_lr: Annotated[float, typer.Option(help="cadyq: learning rate of the bit selectors")] = 1e-3,
@@ -388,7 +389,7 @@ def train(
         stage=stage, arch=arch, scale=scale, data=[str(d) for d in data], run_dir=str(run_dir),
         init=str(init) if init else None, teacher=str(teacher) if teacher else None, minutes=minutes,
         steps=steps, stop_at=stop_at, batch=batch, lr=lr, lr_patch=lr_patch, seed=seed, bf16=use_bf16, threads=threads,
-        val_every=val_every, bit_weight_max=bit_weight, bit_ramp_steps=bit_ramp, selector_lr=selector_lr,
+        val_every=val_every, keep_val=keep_val, bit_weight_max=bit_weight, bit_ramp_steps=bit_ramp, selector_lr=selector_lr,
         selector_norm=selector_norm, clip_init=clip_init,
     )
     train_stage(cfg, log=lambda s: typer.echo(s, err=True))

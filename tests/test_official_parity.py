@@ -249,3 +249,22 @@ def test_safetensors_round_trip(tmp_path: Path) -> None:
             y0, b0 = model(x)
             y1, b1 = again(x)
             assert torch.equal(y0, y1) and torch.equal(b0, b1)
+
+
+def test_safetensors_export_is_byte_reproducible(tmp_path: Path) -> None:
+    """Two processes saving the same weights write the same bytes (safetensors orders its
+    metadata by a per-process hash seed; save_weights sorts the header)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from cadyq_cli.models import create_model; from cadyq_cli.checkpoint import save_weights; "
+            "torch.manual_seed(0); save_weights(create_model('edsr_baseline', 2), sys.argv[1], "
+            "{'name': 'x', 'a': '1', 'b': '2', 'c': '3', 'd': [4, 5]})")
+    outs = [tmp_path / f"m{i}.safetensors" for i in range(3)]
+    for i, out in enumerate(outs):
+        subprocess.run([sys.executable, "-c", code, str(out)], check=True, env={**os.environ, "PYTHONHASHSEED": str(i)})
+    assert outs[0].read_bytes() == outs[1].read_bytes() == outs[2].read_bytes()
+    from safetensors import safe_open
+
+    with safe_open(str(outs[0]), "pt") as f:
+        assert f.metadata()["d"] == "[4, 5]" and f.metadata()["arch"] == "edsr_baseline"

@@ -228,3 +228,57 @@ def test_config_changes_on_resume_are_logged_and_exported(fp_run: Path, tmp_path
     assert changes == [{"step": 20, "config_change": {"steps": [20, 22], "lr": [1e-3, 5e-4]}}]
     assert _stage_info(run)["changes"] == changes
     assert "changes" not in _stage_info(fp_run)
+
+
+def test_data_change_is_logged_by_content_not_path(fp_run: Path, tmp_path: Path, data_dir: Path) -> None:
+    from cadyq_cli.train.data import data_fingerprint
+
+    moved = tmp_path / "elsewhere" / data_dir.name  # the same images under another path
+    moved.mkdir(parents=True)
+    for p in data_dir.iterdir():
+        (moved / p.name).write_bytes(p.read_bytes())
+    assert data_fingerprint([moved]) == data_fingerprint([data_dir])
+    run = tmp_path / "more"
+    run.mkdir()
+    for f in ("last.pt", "log.jsonl"):
+        (run / f).write_bytes((fp_run / f).read_bytes())
+    bf16 = load_state(run / "last.pt")["config"]["bf16"]
+    train_stage(_cfg(moved, run, steps=21, bf16=bf16))
+    changes = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines() if "config_change" in ln]
+    assert changes == [{"step": 20, "config_change": {"steps": [20, 21]}}]  # not the data
+    extra = cv2.imread(str(moved / "im0.png"))
+    cv2.imwrite(str(moved / "im6.png"), extra[::-1].copy())
+    train_stage(_cfg(moved, run, steps=22, bf16=bf16))
+    last = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines() if "config_change" in ln][-1]
+    assert last["step"] == 21 and set(last["config_change"]) == {"steps", "data_id"}
+
+
+def test_cadyq_validation_has_w8a8_reference_and_pick(data_dir: Path, pams_run: Path, tmp_path: Path) -> None:
+    from cadyq_cli.train.export import _stage_info
+    from cadyq_cli.train.select import materialize, pick, read_log, validate_checkpoint
+
+    run = tmp_path / "kv"
+    train_stage(_cfg(data_dir, run, stage="cadyq", init=str(pams_run / "last.pt"), steps=3, val_every=1,
+                     keep_val=True, bit_weight_max=50.0, bit_ramp_steps=1, selector_lr=0.05))
+    recs = [r for r in read_log(run) if "val_psnr" in r and not r.get("final")]
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    for r in recs:
+        assert (run / f"step{r['step']:05d}.pt").is_file()
+    # the reference is the same weights run in w8a8
+    m = load_model_file(run / "step00002.pt")
+    set_quant_mode(m, "w8a8")
+    assert validate(m, _val(data_dir), False)["val_psnr"] == recs[1]["val_psnr_w8a8"]
+    assert "val_psnr_w8a8" not in validate(m, _val(data_dir), False)
+    again = validate_checkpoint(run / "step00002.pt")  # the split rebuilt from the checkpoint's config
+    assert again == {k: recs[1][k] for k in ("val_psnr", "val_fab", "val_psnr_w8a8")}
+    # pick: the lowest FAB within the gap; none when nothing is within it
+    gaps = [r["val_psnr_w8a8"] - r["val_psnr"] for r in recs]
+    best = pick(recs, max(gaps) + 1)
+    assert best["val_fab"] == min(r["val_fab"] for r in recs)
+    assert pick(recs, min(gaps) - 1) is None
+    out = materialize(run, 2, tmp_path / "picked")
+    assert torch.equal(load_state(out)["model"]["body.0.bitsel1.net_small.0.weight"],
+                       load_state(run / "step00002.pt")["model"]["body.0.bitsel1.net_small.0.weight"])
+    assert max(r["step"] for r in read_log(tmp_path / "picked")) == 2
+    info = _stage_info(tmp_path / "picked")
+    assert info["steps"] == 2 and info["final_val_psnr_w8a8"] == round(recs[1]["val_psnr_w8a8"], 3)

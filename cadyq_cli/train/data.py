@@ -1,6 +1,7 @@
 """Training data: HR folders, MATLAB-bicubic LR, random crops with flips and 90° rotations."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 
 from ..resize import imresize
 
-__all__ = ["SRPairs", "load_pairs", "IMAGE_EXTS"]
+__all__ = ["SRPairs", "load_pairs", "list_images", "split_train_val", "data_fingerprint", "IMAGE_EXTS"]
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -55,6 +56,18 @@ def list_images(roots: list[Path]) -> list[Path]:
     for r in roots:
         out += [p for p in sorted(Path(r).rglob("*")) if p.suffix.lower() in IMAGE_EXTS]
     return out
+
+
+def data_fingerprint(roots: list[Path]) -> str:
+    """sha256 (16 hex digits) of the image list below ``roots``: each file as ``<root name>/<relative
+    path>:<size>``. Tells whether two machines train on the same images, whatever their paths."""
+    h = hashlib.sha256()
+    for r in roots:
+        r = Path(r)
+        for p in sorted(r.rglob("*")):
+            if p.suffix.lower() in IMAGE_EXTS:
+                h.update(f"{r.name}/{p.relative_to(r).as_posix()}:{p.stat().st_size}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def load_pairs(paths: list[Path], scale: int, min_lr: int = 48) -> SRPairs:

@@ -37,8 +37,9 @@ def _stage_info(run: Path) -> dict:
         vals = [json.loads(ln) for ln in log.read_text().splitlines() if "val_psnr" in ln]
         if vals:
             info["final_val_psnr"] = round(vals[-1]["val_psnr"], 3)
-            if "val_fab" in vals[-1]:
-                info["final_val_fab"] = round(vals[-1]["val_fab"], 3)
+            for k in ("val_fab", "val_psnr_w8a8"):
+                if k in vals[-1]:
+                    info[f"final_{k}"] = round(vals[-1][k], 3)
         changes = [json.loads(ln) for ln in log.read_text().splitlines() if "config_change" in ln]
         if changes:  # settings changed on a resume: {"step": s, "config_change": {key: [old, new]}}
             info["changes"] = changes

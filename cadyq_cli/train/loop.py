@@ -19,13 +19,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..engine import TilingConfig, upscale_array
 from ..metrics import psnr_y
 from ..models import create_model
 from ..models._base import SRModel
 from ..quant.modes import CANDIDATE_BITS, set_quant_mode
 from ..quant.modules import ActQuantizer, BitSelector
 from ..quant.primitives import fake_quant_act, qmax_for_bits
-from .data import SRPairs, list_images, load_pairs, split_train_val
+from .data import SRPairs, data_fingerprint, list_images, load_pairs, split_train_val
 
 __all__ = ["TrainConfig", "train_stage", "save_state", "load_state", "warm_start", "bf16_helps"]
 
@@ -64,9 +65,11 @@ class TrainConfig:
     threads: int = 0
     n_val: int = 10
     val_every: int = 250
+    keep_val: bool = False  # also keep <run>/step<N>.pt at every validation (for picking a step on val)
     save_every: int = 100
     log_every: int = 20
     calib_batches: int = 4
+    data_id: str | None = None  # set by train_stage: fingerprint of the training image list (names, sizes)
 
 
 def bf16_helps(threads: int = 0) -> bool:
@@ -199,22 +202,53 @@ def _attention(f: torch.Tensor) -> torch.Tensor:
     return F.normalize(a, dim=1)
 
 
-@torch.no_grad()
-def validate(model: SRModel, val: SRPairs, bf16: bool) -> dict[str, float]:
-    """Mean PSNR (Y, shave = scale) and FAB on the held-out images, whole-image inference."""
-    was_training = model.training
-    model.eval()
+def _val_run(model: SRModel, val: SRPairs, bf16: bool, tiled: bool) -> tuple[float, list[float]]:
+    """Mean PSNR over the held-out images and each image's FAB (empty when unquantized).
+
+    ``tiled``: run the images as ``cadyq eval --tiling paper`` does (96 px LR patches, bits per
+    patch), so that validation numbers predict benchmark ones; otherwise one whole-image forward.
+    """
     psnrs, fabs = [], []
     for lr, hr in zip(val.lr, val.hr):
-        x = torch.from_numpy(np.ascontiguousarray(lr)).permute(2, 0, 1)[None].float()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            sr, bits = model(x)
-        out = sr.float().clamp(0, 255).round()[0].permute(1, 2, 0).numpy()
+        if tiled:
+            sr, report = upscale_array(model, lr.astype(np.float32), TilingConfig(tiling="paper"))
+            out = np.round(sr)
+            fab = float(report.fab) if model.mode.quantized else None
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(lr)).permute(2, 0, 1)[None].float()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                y, bits = model(x)
+            out = y.float().clamp(0, 255).round()[0].permute(1, 2, 0).numpy()
+            fab = float(bits.mean()) if bits.numel() else None
         psnrs.append(psnr_y(out, hr, val.scale))
-        if bits.numel():
-            fabs.append(float(bits.mean()))
+        if fab is not None:
+            fabs.append(fab)
+    return float(np.mean(psnrs)), fabs
+
+
+@torch.no_grad()
+def validate(model: SRModel, val: SRPairs, bf16: bool) -> dict[str, float]:
+    """Mean PSNR (Y, shave = scale) and FAB on the held-out images.
+
+    fp32 and w8a8 models run each image whole. A model in ``dynamic`` mode runs as
+    ``cadyq eval --tiling paper`` does (bits chosen per 96 px patch: what the benchmarks
+    measure), and again in ``w8a8`` with the same weights: ``val_psnr_w8a8`` is the reference its
+    quality loss is judged against, on images it was not trained on.
+    """
+    was_training = model.training
+    model.eval()
+    mode = model.mode
+    tiled = mode.name == "dynamic"
+    psnr, fabs = _val_run(model, val, bf16, tiled)
+    rec = {"val_psnr": psnr, "val_fab": float(np.mean(fabs)) if fabs else 32.0}
+    if tiled:
+        set_quant_mode(model, "w8a8")
+        try:
+            rec["val_psnr_w8a8"] = _val_run(model, val, bf16, tiled)[0]
+        finally:
+            set_quant_mode(model, mode)
     model.train(was_training)
-    return {"val_psnr": float(np.mean(psnrs)), "val_fab": float(np.mean(fabs)) if fabs else 32.0}
+    return rec
 
 
 def _prepare(cfg: TrainConfig, resume: dict | None) -> tuple[SRModel, SRModel | None]:
@@ -352,7 +386,8 @@ def _init_selectors(model: SRModel, data: SRPairs, rng: np.random.Generator, cfg
 
 
 # Settings that only say how (or how long) this invocation runs, not what it trains.
-_RUNTIME_KEYS = ("minutes", "stop_at", "threads", "run_dir", "data")
+# The training images are compared by content (``data_id``), not by their folder paths.
+_RUNTIME_KEYS = ("minutes", "stop_at", "threads", "run_dir", "data", "val_every", "keep_val", "save_every", "log_every")
 
 
 def _config_changes(saved: dict, cfg: TrainConfig) -> dict:
@@ -380,7 +415,9 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
         for k in ("init", "teacher"):  # resuming without --init must keep the teacher (and its losses)
             if getattr(cfg, k) is None and saved.get(k):
                 setattr(cfg, k, saved[k])
-        changes = _config_changes(saved, cfg)
+    cfg.data_id = data_fingerprint([Path(d) for d in cfg.data])
+    if resume is not None:
+        changes = _config_changes(resume["config"], cfg)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np_rng = np.random.default_rng(cfg.seed)
@@ -494,6 +531,8 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
                 acc, n_acc = {}, 0
                 if step % cfg.val_every == 0:
                     rec.update(validate(model, val, val_bf16))
+                    if cfg.keep_val:
+                        save_state(run / f"step{step:05d}.pt", model, opt, step, cfg, np_rng, now)
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
                 log(json.dumps(rec))

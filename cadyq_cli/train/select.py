@@ -1,0 +1,103 @@
+"""Pick a cadyq checkpoint on the held-out validation split, never on a benchmark.
+
+A run trained with ``keep_val`` (``cadyq train ... --keep-val``) keeps ``step<N>.pt`` at every
+validation, and each validation record holds the dynamic model's PSNR and FAB and the same
+weights' ``w8a8`` PSNR. The pick is the lowest-FAB step whose dynamic PSNR is at most
+``max_gap`` dB below its w8a8 PSNR: the trade-off the issue asks for, judged on images the model
+never trained on.
+
+Usage:
+    python -m cadyq_cli.train.select runs/edsr_x2_cadyq_v4 --max-gap 0.05 [--into runs/edsr_x2_cadyq_v4_pick]
+    python -m cadyq_cli.train.select runs/edsr_x4_cadyq_v3/last.pt --validate   # one checkpoint's val numbers
+
+``--into`` turns the picked step into a normal run folder (``last.pt`` + the log up to that
+step), ready for ``python -m cadyq_cli.train.export`` or for resuming.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+__all__ = ["read_log", "val_records", "pick", "materialize", "validate_checkpoint"]
+
+
+def read_log(run: Path) -> list[dict]:
+    """The JSON records of ``<run>/log.jsonl``."""
+    return [json.loads(ln) for ln in (Path(run) / "log.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def val_records(records: list[dict]) -> list[dict]:
+    """Validation records that carry the w8a8 reference, one per step (the last one wins)."""
+    by_step = {r["step"]: r for r in records if "val_psnr_w8a8" in r}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def pick(records: list[dict], max_gap: float) -> dict | None:
+    """The lowest-FAB validation record with ``val_psnr >= val_psnr_w8a8 - max_gap`` (ties: the
+    higher PSNR), or None when no step is within the gap."""
+    ok = [r for r in val_records(records) if r["val_psnr"] >= r["val_psnr_w8a8"] - max_gap]
+    return min(ok, key=lambda r: (r["val_fab"], -r["val_psnr"])) if ok else None
+
+
+def materialize(run: Path, step: int, into: Path) -> Path:
+    """Make ``into`` a run folder holding ``run``'s checkpoint at ``step``; return its last.pt."""
+    src = Path(run) / f"step{step:05d}.pt"
+    if not src.is_file():
+        raise SystemExit(f"{src} does not exist (was the run trained with --keep-val?)")
+    into = Path(into)
+    if into.exists():
+        raise SystemExit(f"{into} already exists")
+    into.mkdir(parents=True)
+    shutil.copyfile(src, into / "last.pt")
+    lines = [r for r in read_log(run) if r["step"] <= step and not (r["step"] == step and r.get("final"))]
+    (into / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return into / "last.pt"
+
+
+def validate_checkpoint(ckpt: Path, data: list[str] | None = None) -> dict[str, float]:
+    """Run :func:`~cadyq_cli.train.loop.validate` on a checkpoint's own held-out split (rebuilt
+    from its config: training folders, ``n_val``, seed; ``data`` overrides the folders)."""
+    import torch
+
+    from ..checkpoint import load_model_file
+    from ..quant.modes import set_quant_mode
+    from .data import list_images, load_pairs, split_train_val
+    from .loop import load_state, validate
+
+    cfg = load_state(Path(ckpt))["config"]
+    paths = list_images([Path(d) for d in (data or cfg["data"])])
+    _, val_paths = split_train_val(paths, cfg["n_val"], cfg["seed"])
+    model = load_model_file(Path(ckpt))
+    set_quant_mode(model, "dynamic")
+    with torch.inference_mode():
+        return validate(model, load_pairs(val_paths, cfg["scale"], min_lr=8), False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path, help="run folder (or, with --validate, a checkpoint file)")
+    ap.add_argument("--validate", action="store_true", help="validate the checkpoint RUN on its held-out split and exit")
+    ap.add_argument("--data", action="append", help="training folders, if they moved (with --validate)")
+    ap.add_argument("--max-gap", type=float, default=0.05, help="dB the dynamic PSNR may lie below w8a8 on val")
+    ap.add_argument("--into", type=Path, help="copy the picked step into this new run folder")
+    a = ap.parse_args(argv)
+    if a.validate:
+        print(json.dumps({"checkpoint": str(a.run), **validate_checkpoint(a.run, a.data)}))
+        return
+    recs = read_log(a.run)
+    for r in val_records(recs):
+        kept = (a.run / f"step{r['step']:05d}.pt").is_file()
+        print(f"step {r['step']:5d}  val {r['val_psnr']:.3f}  w8a8 {r['val_psnr_w8a8']:.3f}  "
+              f"gap {r['val_psnr'] - r['val_psnr_w8a8']:+.3f}  FAB {r['val_fab']:.2f}{'  kept' if kept else ''}")
+    best = pick(recs, a.max_gap)
+    if best is None:
+        raise SystemExit(f"no validated step within {a.max_gap} dB of w8a8")
+    print(f"pick: step {best['step']} (FAB {best['val_fab']:.2f}, gap {best['val_psnr'] - best['val_psnr_w8a8']:+.3f} dB)")
+    if a.into:
+        print(materialize(a.run, best["step"], a.into))
+
+
+if __name__ == "__main__":
+    main()
