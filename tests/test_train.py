@@ -282,3 +282,23 @@ def test_cadyq_validation_has_w8a8_reference_and_pick(data_dir: Path, pams_run: 
     assert max(r["step"] for r in read_log(tmp_path / "picked")) == 2
     info = _stage_info(tmp_path / "picked")
     assert info["steps"] == 2 and info["final_val_psnr_w8a8"] == round(recs[1]["val_psnr_w8a8"], 3)
+
+
+def test_sigterm_stops_cleanly_after_the_current_step(data_dir: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    run = tmp_path / "sig"
+    sent: list[str] = []
+
+    def log(line: str) -> None:
+        if line.startswith('{"step": 2,') and not sent:
+            sent.append(line)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    train_stage(_cfg(data_dir, run, steps=50, save_every=1000), log=log)
+    assert sent, "the run never logged step 2"
+    assert load_state(run / "last.pt")["step"] == 2  # saved at the signal, not at a save interval
+    final = _log(run)[-1]
+    assert final["final"] and final["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored

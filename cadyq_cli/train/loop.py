@@ -10,6 +10,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -396,6 +398,30 @@ def _config_changes(saved: dict, cfg: TrainConfig) -> dict:
     return {k: [saved.get(k), v] for k, v in now.items() if k not in _RUNTIME_KEYS and saved.get(k, v) != v}
 
 
+class _StopSignals:
+    """SIGTERM / SIGINT end training after the current step (then it saves and validates as at
+    the time budget); a second signal interrupts at once. Only the main thread can install
+    handlers; elsewhere nothing changes. SIGTERM matters: a job started in the background by a
+    non-interactive shell ignores SIGINT, so ``kill PID`` is how scripts stop a run cleanly."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, h in self._old.items():
+            signal.signal(sig, h)  # type: ignore[arg-type]
+        self._old.clear()
+
+
 def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -> Path:
     """Run (or resume) one stage until ``cfg.steps`` or ``cfg.minutes``; return the checkpoint path."""
     if cfg.stage not in STAGES:
@@ -479,8 +505,9 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
         log(f"config changed at step {step}: {changes}")
     acc: dict[str, float] = {}
     n_acc = 0
+    stop = _StopSignals()
     try:
-        while step < min(cfg.steps, cfg.stop_at or cfg.steps) and time.time() - start < budget_s:
+        while step < min(cfg.steps, cfg.stop_at or cfg.steps) and time.time() - start < budget_s and not stop.signum:
             lr_now = _lr_at(cfg, step)
             for g in opt.param_groups:
                 if not g.get("fixed_lr"):
@@ -539,11 +566,14 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
             if step % cfg.save_every == 0:
                 save_state(ckpt, model, opt, step, cfg, np_rng, now)
     finally:
+        stop.restore()
         for h in hooks:
             h.remove()
         now = elapsed + time.time() - start
         save_state(ckpt, model, opt, step, cfg, np_rng, now)
         logf.close()
+    if stop.signum:
+        log(f"stopped by signal {stop.signum} at step {step}; saved {ckpt}")
     rec = {"step": step, "min": round(now / 60, 2), "final": True, **validate(model, val, val_bf16)}
     with open(run / "log.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")
