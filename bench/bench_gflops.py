@@ -4,7 +4,8 @@ Measured in one run (interleaved repetitions, medians), on one LR image of --siz
 
 * the machine's practical peaks: a large float32 GEMM (``torch.mm``), a large bf16 GEMM, and a
   large int8 GEMM with exact int32 sums (``torch._int_mm``), in G(FL)OP/s;
-* the model in ``fp32`` mode, and in ``dynamic`` mode with int8 and with float kernels:
+* the model in ``fp32`` mode, and in ``dynamic`` mode with float kernels and, where this CPU
+  has exact int8 kernels (VNNI/AMX), with int8 kernels:
   seconds, and the conv work it did (2 x MACs, from the model's cost table) per second, split
   into the quantized body convs and the full-precision layers (head, upsampler, tail).
 

@@ -378,7 +378,7 @@ def train(
     clip_init: Annotated[str, typer.Option(help="cadyq: 4/6-bit clips: mse (calibrated) or copy (official)")] = "mse",
 ) -> None:
     """Train one stage (fp → pams → cadyq); resumable, stops at the time budget."""
-    from .train.loop import TrainConfig, bf16_helps, train_stage
+    from .train.loop import TrainConfig, TrainingStopped, bf16_helps, train_stage
 
     if bf16 not in ("auto", "on", "off"):
         raise typer.BadParameter("--bf16 must be auto, on or off")
@@ -392,7 +392,11 @@ def train(
         val_every=val_every, keep_val=keep_val, bit_weight_max=bit_weight, bit_ramp_steps=bit_ramp, selector_lr=selector_lr,
         selector_norm=selector_norm, clip_init=clip_init,
     )
-    train_stage(cfg, log=lambda s: typer.echo(s, err=True))
+    try:
+        train_stage(cfg, log=lambda s: typer.echo(s, err=True))
+    except TrainingStopped as e:  # saved; a script must still see that the stage did not finish
+        typer.echo(f"cadyq train: {e}", err=True)
+        raise typer.Exit(128 + e.signum) from None
 
 
 def main() -> None:

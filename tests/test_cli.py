@@ -719,3 +719,17 @@ def test_kernels_option(cli: Callable[..., Result], make_image: Callable[..., Pa
     assert res.exit_code == 2
     _error_line(res, "--kernels")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_train_stopped_by_a_signal_exits_128_plus_signal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage stopped by SIGTERM has saved its checkpoint, but a script must not go on to the
+    next stage as if it had finished: the command exits 143, with one line saying so."""
+    import cadyq_cli.train.loop as loop
+
+    def stopped(cfg: object, log: object = None) -> Path:
+        raise loop.TrainingStopped(signal.SIGTERM, tmp_path / "last.pt")
+
+    monkeypatch.setattr(loop, "train_stage", stopped)
+    res = CliRunner().invoke(app, ["train", "fp", "--data", str(tmp_path), "--run", str(tmp_path / "r"), "--bf16", "off"])
+    assert res.exit_code == 128 + signal.SIGTERM
+    assert "stopped by signal" in _error_line(res, "cadyq train:")

@@ -16,7 +16,7 @@ from cadyq_cli.checkpoint import load_model_file
 from cadyq_cli.models import create_model
 from cadyq_cli.quant.modes import set_quant_mode
 from cadyq_cli.train.data import list_images, load_pairs, split_train_val
-from cadyq_cli.train.loop import TrainConfig, _prepare, bf16_helps, load_state, train_stage, validate
+from cadyq_cli.train.loop import TrainConfig, TrainingStopped, _prepare, bf16_helps, load_state, train_stage, validate
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +242,11 @@ def test_data_change_is_logged_by_content_not_path(fp_run: Path, tmp_path: Path,
     run.mkdir()
     for f in ("last.pt", "log.jsonl"):
         (run / f).write_bytes((fp_run / f).read_bytes())
-    bf16 = load_state(run / "last.pt")["config"]["bf16"]
+    st = load_state(run / "last.pt")
+    bf16 = st["config"]["bf16"]
+    for k in ("data_id", "keep_val"):  # a checkpoint from before these settings existed
+        st["config"].pop(k, None)
+    torch.save(st, run / "last.pt")
     train_stage(_cfg(moved, run, steps=21, bf16=bf16))
     changes = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines() if "config_change" in ln]
     assert changes == [{"step": 20, "config_change": {"steps": [20, 21]}}]  # not the data
@@ -269,6 +273,20 @@ def test_cadyq_validation_has_w8a8_reference_and_pick(data_dir: Path, pams_run: 
     set_quant_mode(m, "w8a8")
     assert validate(m, _val(data_dir), False)["val_psnr"] == recs[1]["val_psnr_w8a8"]
     assert "val_psnr_w8a8" not in validate(m, _val(data_dir), False)
+    # validation measures what `cadyq eval --tiling paper` measures, on an image of several patches
+    from cadyq_cli.evaluate import evaluate
+    from cadyq_cli.train.data import heldout_pairs
+
+    big = tmp_path / "big"
+    big.mkdir()
+    hr = cv2.imread(str(data_dir / "im0.png"))
+    cv2.imwrite(str(big / "a.png"), np.tile(hr, (4, 3, 1))[:250, :190])  # LR 125x95: 2x1 patches, ragged
+    set_quant_mode(m, "dynamic")
+    v = validate(m, heldout_pairs([big], 1, 0, 2), False)
+    ev = {r.mode: r for r in evaluate([big], 2, m, ["dynamic", "w8a8"], False).results}
+    assert v["val_psnr"] == pytest.approx(ev["dynamic"].psnr, abs=1e-9)
+    assert v["val_psnr_w8a8"] == pytest.approx(ev["w8a8"].psnr, abs=1e-9)
+    assert v["val_fab"] == pytest.approx(ev["dynamic"].fab, abs=1e-9) and m.mode.name == "dynamic"
     again = validate_checkpoint(run / "step00002.pt")  # the split rebuilt from the checkpoint's config
     assert again == {k: recs[1][k] for k in ("val_psnr", "val_fab", "val_psnr_w8a8")}
     # pick: the lowest FAB within the gap; none when nothing is within it
@@ -276,6 +294,7 @@ def test_cadyq_validation_has_w8a8_reference_and_pick(data_dir: Path, pams_run: 
     best = pick(recs, max(gaps) + 1)
     assert best["val_fab"] == min(r["val_fab"] for r in recs)
     assert pick(recs, min(gaps) - 1) is None
+    assert pick(recs, max(gaps) + 1, kept={3})["step"] == 3  # only steps with a checkpoint
     out = materialize(run, 2, tmp_path / "picked")
     assert torch.equal(load_state(out)["model"]["body.0.bitsel1.net_small.0.weight"],
                        load_state(run / "step00002.pt")["model"]["body.0.bitsel1.net_small.0.weight"])
@@ -296,9 +315,13 @@ def test_sigterm_stops_cleanly_after_the_current_step(data_dir: Path, tmp_path: 
             sent.append(line)
             os.kill(os.getpid(), signal.SIGTERM)
 
-    train_stage(_cfg(data_dir, run, steps=50, save_every=1000), log=log)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingStopped) as e:
+        train_stage(_cfg(data_dir, run, steps=50, save_every=1000, keep_val=True, val_every=1000), log=log)
+    assert e.value.signum == signal.SIGTERM
     assert sent, "the run never logged step 2"
+    assert (run / "step00002.pt").is_file()  # keep_val keeps the final state too
     assert load_state(run / "last.pt")["step"] == 2  # saved at the signal, not at a save interval
     final = _log(run)[-1]
     assert final["final"] and final["step"] == 2
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+    assert signal.getsignal(signal.SIGTERM) == before  # handlers restored

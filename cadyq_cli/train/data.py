@@ -11,7 +11,7 @@ import torch
 
 from ..resize import imresize
 
-__all__ = ["SRPairs", "load_pairs", "list_images", "split_train_val", "data_fingerprint", "IMAGE_EXTS"]
+__all__ = ["SRPairs", "load_pairs", "list_images", "split_train_val", "heldout_pairs", "data_fingerprint", "IMAGE_EXTS"]
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -59,14 +59,14 @@ def list_images(roots: list[Path]) -> list[Path]:
 
 
 def data_fingerprint(roots: list[Path]) -> str:
-    """sha256 (16 hex digits) of the image list below ``roots``: each file as ``<root name>/<relative
-    path>:<size>``. Tells whether two machines train on the same images, whatever their paths."""
+    """sha256 (16 hex digits) of the image list below ``roots``: each file as ``<root folder
+    name>/<relative path>:<size in bytes>`` (names and sizes, not pixels: cheap, and enough to tell
+    whether two machines train on the same images, whatever their paths)."""
     h = hashlib.sha256()
     for r in roots:
-        r = Path(r)
-        for p in sorted(r.rglob("*")):
-            if p.suffix.lower() in IMAGE_EXTS:
-                h.update(f"{r.name}/{p.relative_to(r).as_posix()}:{p.stat().st_size}\n".encode())
+        r = Path(r).resolve()
+        for p in list_images([r]):
+            h.update(f"{r.name}/{p.relative_to(r).as_posix()}:{p.stat().st_size}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -86,6 +86,12 @@ def load_pairs(paths: list[Path], scale: int, min_lr: int = 48) -> SRPairs:
         hrs.append(hr)
         lrs.append(imresize(hr, 1 / scale))
     return SRPairs(names, hrs, lrs, scale)
+
+
+def heldout_pairs(roots: list[Path], n_val: int, seed: int, scale: int) -> SRPairs:
+    """The validation images of a run (its held-out split of the images below ``roots``)."""
+    _, val_paths = split_train_val(list_images(roots), n_val, seed)
+    return load_pairs(val_paths, scale, min_lr=8)
 
 
 def split_train_val(paths: list[Path], n_val: int, seed: int = 0) -> tuple[list[Path], list[Path]]:

@@ -30,7 +30,7 @@ from ..quant.modules import ActQuantizer, BitSelector
 from ..quant.primitives import fake_quant_act, qmax_for_bits
 from .data import SRPairs, data_fingerprint, list_images, load_pairs, split_train_val
 
-__all__ = ["TrainConfig", "train_stage", "save_state", "load_state", "warm_start", "bf16_helps"]
+__all__ = ["TrainConfig", "TrainingStopped", "train_stage", "save_state", "load_state", "warm_start", "bf16_helps"]
 
 STAGES = ("fp", "pams", "cadyq")
 
@@ -190,12 +190,21 @@ def warm_start(model: SRModel, path: str) -> list[str]:
     return sorted(set(own) - set(take))
 
 
-def _block_outputs(model: SRModel) -> tuple[list[torch.Tensor], list]:
-    """Register hooks collecting the outputs of the model's residual blocks (for AT loss)."""
+def _block_outputs(model: SRModel, only_training: bool = True) -> tuple[list[torch.Tensor], list]:
+    """Register hooks collecting the outputs of the model's residual blocks (for AT loss).
+
+    ``only_training``: collect only while ``model.training`` (validation must not pile up
+    every tile's features); the teacher runs in eval mode and collects always.
+    """
     feats: list[torch.Tensor] = []
     handles = []
+
+    def hook(m: torch.nn.Module, i: object, o: torch.Tensor) -> None:
+        if model.training or not only_training:
+            feats.append(o)
+
     for blk in model.feature_blocks():  # type: ignore[attr-defined]
-        handles.append(blk.register_forward_hook(lambda m, i, o: feats.append(o)))
+        handles.append(blk.register_forward_hook(hook))
     return feats, handles
 
 
@@ -241,15 +250,15 @@ def validate(model: SRModel, val: SRPairs, bf16: bool) -> dict[str, float]:
     model.eval()
     mode = model.mode
     tiled = mode.name == "dynamic"
-    psnr, fabs = _val_run(model, val, bf16, tiled)
-    rec = {"val_psnr": psnr, "val_fab": float(np.mean(fabs)) if fabs else 32.0}
-    if tiled:
-        set_quant_mode(model, "w8a8")
-        try:
+    try:
+        psnr, fabs = _val_run(model, val, bf16, tiled)
+        rec = {"val_psnr": psnr, "val_fab": float(np.mean(fabs)) if fabs else 32.0}
+        if tiled:
+            set_quant_mode(model, "w8a8")
             rec["val_psnr_w8a8"] = _val_run(model, val, bf16, tiled)[0]
-        finally:
-            set_quant_mode(model, mode)
-    model.train(was_training)
+    finally:
+        set_quant_mode(model, mode)
+        model.train(was_training)
     return rec
 
 
@@ -398,18 +407,29 @@ def _config_changes(saved: dict, cfg: TrainConfig) -> dict:
     return {k: [saved.get(k), v] for k, v in now.items() if k not in _RUNTIME_KEYS and saved.get(k, v) != v}
 
 
+class TrainingStopped(Exception):
+    """Raised by :func:`train_stage` after a signal stopped it and the checkpoint was saved."""
+
+    def __init__(self, signum: int, ckpt: Path) -> None:
+        super().__init__(f"stopped by signal {signum}; saved {ckpt}")
+        self.signum = signum
+        self.ckpt = ckpt
+
+
 class _StopSignals:
     """SIGTERM / SIGINT end training after the current step (then it saves and validates as at
-    the time budget); a second signal interrupts at once. Only the main thread can install
-    handlers; elsewhere nothing changes. SIGTERM matters: a job started in the background by a
-    non-interactive shell ignores SIGINT, so ``kill PID`` is how scripts stop a run cleanly."""
+    the time budget, and :class:`TrainingStopped` tells the caller); a second signal interrupts
+    at once. Only the main thread can install handlers; a signal that is ignored (SIGINT in a
+    job a non-interactive shell started in the background) stays ignored: there, ``kill PID``
+    (SIGTERM) is how scripts stop a run cleanly."""
 
     def __init__(self) -> None:
         self.signum = 0
         self._old: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum:
@@ -454,7 +474,7 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
     train_paths, val_paths = split_train_val(paths, cfg.n_val, cfg.seed)
     t0 = time.time()
     data = load_pairs(train_paths, cfg.scale, min_lr=cfg.lr_patch)
-    val = load_pairs(val_paths, cfg.scale, min_lr=8)
+    val = load_pairs(val_paths, cfg.scale, min_lr=8)  # = heldout_pairs(...), without listing twice
     log(f"data: {len(data.hr)} train / {len(val.hr)} val images, loaded in {time.time() - t0:.0f}s")
 
     model, teacher = _prepare(cfg, resume)
@@ -489,7 +509,7 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
     hooks = []
     if cfg.stage == "cadyq" and teacher is not None and cfg.at_weight > 0:
         feats_s, h1 = _block_outputs(model)
-        feats_t, h2 = _block_outputs(teacher)
+        feats_t, h2 = _block_outputs(teacher, only_training=False)
         hooks = h1 + h2
 
     # Quantized models are validated in fp32 like inference: under bf16 autocast the selector
@@ -572,10 +592,12 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
         now = elapsed + time.time() - start
         save_state(ckpt, model, opt, step, cfg, np_rng, now)
         logf.close()
-    if stop.signum:
-        log(f"stopped by signal {stop.signum} at step {step}; saved {ckpt}")
     rec = {"step": step, "min": round(now / 60, 2), "final": True, **validate(model, val, val_bf16)}
+    if cfg.keep_val:
+        save_state(run / f"step{step:05d}.pt", model, opt, step, cfg, np_rng, now)
     with open(run / "log.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")
     log(json.dumps(rec))
+    if stop.signum:
+        raise TrainingStopped(stop.signum, ckpt)
     return ckpt

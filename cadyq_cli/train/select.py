@@ -10,7 +10,7 @@ Usage:
     python -m cadyq_cli.train.select runs/edsr_x2_cadyq_v4 --max-gap 0.05 [--into runs/edsr_x2_cadyq_v4_pick]
     python -m cadyq_cli.train.select runs/edsr_x4_cadyq_v3/last.pt --validate   # one checkpoint's val numbers
 
-``--into`` turns the picked step into a normal run folder (``last.pt`` + the log up to that
+Only steps with a kept checkpoint are picked. ``--into`` turns the picked step into a normal run folder (``last.pt`` + the log up to that
 step), ready for ``python -m cadyq_cli.train.export`` or for resuming.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import json
 import shutil
 from pathlib import Path
 
-__all__ = ["read_log", "val_records", "pick", "materialize", "validate_checkpoint"]
+__all__ = ["read_log", "val_records", "kept_steps", "pick", "materialize", "validate_checkpoint"]
 
 
 def read_log(run: Path) -> list[dict]:
@@ -34,10 +34,16 @@ def val_records(records: list[dict]) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def pick(records: list[dict], max_gap: float) -> dict | None:
+def kept_steps(run: Path) -> set[int]:
+    """Steps of ``run`` that have a kept checkpoint (``step<N>.pt``)."""
+    return {int(p.stem[4:]) for p in Path(run).glob("step*.pt") if p.stem[4:].isdigit()}
+
+
+def pick(records: list[dict], max_gap: float, kept: set[int] | None = None) -> dict | None:
     """The lowest-FAB validation record with ``val_psnr >= val_psnr_w8a8 - max_gap`` (ties: the
-    higher PSNR), or None when no step is within the gap."""
-    ok = [r for r in val_records(records) if r["val_psnr"] >= r["val_psnr_w8a8"] - max_gap]
+    higher PSNR), among the ``kept`` steps if given; None when no step qualifies."""
+    ok = [r for r in val_records(records) if r["val_psnr"] >= r["val_psnr_w8a8"] - max_gap
+          and (kept is None or r["step"] in kept)]
     return min(ok, key=lambda r: (r["val_fab"], -r["val_psnr"])) if ok else None
 
 
@@ -57,22 +63,29 @@ def materialize(run: Path, step: int, into: Path) -> Path:
 
 
 def validate_checkpoint(ckpt: Path, data: list[str] | None = None) -> dict[str, float]:
-    """Run :func:`~cadyq_cli.train.loop.validate` on a checkpoint's own held-out split (rebuilt
-    from its config: training folders, ``n_val``, seed; ``data`` overrides the folders)."""
+    """Run :func:`~cadyq_cli.train.loop.validate` on a training checkpoint's own held-out split
+    (rebuilt from its config: training folders, ``n_val``, seed; ``data`` overrides the folders),
+    in the mode its stage trains: fp32 (fp), w8a8 (pams) or dynamic (cadyq, with the w8a8
+    reference). Warns on stderr when the folders hold other images than the run trained on."""
+    import sys
+
     import torch
 
     from ..checkpoint import load_model_file
     from ..quant.modes import set_quant_mode
-    from .data import list_images, load_pairs, split_train_val
+    from .data import data_fingerprint, heldout_pairs
     from .loop import load_state, validate
 
     cfg = load_state(Path(ckpt))["config"]
-    paths = list_images([Path(d) for d in (data or cfg["data"])])
-    _, val_paths = split_train_val(paths, cfg["n_val"], cfg["seed"])
+    roots = [Path(d) for d in (data or cfg["data"])]
+    if cfg.get("data_id") and data_fingerprint(roots) != cfg["data_id"]:
+        print(f"warning: {', '.join(map(str, roots))} differ from the images {ckpt} was trained on "
+              "(the held-out split may differ)", file=sys.stderr)
     model = load_model_file(Path(ckpt))
-    set_quant_mode(model, "dynamic")
+    set_quant_mode(model, {"fp": "fp32", "pams": "w8a8"}.get(cfg["stage"], "dynamic"))
     with torch.inference_mode():
-        return validate(model, load_pairs(val_paths, cfg["scale"], min_lr=8), False)
+        return validate(model, heldout_pairs(roots, cfg["n_val"], cfg["seed"], cfg["scale"]),
+                        bool(cfg["bf16"]) and cfg["stage"] == "fp")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,13 +100,13 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"checkpoint": str(a.run), **validate_checkpoint(a.run, a.data)}))
         return
     recs = read_log(a.run)
+    kept = kept_steps(a.run)
     for r in val_records(recs):
-        kept = (a.run / f"step{r['step']:05d}.pt").is_file()
         print(f"step {r['step']:5d}  val {r['val_psnr']:.3f}  w8a8 {r['val_psnr_w8a8']:.3f}  "
-              f"gap {r['val_psnr'] - r['val_psnr_w8a8']:+.3f}  FAB {r['val_fab']:.2f}{'  kept' if kept else ''}")
-    best = pick(recs, a.max_gap)
+              f"gap {r['val_psnr'] - r['val_psnr_w8a8']:+.3f}  FAB {r['val_fab']:.2f}{'  kept' if r['step'] in kept else ''}")
+    best = pick(recs, a.max_gap, kept)
     if best is None:
-        raise SystemExit(f"no validated step within {a.max_gap} dB of w8a8")
+        raise SystemExit(f"no kept step within {a.max_gap} dB of w8a8 on validation")
     print(f"pick: step {best['step']} (FAB {best['val_fab']:.2f}, gap {best['val_psnr'] - best['val_psnr_w8a8']:+.3f} dB)")
     if a.into:
         print(materialize(a.run, best["step"], a.into))
