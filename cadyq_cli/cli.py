@@ -397,6 +397,12 @@ def train(
     except TrainingStopped as e:  # saved; a script must still see that the stage did not finish
         typer.echo(f"cadyq train: {e}", err=True)
         raise typer.Exit(128 + e.signum) from None
+    except SystemExit as e:  # refused settings or data: one line, nothing written
+        if isinstance(e.code, str):
+            raise _fail(e.code, 2) from None
+        raise
+    except CadyqError as e:  # e.g. an --init checkpoint that cannot be read
+        raise _fail(str(e).splitlines()[0], 1) from None
 
 
 def main() -> None:

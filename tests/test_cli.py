@@ -733,3 +733,25 @@ def test_train_stopped_by_a_signal_exits_128_plus_signal(tmp_path: Path, monkeyp
     res = CliRunner().invoke(app, ["train", "fp", "--data", str(tmp_path), "--run", str(tmp_path / "r"), "--bf16", "off"])
     assert res.exit_code == 128 + signal.SIGTERM
     assert "stopped by signal" in _error_line(res, "cadyq train:")
+
+
+@pytest.mark.parametrize("case", ["missing-data", "no-images", "too-small", "no-init", "missing-init", "bad-stage"])
+def test_train_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path: Path, case: str) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    if case == "too-small":  # 40 px: no 48 px LR crop at x2
+        cv2.imwrite(str(data / "a.png"), np.full((40, 40, 3), 128, np.uint8))
+    elif case != "no-images":
+        cv2.imwrite(str(data / "a.png"), np.full((200, 200, 3), 128, np.uint8))
+    run = tmp_path / "run"
+    stage = {"no-init": "pams", "missing-init": "cadyq", "bad-stage": "bogus"}.get(case, "fp")
+    argv = ["train", stage, "--data", str(tmp_path / "nope" if case == "missing-data" else data), "--run", str(run),
+            "--scale", "2", "--bf16", "off", "--threads", "1"]
+    if case == "missing-init":
+        argv += ["--init", str(tmp_path / "nope.pt")]
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 2, res.stderr
+    line = _error_line(res, "error:")
+    assert {"missing-data": "does not exist", "no-images": "no training images", "too-small": "at least 96 px",
+            "no-init": "needs --init", "missing-init": "does not exist", "bad-stage": "unknown stage"}[case] in line
+    assert not run.exists()

@@ -449,7 +449,6 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = Path(cfg.run_dir)
-    run.mkdir(parents=True, exist_ok=True)
     ckpt = run / "last.pt"
     resume = load_state(ckpt) if ckpt.exists() else None
     changes: dict = {}
@@ -461,6 +460,18 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
         for k in ("init", "teacher"):  # resuming without --init must keep the teacher (and its losses)
             if getattr(cfg, k) is None and saved.get(k):
                 setattr(cfg, k, saved[k])
+    elif cfg.stage != "fp" and cfg.init is None:
+        raise SystemExit(f"stage {cfg.stage} needs --init (the previous stage's checkpoint)")
+    for what in ("init", "teacher") if resume is None else ("teacher",):
+        f = getattr(cfg, what)
+        if f is not None and not Path(f).is_file():
+            raise SystemExit(f"--{what} {f} does not exist")
+    for d in cfg.data:
+        if not Path(d).is_dir():
+            raise SystemExit(f"training data folder {d} does not exist")
+    paths = list_images([Path(d) for d in cfg.data])
+    if not paths:
+        raise SystemExit(f"no training images under {', '.join(cfg.data)}")
     cfg.data_id = data_fingerprint([Path(d) for d in cfg.data])
     if resume is not None:
         changes = _config_changes(resume["config"], cfg)
@@ -468,15 +479,16 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
     random.seed(cfg.seed)
     np_rng = np.random.default_rng(cfg.seed)
 
-    paths = list_images([Path(d) for d in cfg.data])
-    if not paths:
-        raise SystemExit(f"no training images under {cfg.data}")
     train_paths, val_paths = split_train_val(paths, cfg.n_val, cfg.seed)
     t0 = time.time()
     data = load_pairs(train_paths, cfg.scale, min_lr=cfg.lr_patch)
     val = load_pairs(val_paths, cfg.scale, min_lr=8)  # = heldout_pairs(...), without listing twice
+    if not data.hr:
+        raise SystemExit(f"no training image is at least {cfg.lr_patch * cfg.scale} px on each side "
+                         f"(--lr-patch {cfg.lr_patch} at x{cfg.scale}) under {', '.join(cfg.data)}")
     log(f"data: {len(data.hr)} train / {len(val.hr)} val images, loaded in {time.time() - t0:.0f}s")
 
+    run.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
     model, teacher = _prepare(cfg, resume)
     sel_params = [p for s in model.selectors for p in s.net_small.parameters()]
     sel_ids = {id(p) for p in sel_params}
