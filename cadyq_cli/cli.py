@@ -369,6 +369,7 @@ def train(
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     bf16: Annotated[str, typer.Option(help="bf16 autocast on CPU: auto (measured at start: on where it is faster), on, off")] = "auto",
     threads: Annotated[int, typer.Option(help="torch threads (0: default)")] = 0,
+    device: Annotated[str, typer.Option(help="torch device: cpu, or cuda on an accelerator machine (bf16 auto: on)")] = "cpu",
     val_every: Annotated[int, typer.Option(help="validate every N steps (a multiple of 20, the log interval)")] = 250,
     keep_val: Annotated[bool, typer.Option(help="keep <run>/step<N>.pt at every validation (pick one later with python -m cadyq_cli.train.select)")] = False,
     bit_weight: Annotated[float, typer.Option(help="cadyq: weight of the bit loss (reached after --bit-ramp steps)")] = 0.5,
@@ -382,13 +383,15 @@ def train(
 
     if bf16 not in ("auto", "on", "off"):
         raise typer.BadParameter("--bf16 must be auto, on or off")
-    use_bf16 = bf16 == "on" or (bf16 == "auto" and bf16_helps(threads))
+    on_cpu = device == "cpu"
+    use_bf16 = bf16 == "on" or (bf16 == "auto" and (not on_cpu or bf16_helps(threads)))
     if bf16 == "auto":
-        typer.echo(f"bf16 autocast: {'on' if use_bf16 else 'off'} (measured on this CPU)", err=True)
+        why = "measured on this CPU" if on_cpu else f"on {device}"
+        typer.echo(f"bf16 autocast: {'on' if use_bf16 else 'off'} ({why})", err=True)
     cfg = TrainConfig(
         stage=stage, arch=arch, scale=scale, data=[str(d) for d in data], run_dir=str(run_dir),
         init=str(init) if init else None, teacher=str(teacher) if teacher else None, minutes=minutes,
-        steps=steps, stop_at=stop_at, batch=batch, lr=lr, lr_patch=lr_patch, seed=seed, bf16=use_bf16, threads=threads,
+        steps=steps, stop_at=stop_at, batch=batch, lr=lr, lr_patch=lr_patch, seed=seed, bf16=use_bf16, threads=threads, device=device,
         val_every=val_every, keep_val=keep_val, bit_weight_max=bit_weight, bit_ramp_steps=bit_ramp, selector_lr=selector_lr,
         selector_norm=selector_norm, clip_init=clip_init,
     )

@@ -325,3 +325,26 @@ def test_sigterm_stops_cleanly_after_the_current_step(data_dir: Path, tmp_path: 
     final = _log(run)[-1]
     assert final["final"] and final["step"] == 2
     assert signal.getsignal(signal.SIGTERM) == before  # handlers restored
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the accelerator machine)")
+def test_cadyq_on_cuda_resumes_exactly_and_loads_on_cpu(data_dir: Path, pams_run: Path, tmp_path: Path) -> None:
+    kw = dict(stage="cadyq", init=str(pams_run / "last.pt"), steps=3, device="cuda", bf16=True)
+    train_stage(_cfg(data_dir, tmp_path / "a", **kw))
+    train_stage(_cfg(data_dir, tmp_path / "b", **kw, stop_at=2))
+    train_stage(_cfg(data_dir, tmp_path / "b", **kw))
+    a = load_state(tmp_path / "a" / "last.pt")
+    b = load_state(tmp_path / "b" / "last.pt")
+    assert all(v.device.type == "cpu" for v in a["model"].values())  # portable checkpoint
+    for k in a["model"]:  # cuDNN's conv backward is not bitwise deterministic: close, not equal
+        assert torch.allclose(a["model"][k].float(), b["model"][k].float(), rtol=1e-3, atol=1e-4), k
+    model = load_model_file(tmp_path / "a" / "last.pt")
+    assert validate(model, _val(data_dir), False)["val_psnr"] == pytest.approx(_log(tmp_path / "a")[-1]["val_psnr"], abs=0.05)
+
+
+def test_cuda_request_without_cuda_is_refused(data_dir: Path, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        train_stage(_cfg(data_dir, tmp_path / "r", device="cuda"))
+    assert not (tmp_path / "r").exists()

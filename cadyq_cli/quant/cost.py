@@ -93,7 +93,8 @@ def cost_table(model: nn.Module, probe: int = 8) -> list[ConvCost]:
     was_training = model.training
     model.eval()
     try:
-        model(torch.rand(1, 3, probe, probe) * 255)
+        dev = next(model.parameters()).device
+        model(torch.rand(1, 3, probe, probe, device=dev) * 255)
     finally:
         for h in handles:
             h.remove()

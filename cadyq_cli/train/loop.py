@@ -65,6 +65,7 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = True
     threads: int = 0
+    device: str = "cpu"  # torch device to train on ("cuda" on an accelerator machine); checkpoints stay portable
     n_val: int = 10
     val_every: int = 250
     keep_val: bool = False  # also keep <run>/step<N>.pt at every validation (for picking a step on val)
@@ -111,21 +112,35 @@ def save_state(path: Path, model: SRModel, opt: torch.optim.Optimizer | None, st
                np_rng: np.random.Generator, elapsed_s: float) -> None:
     """Write a resumable checkpoint atomically."""
     sd, sel_train = _folded_state(model)
+    dev = next(model.parameters()).device
     state = {
         "format": "cadyq-train-1",
         "config": asdict(cfg),
         "step": step,
         "elapsed_s": elapsed_s,
-        "model": sd,
-        "selector_train": sel_train,
-        "optimizer": opt.state_dict() if opt is not None else None,
+        "model": _to_cpu(sd),
+        "selector_train": _to_cpu(sel_train),
+        "optimizer": _to_cpu(opt.state_dict()) if opt is not None else None,
         "torch_rng": torch.get_rng_state(),
         "numpy_rng": np_rng.bit_generator.state,
         "python_rng": list(random.getstate()[1]),
     }
+    if dev.type == "cuda":  # the selectors' Gumbel noise is drawn on the device
+        state["cuda_rng"] = torch.cuda.get_rng_state(dev)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def _to_cpu(obj: object) -> object:
+    """``obj`` with every tensor inside (dicts, lists) on the CPU: checkpoints load anywhere."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def _folded_state(model: SRModel) -> tuple[dict, dict]:
@@ -153,7 +168,8 @@ def _restore_selector_train(model: SRModel, sel_train: dict) -> None:
             sel = mods[name]
             sel.net_small[0].weight.copy_(t["weight"])
             sel.net_small[0].bias.copy_(t["bias"])
-            sel.znorm = (t["mean"], t["scale"])
+            dev = sel.net_small[0].weight.device
+            sel.znorm = (t["mean"].to(dev), t["scale"].to(dev))
 
 
 def load_state(path: Path) -> dict:
@@ -226,10 +242,11 @@ def _val_run(model: SRModel, val: SRPairs, bf16: bool, tiled: bool) -> tuple[flo
             out = np.round(sr)
             fab = float(report.fab) if model.mode.quantized else None
         else:
-            x = torch.from_numpy(np.ascontiguousarray(lr)).permute(2, 0, 1)[None].float()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            dev = next(model.parameters()).device
+            x = torch.from_numpy(np.ascontiguousarray(lr)).permute(2, 0, 1)[None].float().to(dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                 y, bits = model(x)
-            out = y.float().clamp(0, 255).round()[0].permute(1, 2, 0).numpy()
+            out = y.float().clamp(0, 255).round()[0].permute(1, 2, 0).cpu().numpy()
             fab = float(bits.mean()) if bits.numel() else None
         psnrs.append(psnr_y(out, hr, val.scale))
         if fab is not None:
@@ -308,7 +325,7 @@ def _probe_batches(model: SRModel, data: SRPairs, rng: np.random.Generator, cfg:
     try:
         for _ in range(cfg.calib_batches):
             x, _ = data.sample(rng, cfg.batch, cfg.lr_patch)
-            model(x)
+            model(x.to(next(model.parameters()).device))
             after_batch()
     finally:
         for h in handles:
@@ -398,7 +415,8 @@ def _init_selectors(model: SRModel, data: SRPairs, rng: np.random.Generator, cfg
 
 # Settings that only say how (or how long) this invocation runs, not what it trains.
 # The training images are compared by content (``data_id``), not by their folder paths.
-_RUNTIME_KEYS = ("minutes", "stop_at", "threads", "run_dir", "data", "val_every", "keep_val", "save_every", "log_every")
+_RUNTIME_KEYS = ("minutes", "stop_at", "threads", "run_dir", "data", "val_every", "keep_val", "save_every", "log_every",
+                 "device")
 
 
 def _config_changes(saved: dict, cfg: TrainConfig) -> dict:
@@ -448,6 +466,12 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
         raise SystemExit(f"unknown stage {cfg.stage!r}; choose from {', '.join(STAGES)}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    try:
+        dev = torch.device(cfg.device)
+    except RuntimeError:
+        raise SystemExit(f"unknown device {cfg.device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"device {cfg.device} requested but CUDA is not available")
     run = Path(cfg.run_dir)
     ckpt = run / "last.pt"
     resume = load_state(ckpt) if ckpt.exists() else None
@@ -490,6 +514,9 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
 
     run.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
     model, teacher = _prepare(cfg, resume)
+    model.to(dev)
+    if teacher is not None:
+        teacher.to(dev)
     sel_params = [p for s in model.selectors for p in s.net_small.parameters()]
     sel_ids = {id(p) for p in sel_params}
     main_params = [p for p in model.parameters() if p.requires_grad and id(p) not in sel_ids]
@@ -507,6 +534,8 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
         torch.set_rng_state(resume["torch_rng"])
         np_rng.bit_generator.state = resume["numpy_rng"]
         random.setstate((3, tuple(resume["python_rng"]), None))
+        if dev.type == "cuda" and resume.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(resume["cuda_rng"], dev)
         log(f"resumed {ckpt} at step {step} ({elapsed / 60:.1f} min trained)")
     elif cfg.stage == "pams":
         _calibrate(model, data, np_rng, cfg)
@@ -545,9 +574,10 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
                 if not g.get("fixed_lr"):
                     g["lr"] = lr_now
             x, y = data.sample(np_rng, cfg.batch, cfg.lr_patch)
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             feats_s.clear()
             feats_t.clear()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 sr, bits = model(x)
                 t_out = None
                 if teacher is not None and (cfg.distill_weight > 0 or hooks):
