@@ -1,0 +1,5 @@
+"""``python -m cadyq_cli``: the ``cadyq`` command without installing the package (e.g. on a
+machine that only has the dependencies, with the repository on ``PYTHONPATH``)."""
+from .cli import main
+
+main()
