@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# HERE, after a `device` run: put runs/ and weights/ back, and turn the returned parts into
+# HERE, after a `device` run: put the run folders and weights/ back, and turn the returned parts into
 # runs/RUN/last.pt (+ log.jsonl). FILES_AT: the folder the tool's reply names.
 #   runs/device_collect.sh RUN FILES_AT       (env: ASIDE=/work/aside)
 set -euo pipefail
 RUN=$1; F=$2; A=${ASIDE:-/work/aside}
-[ -e runs ] || mv "$A/runs" runs
+for r in "$A"/runs/*/; do [ -e "runs/$(basename "$r")" ] || mv "$r" runs/; done
 [ -e weights ] || mv "$A/weights" weights
 mkdir -p "runs/$RUN"
 cat "$F/$RUN.part-"* > "runs/$RUN/last.pt.tmp" && mv "runs/$RUN/last.pt.tmp" "runs/$RUN/last.pt"
