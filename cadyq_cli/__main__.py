@@ -2,4 +2,5 @@
 machine that only has the dependencies, with the repository on ``PYTHONPATH``)."""
 from .cli import main
 
-main()
+if __name__ == "__main__":
+    main()

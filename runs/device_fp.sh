@@ -13,7 +13,11 @@ mkdir -p .dev/runs
 if [ ! -f .dev/runs/$RUN/last.pt ] && [ -f .dev/$RUN.part-aa ]; then  # resume what device_prep.sh carried
     mkdir -p .dev/runs/$RUN && cat .dev/$RUN.part-* > .dev/runs/$RUN/last.pt && cp .dev/$RUN.log.jsonl .dev/runs/$RUN/log.jsonl
 fi
-python3 -m cadyq_cli train fp --data $D/T91 --data $D/BSD200 --data $D/BSDS500test --run .dev/runs/$RUN \
+# timeout sends SIGTERM, which cadyq train turns into a clean stop and save, so the checkpoint
+# still comes back when MINUTES (plus loading and the final validation) runs long: keep LIMIT
+# (seconds, default 540) under the run call's timeout_s.
+timeout -k 30 ${LIMIT:-540} python3 -m cadyq_cli train fp --data $D/T91 --data $D/BSD200 --data $D/BSDS500test --run .dev/runs/$RUN \
     --scale $S --steps $STEPS --batch $BATCH --minutes $MIN --val-every 1000 --device ${DEVICE:-cuda} --bf16 ${BF16:-on} 2>&1 | tee $OUT/train.log
-split -b 15M .dev/runs/$RUN/last.pt $OUT/$RUN.part-
-cp .dev/runs/$RUN/log.jsonl $OUT/$RUN.log.jsonl
+rc=${PIPESTATUS[0]}
+split -b 15M .dev/runs/$RUN/last.pt $OUT/$RUN.part- && cp .dev/runs/$RUN/log.jsonl $OUT/$RUN.log.jsonl || rc=1
+exit $rc

@@ -363,7 +363,7 @@ def mse_clip(x: torch.Tensor, bits: int, grid: int = 64) -> float:
     """Clip value alpha minimizing the mean squared error of ``Q_bits(x; alpha)`` on samples x."""
     qmax = float(qmax_for_bits(bits))
     top = float(x.abs().max())
-    alphas = torch.linspace(top / grid, top, grid)
+    alphas = torch.linspace(top / grid, top, grid, device=x.device)
     errs = torch.stack([(fake_quant_act(x, a.reshape(1), qmax) - x).pow(2).mean() for a in alphas])
     return float(alphas[int(errs.argmin())])
 
@@ -472,6 +472,10 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
         raise SystemExit(f"unknown device {cfg.device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"device {cfg.device} requested but CUDA is not available")
+    if dev.type == "cuda" and cfg.stage != "fp":
+        # quantization grids and selector decisions must round as on the CPU: no TF32 convs/matmuls
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     run = Path(cfg.run_dir)
     ckpt = run / "last.pt"
     resume = load_state(ckpt) if ckpt.exists() else None
@@ -512,8 +516,8 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
                          f"(--lr-patch {cfg.lr_patch} at x{cfg.scale}) under {', '.join(cfg.data)}")
     log(f"data: {len(data.hr)} train / {len(val.hr)} val images, loaded in {time.time() - t0:.0f}s")
 
-    run.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
     model, teacher = _prepare(cfg, resume)
+    run.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
     model.to(dev)
     if teacher is not None:
         teacher.to(dev)
