@@ -236,13 +236,13 @@ def _val_run(model: SRModel, val: SRPairs, bf16: bool, tiled: bool) -> tuple[flo
     patch), so that validation numbers predict benchmark ones; otherwise one whole-image forward.
     """
     psnrs, fabs = [], []
+    dev = next(model.parameters()).device
     for lr, hr in zip(val.lr, val.hr):
         if tiled:
             sr, report = upscale_array(model, lr.astype(np.float32), TilingConfig(tiling="paper"))
             out = np.round(sr)
             fab = float(report.fab) if model.mode.quantized else None
         else:
-            dev = next(model.parameters()).device
             x = torch.from_numpy(np.ascontiguousarray(lr)).permute(2, 0, 1)[None].float().to(dev)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                 y, bits = model(x)
@@ -288,9 +288,7 @@ def _prepare(cfg: TrainConfig, resume: dict | None) -> tuple[SRModel, SRModel | 
             warm_start(model, cfg.init)
         set_quant_mode(model, "fp32")
         return model, None  # type: ignore[return-value]
-    if resume is None and cfg.init is None:
-        raise SystemExit(f"stage {cfg.stage} needs --init (the previous stage's checkpoint)")
-    src = cfg.teacher or cfg.init
+    src = cfg.teacher or cfg.init  # train_stage has checked that a fresh pams/cadyq run has --init
     if cfg.stage == "pams":
         model = _load_model_weights(cfg.init, cfg) if resume is None else create_model(cfg.arch, cfg.scale)
         teacher = _load_model_weights(src, cfg) if src else None
@@ -414,7 +412,7 @@ def _init_selectors(model: SRModel, data: SRPairs, rng: np.random.Generator, cfg
 
 
 # Settings that only say how (or how long) this invocation runs, not what it trains.
-# The training images are compared by content (``data_id``), not by their folder paths.
+# The training images are compared by their fingerprint (``data_id``), not by their folder paths.
 _RUNTIME_KEYS = ("minutes", "stop_at", "threads", "run_dir", "data", "val_every", "keep_val", "save_every", "log_every",
                  "device")
 
