@@ -15,7 +15,7 @@ import torch
 from cadyq_cli.checkpoint import load_model_file
 from cadyq_cli.models import create_model
 from cadyq_cli.quant.modes import set_quant_mode
-from cadyq_cli.train.data import list_images, load_pairs, split_train_val
+from cadyq_cli.train.data import heldout_pairs
 from cadyq_cli.train.loop import TrainConfig, TrainingStopped, _prepare, bf16_helps, load_state, train_stage, validate
 
 
@@ -50,8 +50,7 @@ def _log(run: Path) -> list[dict]:
 
 
 def _val(data_dir: Path):
-    _, val_paths = split_train_val(list_images([data_dir]), 2, 0)
-    return load_pairs(val_paths, 2, min_lr=8)
+    return heldout_pairs([data_dir], 2, 0, 2)
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +274,6 @@ def test_cadyq_validation_has_w8a8_reference_and_pick(data_dir: Path, pams_run: 
     assert "val_psnr_w8a8" not in validate(m, _val(data_dir), False)
     # validation measures what `cadyq eval --tiling paper` measures, on an image of several patches
     from cadyq_cli.evaluate import evaluate
-    from cadyq_cli.train.data import heldout_pairs
 
     big = tmp_path / "big"
     big.mkdir()

@@ -11,7 +11,7 @@ import torch
 
 from ..resize import imresize
 
-__all__ = ["SRPairs", "load_pairs", "list_images", "split_train_val", "heldout_pairs", "data_fingerprint", "IMAGE_EXTS"]
+__all__ = ["SRPairs", "load_pairs", "list_images", "split_train_val", "split_pairs", "heldout_pairs", "data_fingerprint", "IMAGE_EXTS"]
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -88,10 +88,24 @@ def load_pairs(paths: list[Path], scale: int, min_lr: int = 48) -> SRPairs:
     return SRPairs(names, hrs, lrs, scale)
 
 
+VAL_MIN_LR = 8  # held-out images are validated whole: any image with at least 8 LR pixels a side
+
+
+def split_pairs(paths: list[Path], n_val: int, seed: int, scale: int,
+                lr_patch: int | None) -> tuple[SRPairs | None, SRPairs]:
+    """The training pairs and the held-out validation pairs of the images ``paths``.
+
+    Training keeps images with at least ``lr_patch`` LR pixels a side (one crop fits); with
+    ``lr_patch=None`` only the held-out pairs are read (the first item is ``None``).
+    """
+    train_paths, val_paths = split_train_val(paths, n_val, seed)
+    train = load_pairs(train_paths, scale, min_lr=lr_patch) if lr_patch is not None else None
+    return train, load_pairs(val_paths, scale, min_lr=VAL_MIN_LR)
+
+
 def heldout_pairs(roots: list[Path], n_val: int, seed: int, scale: int) -> SRPairs:
     """The validation images of a run (its held-out split of the images below ``roots``)."""
-    _, val_paths = split_train_val(list_images(roots), n_val, seed)
-    return load_pairs(val_paths, scale, min_lr=8)
+    return split_pairs(list_images(roots), n_val, seed, scale, None)[1]
 
 
 def split_train_val(paths: list[Path], n_val: int, seed: int = 0) -> tuple[list[Path], list[Path]]:

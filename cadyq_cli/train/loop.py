@@ -28,7 +28,7 @@ from ..models._base import SRModel
 from ..quant.modes import CANDIDATE_BITS, set_quant_mode
 from ..quant.modules import ActQuantizer, BitSelector
 from ..quant.primitives import fake_quant_act, qmax_for_bits
-from .data import SRPairs, data_fingerprint, list_images, load_pairs, split_train_val
+from .data import SRPairs, data_fingerprint, list_images, split_pairs
 
 __all__ = ["TrainConfig", "TrainingStopped", "train_stage", "save_state", "load_state", "warm_start", "bf16_helps"]
 
@@ -505,10 +505,9 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
     random.seed(cfg.seed)
     np_rng = np.random.default_rng(cfg.seed)
 
-    train_paths, val_paths = split_train_val(paths, cfg.n_val, cfg.seed)
     t0 = time.time()
-    data = load_pairs(train_paths, cfg.scale, min_lr=cfg.lr_patch)
-    val = load_pairs(val_paths, cfg.scale, min_lr=8)  # = heldout_pairs(...), without listing twice
+    data, val = split_pairs(paths, cfg.n_val, cfg.seed, cfg.scale, cfg.lr_patch)
+    assert data is not None
     if not data.hr:
         raise SystemExit(f"no training image is at least {cfg.lr_patch * cfg.scale} px on each side "
                          f"(--lr-patch {cfg.lr_patch} at x{cfg.scale}) under {', '.join(cfg.data)}")
