@@ -565,7 +565,7 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
         logf.write(json.dumps({"step": step, "config_change": changes}) + "\n")
         logf.flush()
         log(f"config changed at step {step}: {changes}")
-    acc: dict[str, float] = {}
+    acc: dict[str, torch.Tensor] = {}  # summed on the device, read when logged
     n_acc = 0
     stop = _StopSignals()
     try:
@@ -587,22 +587,22 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
             sr = sr.float()
             loss_l1 = F.l1_loss(sr, y)
             loss = loss_l1
-            parts = {"l1": loss_l1.item()}
+            parts = {"l1": loss_l1.detach()}  # tensors: read (a device sync) only when logged
             if t_out is not None and cfg.distill_weight > 0:
                 ld = F.l1_loss(sr, t_out.float())
                 loss = loss + cfg.distill_weight * ld
-                parts["distill"] = ld.item()
+                parts["distill"] = ld.detach()
             if cfg.stage == "cadyq":
                 soft = torch.stack(model._last_soft_bits, dim=1)  # (N, n_sel)
                 lb = soft.mean()
                 wb = cfg.bit_weight_max * min(1.0, step / max(cfg.bit_ramp_steps, 1))
                 loss = loss + wb * lb
-                parts["soft_bits"] = lb.item()
-                parts["fab"] = float(bits.float().mean())
+                parts["soft_bits"] = lb.detach()
+                parts["fab"] = bits.detach().float().mean()
                 if hooks:
                     la = sum((_attention(a) - _attention(b)).pow(2).mean() for a, b in zip(feats_s, feats_t))
                     loss = loss + cfg.at_weight * la
-                    parts["at"] = float(la.item())
+                    parts["at"] = la.detach()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -613,11 +613,11 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
                             q.alpha.clamp_(min=1e-3)
             step += 1
             for k, v in parts.items():
-                acc[k] = acc.get(k, 0.0) + v
+                acc[k] = acc[k] + v if k in acc else v
             n_acc += 1
             now = elapsed + time.time() - start
             if step % cfg.log_every == 0:
-                rec = {"step": step, "min": round(now / 60, 2), "lr": lr_now, **{k: v / n_acc for k, v in acc.items()}}
+                rec = {"step": step, "min": round(now / 60, 2), "lr": lr_now, **{k: float(v) / n_acc for k, v in acc.items()}}
                 acc, n_acc = {}, 0
                 if step % cfg.val_every == 0:
                     rec.update(validate(model, val, val_bf16))
