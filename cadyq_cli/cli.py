@@ -379,11 +379,13 @@ def train(
     clip_init: Annotated[str, typer.Option(help="cadyq: 4/6-bit clips: mse (calibrated) or copy (official)")] = "mse",
 ) -> None:
     """Train one stage (fp → pams → cadyq); resumable, stops at the time budget."""
-    from .train.loop import TrainConfig, TrainingStopped, bf16_helps, train_stage
+    from .train.loop import TrainConfig, TrainingStopped, bf16_helps, oversubscribed, train_stage
 
     if bf16 not in ("auto", "on", "off"):
         raise typer.BadParameter("--bf16 must be auto, on or off")
     on_cpu = device == "cpu"
+    if on_cpu and (crowded := oversubscribed(threads)):
+        typer.echo(crowded, err=True)
     use_bf16 = bf16 == "on" or (bf16 == "auto" and (not on_cpu or bf16_helps(threads)))
     if bf16 == "auto":
         why = "measured on this CPU" if on_cpu else f"on {device}"

@@ -346,3 +346,18 @@ def test_cuda_request_without_cuda_is_refused(data_dir: Path, tmp_path: Path) ->
     with pytest.raises(SystemExit, match="CUDA is not available"):
         train_stage(_cfg(data_dir, tmp_path / "r", device="cuda"))
     assert not (tmp_path / "r").exists()
+
+
+def test_oversubscribed_warns_only_when_threads_exceed_free_cores(monkeypatch):
+    import os
+
+    from cadyq_cli.train.loop import oversubscribed
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert oversubscribed(cores) is None  # an idle machine: all cores are free
+    monkeypatch.setattr(os, "getloadavg", lambda: (float(cores), 0.0, 0.0))
+    msg = oversubscribed(2)
+    assert msg is not None and "--threads 1" in msg and "\n" not in msg
+    monkeypatch.setattr(os, "getloadavg", lambda: (_ for _ in ()).throw(OSError()))
+    assert oversubscribed(2) is None  # load unknown: no warning
