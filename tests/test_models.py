@@ -258,3 +258,18 @@ def test_tail_in_row_strips_equals_whole_tail(arch: str, scale: int) -> None:
         strips, _ = model(x)
     assert strips.shape == whole.shape == (2, 3, 29 * scale, 17 * scale)
     assert torch.allclose(strips, whole, rtol=0, atol=1e-3 * float(whole.abs().max()))
+
+
+def test_every_shipped_model_matches_its_manifest_entry() -> None:
+    """The files in weights/ load (checksum verified by load_model) as the arch, scale and
+    parameter count their manifest entries state, with metrics for every mode the README shows."""
+    from cadyq_cli.weights import list_weights, load_model
+
+    entries = list_weights()
+    assert {e.scale for e in entries if e.arch == "edsr_baseline"} >= {2, 3, 4}
+    for e in entries:
+        net = load_model(e.name, scale=e.scale, mode="dynamic", kernels="float")
+        assert net.scale == e.scale
+        assert sum(p.numel() for p in net.parameters()) == e.params, e.name
+        for dataset in ("Set5", "Urban100"):
+            assert {"fp32", "w8a8", "w8a4", "dynamic"} <= set(e.metrics[dataset]), (e.name, dataset)
