@@ -359,5 +359,6 @@ def test_oversubscribed_warns_only_when_threads_exceed_free_cores(monkeypatch):
     monkeypatch.setattr(os, "getloadavg", lambda: (float(cores), 0.0, 0.0))
     msg = oversubscribed(2)
     assert msg is not None and "--threads 1" in msg and "\n" not in msg
+    assert oversubscribed(1) is None  # one thread: nothing to suggest
     monkeypatch.setattr(os, "getloadavg", lambda: (_ for _ in ()).throw(OSError()))
     assert oversubscribed(2) is None  # load unknown: no warning

@@ -77,7 +77,7 @@ class TrainConfig:
 
 
 def oversubscribed(threads: int = 0) -> str | None:
-    """A one-line warning when this run's torch threads plus the machine's load exceed its cores.
+    """A one-line warning when this run's torch threads exceed the cores the machine's load leaves free.
 
     OpenMP threads that have to share a core wait on each other: here a 2-thread pams run beside a
     1-thread run on 2 cores made 11 steps in 6 minutes, against ~55 with 1 thread.
@@ -89,9 +89,9 @@ def oversubscribed(threads: int = 0) -> str | None:
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     want = threads or torch.get_num_threads()
-    if load + want <= cores + 0.5:
-        return None
     free = max(1, cores - round(load))
+    if want <= free:  # fits, or one thread: fewer threads cannot help
+        return None
     return (f"warning: {want} torch thread(s) on {cores} core(s) already under load {load:.1f}: threads sharing "
             f"a core can slow training several-fold (--threads {free} may be faster)")
 
