@@ -13,10 +13,18 @@ S=$1; FP_STEPS=$2; FP_MIN=$3; BW=$4; T=${5:-0}
 D=${DATA_ROOT:-../shared/data/train}
 DATA="--data $D/T91 --data $D/BSD200 --data $D/BSDS500test"
 R=runs/edsr_x${S}
-FP=${R}_fp2; [ "$S" = 4 ] && FP=runs/edsr_x4_fp2
-[ "$FP_STEPS" != 0 ] && cadyq train fp $DATA --run $FP --scale $S --init runs/edsr_x4_fp2/last.pt --steps $FP_STEPS \
+FP=${R}_fp2
+# a stage that ran out of --minutes exits 0: go on only when it reached its step target
+reached() { python -c "import json,sys; r=[json.loads(l) for l in open('$1/log.jsonl') if '\"final\"' in l]
+sys.exit(0 if r and r[-1]['step'] >= $2 else 1)" || { echo "$1: stopped before step $2; rerun to continue" >&2; exit 1; }; }
+if [ "$FP_STEPS" != 0 ]; then
+  cadyq train fp $DATA --run $FP --scale $S --init runs/edsr_x4_fp2/last.pt --steps $FP_STEPS \
     --batch 16 --minutes $FP_MIN --threads $T
+  reached $FP $FP_STEPS
+fi
 cadyq train pams $DATA --run ${R}_pams2 --scale $S --init $FP/last.pt --steps 300 --lr 1e-4 --stop-at 100 --minutes 15 \
     --val-every 100 --threads $T
+reached ${R}_pams2 100
 cadyq train cadyq $DATA --run ${R}_cadyq2 --scale $S --init ${R}_pams2/last.pt --batch 8 --steps 400 --lr 5e-5 \
     --bit-weight $BW --bit-ramp 30 --selector-lr 5e-3 --minutes 60 --val-every 40 --keep-val --threads $T
+reached ${R}_cadyq2 400

@@ -261,8 +261,8 @@ def test_tail_in_row_strips_equals_whole_tail(arch: str, scale: int) -> None:
 
 
 def test_every_shipped_model_matches_its_manifest_entry() -> None:
-    """The files in weights/ load (checksum verified by load_model) as the arch, scale and
-    parameter count their manifest entries state, with metrics for every mode the README shows."""
+    """The files in weights/ load (checksum verified by load_model) at the scale and parameter
+    count their manifest entries state, with metrics for every set and mode the README shows."""
     from cadyq_cli.weights import list_weights, load_model
 
     entries = list_weights()
@@ -271,5 +271,5 @@ def test_every_shipped_model_matches_its_manifest_entry() -> None:
         net = load_model(e.name, scale=e.scale, mode="dynamic", kernels="float")
         assert net.scale == e.scale
         assert sum(p.numel() for p in net.parameters()) == e.params, e.name
-        for dataset in ("Set5", "Urban100"):
+        for dataset in ("Set5", "Set14", "B100", "Urban100"):
             assert {"fp32", "w8a8", "w8a4", "dynamic"} <= set(e.metrics[dataset]), (e.name, dataset)

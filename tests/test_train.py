@@ -351,14 +351,28 @@ def test_cuda_request_without_cuda_is_refused(data_dir: Path, tmp_path: Path) ->
 def test_oversubscribed_warns_only_when_threads_exceed_free_cores(monkeypatch):
     import os
 
-    from cadyq_cli.train.loop import oversubscribed
+    import cadyq_cli.train.loop as loop
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    assert oversubscribed(cores) is None  # an idle machine: all cores are free
-    monkeypatch.setattr(os, "getloadavg", lambda: (float(cores), 0.0, 0.0))
-    msg = oversubscribed(2)
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(loop, "_busy_cpus", lambda: 0.0)
+    assert loop.oversubscribed(cores) is None  # an idle machine: all cores are free
+    monkeypatch.setattr(loop, "_busy_cpus", lambda: float(cores))
+    msg = loop.oversubscribed(2)
     assert msg is not None and "--threads 1" in msg and "\n" not in msg
-    assert oversubscribed(1) is None  # one thread: nothing to suggest
-    monkeypatch.setattr(os, "getloadavg", lambda: (_ for _ in ()).throw(OSError()))
-    assert oversubscribed(2) is None  # load unknown: no warning
+    assert loop.oversubscribed(1) is None  # one thread: nothing to suggest
+    monkeypatch.setattr(loop, "_busy_cpus", lambda: None)
+    assert loop.oversubscribed(2) is None  # load unknown: no warning
+    monkeypatch.setattr(os, "cpu_count", lambda: cores + 64)  # a container on a big, busy host
+    monkeypatch.setattr(loop, "_busy_cpus", lambda: 40.0)
+    assert loop.oversubscribed(cores) is None
+
+
+def test_busy_cpus_reads_a_number():
+    from cadyq_cli.train.loop import _busy_cpus
+
+    busy = _busy_cpus()
+    if Path("/proc/stat").is_file():  # Linux: the running-thread count is always readable
+        assert busy is not None and 0.0 <= busy < 10_000
+    else:
+        assert busy is None or busy >= 0.0

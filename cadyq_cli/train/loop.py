@@ -76,24 +76,45 @@ class TrainConfig:
     data_id: str | None = None  # set by train_stage: fingerprint of the training image list (names, sizes)
 
 
+def _busy_cpus() -> float | None:
+    """Threads running on the machine now, besides this process: the median of a few reads of
+    ``procs_running`` in /proc/stat (the 1-minute load average, the fallback, still counts a
+    pipeline's previous stage); ``None`` when neither can be read."""
+    try:
+        seen = []
+        for i in range(7):
+            with open("/proc/stat") as f:
+                seen += [int(ln.split()[1]) for ln in f if ln.startswith("procs_running")]
+            if i < 6:
+                time.sleep(0.02)
+        if seen:
+            return max(0.0, sorted(seen)[len(seen) // 2] - 1.0)
+    except (OSError, ValueError):
+        pass
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def oversubscribed(threads: int = 0) -> str | None:
-    """A one-line warning when this run's torch threads exceed the cores the machine's load leaves free.
+    """A one-line warning when this run's torch threads exceed the cores other work leaves free.
 
     OpenMP threads that have to share a core wait on each other: here a 2-thread pams run beside a
     1-thread run on 2 cores made 11 steps in 6 minutes, against ~55 with 1 thread.
-    ``None`` when the threads fit (or the load cannot be read).
+    ``None`` when the threads fit, for one thread (fewer cannot help), or when the load is unknown.
     """
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
+    busy = _busy_cpus()
+    if busy is None:
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    host = max(cores, os.cpu_count() or cores)  # a container's busy count is the host's
+    free = max(1, min(cores, host - math.floor(busy + 0.5)))
     want = threads or torch.get_num_threads()
-    free = max(1, cores - round(load))
-    if want <= free:  # fits, or one thread: fewer threads cannot help
+    if want <= free:
         return None
-    return (f"warning: {want} torch thread(s) on {cores} core(s) already under load {load:.1f}: threads sharing "
-            f"a core can slow training several-fold (--threads {free} may be faster)")
+    return (f"warning: {want} torch thread(s) on {cores} core(s) with {busy:.0f} other thread(s) running: threads "
+            f"sharing a core can slow training several-fold (--threads {free} may be faster)")
 
 
 def bf16_helps(threads: int = 0) -> bool:
