@@ -76,19 +76,32 @@ class TrainConfig:
     data_id: str | None = None  # set by train_stage: fingerprint of the training image list (names, sizes)
 
 
+def _own_running_threads() -> int:
+    """Threads of this process in the running state (its torch worker threads count too)."""
+    n = 0
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            n += (task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
+        except (OSError, IndexError):
+            pass
+    return max(n, 1)
+
+
 def _busy_cpus() -> float | None:
-    """Threads running on the machine now, besides this process: the median of a few reads of
+    """Threads running on the machine now, besides this process's: the median of a few reads of
     ``procs_running`` in /proc/stat (the 1-minute load average, the fallback, still counts a
     pipeline's previous stage); ``None`` when neither can be read."""
     try:
         seen = []
         for i in range(7):
             with open("/proc/stat") as f:
-                seen += [int(ln.split()[1]) for ln in f if ln.startswith("procs_running")]
+                total = [int(ln.split()[1]) for ln in f if ln.startswith("procs_running")]
+            if total:
+                seen.append(total[0] - _own_running_threads())
             if i < 6:
                 time.sleep(0.02)
         if seen:
-            return max(0.0, sorted(seen)[len(seen) // 2] - 1.0)
+            return max(0.0, float(sorted(seen)[len(seen) // 2]))
     except (OSError, ValueError):
         pass
     try:
