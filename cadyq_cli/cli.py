@@ -370,7 +370,7 @@ def train(
     bf16: Annotated[str, typer.Option(help="bf16 autocast on CPU: auto (measured at start: on where it is faster), on, off")] = "auto",
     threads: Annotated[int, typer.Option(help="torch threads (0: default)")] = 0,
     device: Annotated[str, typer.Option(help="torch device: cpu, or cuda on an accelerator machine (bf16 auto: on)")] = "cpu",
-    val_every: Annotated[int, typer.Option(help="validate every N steps (a multiple of 20, the log interval)")] = 250,
+    val_every: Annotated[int, typer.Option(help="validate (and with --keep-val keep a checkpoint) every N steps")] = 250,
     keep_val: Annotated[bool, typer.Option(help="keep <run>/step<N>.pt at every validation (pick one later with python -m cadyq_cli.train.select)")] = False,
     bit_weight: Annotated[float, typer.Option(help="cadyq: weight of the bit loss (reached after --bit-ramp steps)")] = 0.5,
     bit_ramp: Annotated[int, typer.Option(help="cadyq: steps over which the bit-loss weight rises from 0")] = 100,

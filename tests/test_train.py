@@ -376,3 +376,12 @@ def test_busy_cpus_reads_a_number():
         assert busy is not None and 0.0 <= busy < 10_000
     else:
         assert busy is None or busy >= 0.0
+
+
+def test_validation_runs_on_its_own_interval_not_only_on_log_steps(data_dir: Path, tmp_path: Path) -> None:
+    """--val-every that is not a multiple of the log interval still validates (the default 250 with logs every 20)."""
+    run = tmp_path / "v"
+    train_stage(_cfg(data_dir, run, steps=6, log_every=4, val_every=3))
+    recs = [r for r in _log(run) if not r.get("final")]
+    assert [r["step"] for r in recs if "val_psnr" in r] == [3, 6]
+    assert [r["step"] for r in recs] == [3, 4, 6]
