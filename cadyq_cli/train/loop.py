@@ -1,8 +1,8 @@
 """Resumable training stages: ``fp`` → ``pams`` (w8a8, learned clips) → ``cadyq`` (bit selectors).
 
 Every stage writes ``<run>/last.pt`` (model, optimizer, step, RNG, config) at intervals and
-when its time budget (``minutes``) runs out, and appends one JSON line per log interval to
-``<run>/log.jsonl``. Starting a stage again with the same run folder resumes it exactly.
+when its time budget (``minutes``) runs out, and appends one JSON line per log interval and per
+validation to ``<run>/log.jsonl``. Starting a stage again with the same run folder resumes it exactly.
 """
 from __future__ import annotations
 
