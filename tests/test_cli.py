@@ -735,7 +735,8 @@ def test_train_stopped_by_a_signal_exits_128_plus_signal(tmp_path: Path, monkeyp
     assert "stopped by signal" in _error_line(res, "cadyq train:")
 
 
-@pytest.mark.parametrize("case", ["missing-data", "no-images", "too-small", "no-init", "missing-init", "bad-stage"])
+@pytest.mark.parametrize("case", ["missing-data", "no-images", "too-small", "no-init", "missing-init", "bad-stage",
+                                  "val-every-0"])
 def test_train_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path: Path, case: str) -> None:
     data = tmp_path / "data"
     data.mkdir()
@@ -749,9 +750,12 @@ def test_train_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path: Path, 
             "--scale", "2", "--bf16", "off", "--threads", "1"]
     if case == "missing-init":
         argv += ["--init", str(tmp_path / "nope.pt")]
+    if case == "val-every-0":  # was a ZeroDivisionError traceback at the first step
+        argv += ["--val-every", "0"]
     res = CliRunner().invoke(app, argv)
     assert res.exit_code == 2, res.stderr
     line = _error_line(res, "error:")
     assert {"missing-data": "does not exist", "no-images": "no training images", "too-small": "at least 96 px",
-            "no-init": "needs --init", "missing-init": "does not exist", "bad-stage": "unknown stage"}[case] in line
+            "no-init": "needs --init", "missing-init": "does not exist", "bad-stage": "unknown stage",
+            "val-every-0": "--val-every"}[case] in line
     assert not run.exists()

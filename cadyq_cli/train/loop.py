@@ -517,6 +517,9 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
     """Run (or resume) one stage until ``cfg.steps`` or ``cfg.minutes``; return the checkpoint path."""
     if cfg.stage not in STAGES:
         raise SystemExit(f"unknown stage {cfg.stage!r}; choose from {', '.join(STAGES)}")
+    for k in ("val_every", "steps", "batch"):
+        if getattr(cfg, k) < 1:
+            raise SystemExit(f"--{k.replace('_', '-')} must be at least 1, not {getattr(cfg, k)}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
