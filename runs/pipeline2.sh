@@ -15,8 +15,9 @@ DATA="--data $D/T91 --data $D/BSD200 --data $D/BSDS500test"
 R=runs/edsr_x${S}
 FP=${R}_fp2
 # a stage that ran out of --minutes exits 0: go on only when it reached its step target
-reached() { python -c "import json,sys; r=[json.loads(l) for l in open('$1/log.jsonl') if '\"final\"' in l]
-sys.exit(0 if r and r[-1]['step'] >= $2 else 1)" || { echo "$1: stopped before step $2; rerun to continue" >&2; exit 1; }; }
+reached() { python -c "import sys; from cadyq_cli.train.select import read_log
+r=[x for x in read_log('$1') if x.get('final')]; sys.exit(0 if r and r[-1]['step'] >= $2 else 1)" \
+  || { echo "$1: stopped before step $2; rerun to continue" >&2; exit 1; }; }
 if [ "$FP_STEPS" != 0 ]; then
   cadyq train fp $DATA --run $FP --scale $S --init runs/edsr_x4_fp2/last.pt --steps $FP_STEPS \
     --batch 16 --minutes $FP_MIN --threads $T

@@ -674,10 +674,11 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
                 acc[k] = acc[k] + v if k in acc else v
             n_acc += 1
             now = elapsed + time.time() - start
-            if step % cfg.log_every == 0 or step % cfg.val_every == 0:  # a validation step always logs
+            val_now = step % cfg.val_every == 0
+            if val_now or step % cfg.log_every == 0:  # a validation step always logs
                 rec = {"step": step, "min": round(now / 60, 2), "lr": lr_now, **{k: float(v) / n_acc for k, v in acc.items()}}
                 acc, n_acc = {}, 0
-                if step % cfg.val_every == 0:
+                if val_now:
                     rec.update(validate(model, val, val_bf16))
                     if cfg.keep_val:
                         save_state(run / f"step{step:05d}.pt", model, opt, step, cfg, np_rng, now)
