@@ -17,7 +17,7 @@ import torch
 
 from .errors import CheckpointMismatchError, CheckpointReadError, UnsafeCheckpointError
 from .models import create_model, get_arch
-from .models._base import SRModel
+from .models._base import ACT_GRIDS, SRModel
 from .models._pams import strip_module_prefix
 
 __all__ = ["read_state_dict", "detect_arch", "load_model_file", "save_weights", "model_from_state_dict"]
@@ -80,7 +80,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise CheckpointReadError(f"{path}: corrupt, truncated or not a PyTorch checkpoint ({first[:160]})") from None
     meta: dict[str, str] = {}
     if isinstance(obj, dict) and isinstance(obj.get("config"), dict):  # our training checkpoints
-        meta = {k: str(obj["config"][k]) for k in ("arch", "scale") if k in obj["config"]}
+        meta = {k: str(obj["config"][k]) for k in ("arch", "scale", "act_grid") if k in obj["config"]}
     return _unwrap(obj, path), meta
 
 
@@ -109,8 +109,13 @@ def detect_scale(arch: str, sd: dict[str, torch.Tensor]) -> int | None:
 
 
 def model_from_state_dict(sd: dict[str, torch.Tensor], arch: str | None = None, scale: int | None = None,
-                          source: str = "checkpoint") -> SRModel:
-    """Build a model and load ``sd`` strictly (official PAMS files are converted first)."""
+                          source: str = "checkpoint", act_grid: str = "signed") -> SRModel:
+    """Build a model and load ``sd`` strictly (official PAMS files are converted first).
+
+    ``act_grid``: the activation grid the clips were learned for (official files: ``signed``).
+    """
+    if act_grid not in ACT_GRIDS:
+        raise CheckpointMismatchError(f"{source}: unknown activation grid {act_grid!r} (this cadyq knows {', '.join(ACT_GRIDS)})")
     found = detect_arch(sd)
     if arch is None:
         if found is None:
@@ -144,6 +149,7 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], arch: str | None = None, 
             parts.append(f"{len(shapes)} with other shapes (e.g. {shapes[0]})")
         raise CheckpointMismatchError(f"{source}: does not fit {arch} x{scale}: " + "; ".join(parts))
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=True)
+    model.set_act_grid(act_grid)
     return model.eval()
 
 
@@ -156,7 +162,7 @@ def load_model_file(path: str | Path, arch: str | None = None, scale: int | None
         scale = int(meta["scale"])
     elif scale is not None and meta.get("scale", "").isdigit() and int(meta["scale"]) != scale and meta.get("arch") != "carn":
         raise CheckpointMismatchError(f"{path}: the weights are for x{meta['scale']}, not x{scale}")
-    return model_from_state_dict(sd, arch, scale, source=str(path))
+    return model_from_state_dict(sd, arch, scale, source=str(path), act_grid=meta.get("act_grid", "signed"))
 
 
 def _canonical_safetensors(blob: bytes) -> bytes:
@@ -174,7 +180,8 @@ def _canonical_safetensors(blob: bytes) -> bytes:
 
 
 def save_weights(model: SRModel, path: str | Path, metadata: dict[str, object] | None = None) -> None:
-    """Save a model as safetensors with ``arch``/``scale`` metadata (aliased keys stored as copies).
+    """Save a model as safetensors with ``arch``/``scale`` (and a non-default ``act_grid``) metadata
+    (aliased keys stored as copies).
 
     The file is byte-reproducible: the same weights and metadata give the same sha256.
     """
@@ -182,6 +189,8 @@ def save_weights(model: SRModel, path: str | Path, metadata: dict[str, object] |
 
     sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "arch": model.arch, "scale": str(model.scale)}
+    if model.act_grid != "signed":
+        meta["act_grid"] = model.act_grid
     for k, v in (metadata or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
     path = Path(path)

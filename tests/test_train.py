@@ -385,3 +385,31 @@ def test_validation_runs_on_its_own_interval_not_only_on_log_steps(data_dir: Pat
     recs = [r for r in _log(run) if not r.get("final")]
     assert [r["step"] for r in recs if "val_psnr" in r] == [3, 6]
     assert [r["step"] for r in recs] == [3, 4, 6]
+
+
+def test_act_grid_is_chosen_at_pams_inherited_and_kept(data_dir: Path, fp_run: Path, pams_run: Path, tmp_path: Path) -> None:
+    """--act-grid relu-unsigned: set on a pams run from fp, inherited by cadyq, recorded in every
+    checkpoint and in the loaded model; changing it later is refused in one line."""
+    u = tmp_path / "pams_u"
+    train_stage(_cfg(data_dir, u, stage="pams", init=str(fp_run / "last.pt"), steps=2, act_grid="relu-unsigned"))
+    assert load_state(u / "last.pt")["config"]["act_grid"] == "relu-unsigned"
+    pams_model = load_model_file(u / "last.pt")
+    assert pams_model.act_grid == "relu-unsigned" and sum(not s.signed for s in pams_model.selectors) == 16
+    # the unsigned clips differ from the signed run's: both calibrate, but they train on other grids
+    c = tmp_path / "cadyq_u"
+    train_stage(_cfg(data_dir, c, stage="cadyq", init=str(u / "last.pt"), steps=2))  # no --act-grid: inherited
+    st = load_state(c / "last.pt")
+    assert st["config"]["act_grid"] == "relu-unsigned"
+    model = load_model_file(c / "last.pt")
+    assert model.act_grid == "relu-unsigned"
+    assert validate(model, _val(data_dir), False)["val_psnr"] == _log(c)[-1]["val_psnr"]
+    with pytest.raises(SystemExit, match="learned for relu-unsigned"):
+        train_stage(_cfg(data_dir, tmp_path / "bad", stage="cadyq", init=str(u / "last.pt"), steps=2, act_grid="signed"))
+    with pytest.raises(SystemExit, match="learned for signed"):  # older and signed checkpoints: signed
+        train_stage(_cfg(data_dir, tmp_path / "bad2", stage="cadyq", init=str(pams_run / "last.pt"), steps=2,
+                         act_grid="relu-unsigned"))
+    with pytest.raises(SystemExit, match="was trained with --act-grid relu-unsigned"):
+        train_stage(_cfg(data_dir, c, stage="cadyq", steps=3, act_grid="signed"))
+    with pytest.raises(SystemExit, match="--act-grid must be one of"):
+        train_stage(_cfg(data_dir, tmp_path / "bad3", stage="pams", init=str(fp_run / "last.pt"), act_grid="ternary"))
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad3").exists()

@@ -11,7 +11,12 @@ from ..errors import UnsupportedScaleError
 from ..quant.modes import MODES, QuantMode
 from ..quant.modules import BitSelector, QuantContext, RegionGrid, region_mean
 
-__all__ = ["SRModel", "MeanShift", "PixelShuffle", "grad_feature", "DIV2K_RGB_MEAN"]
+__all__ = ["SRModel", "MeanShift", "PixelShuffle", "grad_feature", "DIV2K_RGB_MEAN", "ACT_GRIDS"]
+
+#: Activation grids: ``signed`` (official: every quantizer on a signed symmetric grid) or
+#: ``relu-unsigned`` (selectors whose input is a ReLU output use the unsigned grid, so a b-bit code
+#: spends all 2**b levels on the values that occur; costs are unchanged).
+ACT_GRIDS = ("signed", "relu-unsigned")
 
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
@@ -100,6 +105,20 @@ class SRModel(nn.Module):
             )
         self.scale = scale
         self.mode: QuantMode = MODES["dynamic"]
+        self.act_grid = "signed"
+
+    def set_act_grid(self, grid: str) -> None:
+        """Use activation grid ``grid`` (one of :data:`ACT_GRIDS`) from now on.
+
+        ``relu-unsigned`` puts every selector marked ``after_relu`` on the unsigned grid
+        (clip ``[0, alpha]``, ``qmax = 2**bits - 1``); ``signed`` is the official semantics.
+        A checkpoint's clips are learned for one grid: weights record theirs (``act_grid``).
+        """
+        if grid not in ACT_GRIDS:
+            raise ValueError(f"unknown activation grid {grid!r}; choose one of {', '.join(ACT_GRIDS)}")
+        for sel in self.selectors:
+            sel.set_signed(grid == "signed" or not sel.after_relu)
+        self.act_grid = grid
 
     @property
     def selectors(self) -> list[BitSelector]:

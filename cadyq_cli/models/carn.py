@@ -67,6 +67,7 @@ class ResidualUnit(nn.Module):
             QuantConv2d(n_feats, n_feats, 3, padding=1),
         )
         self.body[3].inplace = True  # a ReLU output nobody reads again (body.0's input is the skip)
+        self.body[3].after_relu = True
 
     def forward(self, x: torch.Tensor, ctx: QuantContext) -> torch.Tensor:  # noqa: D102
         t = self.body[2](self.body[1](self.body[0](x, ctx)))

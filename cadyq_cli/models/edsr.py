@@ -1,7 +1,8 @@
 """EDSR-baseline with CADyQ bit selectors (Lim et al. 2017; Hong et al. 2022).
 
 16 residual blocks of 64 features, res_scale 1. Per block: a selector on the block input
-(feeding conv1 *and* the skip, spec §9.4), 8-bit conv, ReLU, a selector on the conv2 input,
+(feeding conv1 *and* the skip, spec §9.4), 8-bit conv, ReLU, a selector on the conv2 input
+(a ReLU output: the unsigned grid may be used there, :meth:`SRModel.set_act_grid`),
 8-bit conv, a fixed 8-bit quantizer on the residual branch. Head, body end conv, upsampler
 and tail stay full precision. Input 0..255 with DIV2K mean subtraction.
 """
@@ -35,6 +36,7 @@ class ResBlock(nn.Module):
         # inputs nobody reads again may be quantized in place (bitsel1's input can be the head
         # output, which the global skip still needs)
         self.body[2].inplace = True
+        self.body[2].after_relu = True
         self.quant_act3.inplace = True
         self.res_scale = res_scale
 

@@ -4,7 +4,8 @@ A CADyQ activation is ``k * step`` with an integer code ``|k| <= 127`` and a ste
 that depends on the bit-width chosen for the sample or region; an 8-bit weight is ``m * s_w``.
 So a quantized conv is ``s_x * s_w * sum(k * m) + bias``: with ``k`` stored as uint8
 (zero point 128) and ``m`` as int8, oneDNN sums the products exactly in int32 and rescales once
-to float32. The result equals the fake-quantized float conv up to float32 rounding (it is in
+to float32. Codes of the unsigned grid (ReLU inputs, ``0..255``) are uint8 already and run with
+zero point 0. The result equals the fake-quantized float conv up to float32 rounding (it is in
 fact closer to the exact value, see ``tests/test_intconv.py``), at a fraction of the cost.
 
 Where a tile mixes bit-widths (per-sample bits in a batch, or per-region bits inside one tile),
@@ -66,56 +67,60 @@ def int8_available() -> bool:
         return False
 
 
-def _pack(codes: torch.Tensor, s_w: float, conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pack(codes: torch.Tensor, s_w: float, conv: nn.Conv2d, zp: int = _ZP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     w_scale = torch.full((conv.out_channels,), s_w, dtype=torch.float32)
-    packed = torch.ops.onednn.qconv_prepack(codes, w_scale, 1.0, _ZP, list(conv.stride), list(conv.padding),
+    packed = torch.ops.onednn.qconv_prepack(codes, w_scale, 1.0, zp, list(conv.stride), list(conv.padding),
                                             list(conv.dilation), conv.groups, None)
     return packed, w_scale, torch.zeros(conv.out_channels, dtype=torch.int64)
 
 
 def _qconv(u8: torch.Tensor, step: float, packed: tuple, conv: nn.Conv2d, bias: torch.Tensor | None,
-           attr: str) -> torch.Tensor:
+           attr: str, zp: int = _ZP) -> torch.Tensor:
     w, w_scale, w_zp = packed
     return torch.ops.onednn.qconv2d_pointwise(
-        u8, step, _ZP, w, w_scale, w_zp, bias, list(conv.stride), list(conv.padding), list(conv.dilation),
+        u8, step, zp, w, w_scale, w_zp, bias, list(conv.stride), list(conv.padding), list(conv.dilation),
         conv.groups, 1.0, 0, torch.float32, attr, [], "",
     )
 
 
-def packed_weight(conv: QuantConv2d) -> tuple:
-    """The conv's 8-bit weight codes packed for oneDNN (cached until the weight changes)."""
-    key = (conv.weight._version, conv.weight.data_ptr())
+def packed_weight(conv: QuantConv2d, zp: int = _ZP) -> tuple:
+    """The conv's 8-bit weight codes packed for oneDNN for inputs of zero point ``zp`` (cached
+    until the weight changes)."""
+    key = (conv.weight._version, conv.weight.data_ptr(), zp)
     cache = getattr(conv, "_int8_cache", None)
     if cache is None or cache[0] != key:
         with torch.no_grad():
             qmax = 2 ** (conv.weight_bits - 1) - 1
             m = conv.weight.detach().abs().max() + 1e-8  # the fake_quant_weight scale
             codes = torch.round(conv.weight.detach() * qmax / m).to(torch.int8)
-            cache = (key, _pack(codes, float(m) / qmax, conv))
+            cache = (key, _pack(codes, float(m) / qmax, conv, zp))
         conv._int8_cache = cache
     return cache[1]
 
 
 def _u8(i8: torch.Tensor) -> torch.Tensor:
-    """int8 codes -> uint8 with zero point 128 (a bit flip of the sign bit)."""
+    """int8 codes -> uint8 with zero point 128 (a bit flip of the sign bit); uint8 codes as they are."""
+    if i8.dtype == torch.uint8:
+        return i8
     return i8.view(torch.uint8).bitwise_xor(_ZP)
 
 
 def int8_conv(q: QCodes, conv: QuantConv2d) -> torch.Tensor:
     """``conv`` applied to the quantized activation ``q`` with integer arithmetic (float32 out)."""
-    packed = packed_weight(conv)
+    zp = _ZP if q.signed else 0
+    packed = packed_weight(conv, zp)
     bias = conv.bias.detach().float() if conv.bias is not None else None
     if q.which is None:
-        return _qconv(_u8(q.i8), q.steps[0], packed, conv, bias, "none")
+        return _qconv(_u8(q.i8), q.steps[0], packed, conv, bias, "none", zp)
     present = torch.unique(q.which).tolist()
     if len(present) == 1:
-        return _qconv(_u8(q.i8), q.steps[present[0]], packed, conv, bias, "none")
+        return _qconv(_u8(q.i8), q.steps[present[0]], packed, conv, bias, "none", zp)
     if q.grid is None or q.which.shape[1:] == (1, 1):  # per-sample bits: group the samples
         which = q.which.reshape(-1)
         out = None
         for k in present:
             sel = (which == k).nonzero().reshape(-1)
-            part = _qconv(_u8(q.i8.index_select(0, sel)), q.steps[k], packed, conv, bias, "none")
+            part = _qconv(_u8(q.i8.index_select(0, sel)), q.steps[k], packed, conv, bias, "none", zp)
             if out is None:
                 out = part.new_empty((q.i8.shape[0], *part.shape[1:])).contiguous(memory_format=torch.channels_last)
             out.index_copy_(0, sel, part)
@@ -124,8 +129,10 @@ def int8_conv(q: QCodes, conv: QuantConv2d) -> torch.Tensor:
     nhwc = q.i8.permute(0, 2, 3, 1)  # i8 is channels-last: a contiguous NHWC view
     out = None
     for i, k in enumerate(present):
-        mask = q.grid.expand(q.which == k).unsqueeze(-1).to(torch.int8)  # (N, H, W, 1)
-        part_u8 = (nhwc * mask).view(torch.uint8).bitwise_xor_(_ZP).permute(0, 3, 1, 2)  # channels-last
-        part = _qconv(part_u8, q.steps[k], packed, conv, bias if i == 0 else None, "none")
+        mask = q.grid.expand(q.which == k).unsqueeze(-1).to(q.i8.dtype)  # (N, H, W, 1)
+        part_u8 = nhwc * mask  # code 0 (value 0) outside the regions of this bit-width
+        if q.signed:
+            part_u8 = part_u8.view(torch.uint8).bitwise_xor_(_ZP)
+        part = _qconv(part_u8.permute(0, 3, 1, 2), q.steps[k], packed, conv, bias if i == 0 else None, "none", zp)
         out = part if out is None else out.add_(part)
     return out

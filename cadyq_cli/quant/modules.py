@@ -163,7 +163,8 @@ class QCodes:
     for the integer kernels (:mod:`cadyq_cli.quant.kernels`).
 
     Attributes:
-        i8: the codes as int8, channels-last (N, C, H, W).
+        i8: the codes, channels-last (N, C, H, W): int8 on the signed grid (-127..127), uint8
+            on the unsigned grid (0..255).
         steps: float step (``alpha / qmax``) of each candidate bit-width.
         which: None when the whole tensor uses ``steps[0]``; else (N, nh, nw) int64 indices
             into ``steps`` per sample and region.
@@ -174,6 +175,11 @@ class QCodes:
     steps: list[float]
     which: torch.Tensor | None = None
     grid: RegionGrid | None = None
+
+    @property
+    def signed(self) -> bool:
+        """True for int8 codes (signed grid), False for uint8 codes (unsigned grid)."""
+        return self.i8.dtype == torch.int8
 
 
 def _quantize(m: nn.Module, x: torch.Tensor, alpha: torch.Tensor, qmax: torch.Tensor | float,
@@ -186,9 +192,9 @@ def _quantize(m: nn.Module, x: torch.Tensor, alpha: torch.Tensor, qmax: torch.Te
     """
     if not (m.emit_codes and x.device.type == "cpu" and not m.training
             and not (torch.is_grad_enabled() and x.requires_grad)):
-        return fake_quant_act(x, alpha, qmax, inplace=m.inplace)
-    codes = act_codes(x, alpha, qmax, m.inplace)
-    i8 = codes.to(torch.int8, memory_format=torch.channels_last)
+        return fake_quant_act(x, alpha, qmax, inplace=m.inplace, signed=m.signed)
+    codes = act_codes(x, alpha, qmax, m.inplace, m.signed)
+    i8 = codes.to(torch.int8 if m.signed else torch.uint8, memory_format=torch.channels_last)
     out = codes.div_(qmax).mul_(alpha)  # the same operations as fake_quant_act: same float values
     out._cadyq_codes = QCodes(i8, steps(), which, grid)
     return out
@@ -279,6 +285,9 @@ class ActQuantizer(nn.Module):
     Set ``calibrating = True`` to make a forward pass record the batch mean of the
     per-sample max |x| into ``alpha`` (and ``max_val``) and return x unchanged: this is how
     clip values are initialized from activation statistics.
+
+    ``signed`` (default True, the official grid) chooses the signed symmetric grid; False the
+    unsigned one (clip ``[0, alpha]``, ``2**bits`` levels) for a non-negative (ReLU) input.
     """
 
     def __init__(self, bits: int = 8, alpha: float = 10.0) -> None:
@@ -292,6 +301,8 @@ class ActQuantizer(nn.Module):
         self.inplace = False
         #: integer kernels: attach the integer codes to the output (set by ``set_kernels``)
         self.emit_codes = False
+        #: signed symmetric grid (official) or unsigned grid (ReLU inputs; see ``SRModel.set_act_grid``)
+        self.signed = True
 
     @torch.no_grad()
     def calibrate_(self, x: torch.Tensor) -> None:
@@ -302,7 +313,7 @@ class ActQuantizer(nn.Module):
 
     def quantize(self, x: torch.Tensor, bits: int | None = None) -> torch.Tensor:
         """Q_bits(x; alpha), ignoring the mode."""
-        return fake_quant_act(x, self.alpha, float(qmax_for_bits(bits or self.bits)))
+        return fake_quant_act(x, self.alpha, float(qmax_for_bits(bits or self.bits, self.signed)), signed=self.signed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if self.calibrating:
@@ -310,7 +321,7 @@ class ActQuantizer(nn.Module):
             return x
         if not self.mode.quantized:
             return x
-        qmax = float(qmax_for_bits(self.bits))
+        qmax = float(qmax_for_bits(self.bits, self.signed))
         return _quantize(self, x, self.alpha, qmax, lambda: [float(self.alpha) / qmax])
 
 
@@ -346,6 +357,8 @@ class BitSelector(nn.Module):
         self.inplace = False
         #: integer kernels: attach the integer codes to the output (set by ``set_kernels``)
         self.emit_codes = False
+        #: the input is a ReLU output (never negative): the unsigned grid may be used for it
+        self.after_relu = False
         self.gumbel = True
         self.tau = 1.0
         #: training only: (mean, scale) of the features z. When set, ``net_small`` acts on
@@ -355,6 +368,18 @@ class BitSelector(nn.Module):
         self.register_buffer(
             "_qmax_table", torch.tensor([float(qmax_for_bits(b)) for b in CANDIDATE_BITS]), persistent=False
         )
+
+    @property
+    def signed(self) -> bool:
+        """True on the signed symmetric grid (official), False on the unsigned grid."""
+        return self.quant_bit1.signed
+
+    def set_signed(self, signed: bool) -> None:
+        """Quantize on the signed symmetric grid (True) or the unsigned one (False, ReLU inputs)."""
+        for q in self.candidates:
+            q.signed = signed
+        self._qmax_table = torch.tensor([float(qmax_for_bits(b, signed)) for b in CANDIDATE_BITS],
+                                        device=self._qmax_table.device)
 
     @property
     def candidates(self) -> tuple[ActQuantizer, ActQuantizer, ActQuantizer]:
@@ -397,7 +422,7 @@ class BitSelector(nn.Module):
             k = CANDIDATE_BITS.index(mode.act_bits)
             nh, nw = ctx.grad.shape[2:]
             ctx.bits.append(torch.full((n, nh, nw), float(mode.act_bits), device=x.device))
-            alpha, qmax = self.candidates[k].alpha, float(qmax_for_bits(mode.act_bits))
+            alpha, qmax = self.candidates[k].alpha, float(qmax_for_bits(mode.act_bits, self.signed))
             return _quantize(self, x, alpha, qmax, lambda: [float(alpha) / qmax])
         if self.training:
             return self._forward_train(x, ctx)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..engine import TilingConfig, upscale_array
 from ..metrics import psnr_y
 from ..models import create_model
-from ..models._base import SRModel
+from ..models._base import ACT_GRIDS, SRModel
 from ..quant.modes import CANDIDATE_BITS, set_quant_mode
 from ..quant.modules import ActQuantizer, BitSelector
 from ..quant.primitives import fake_quant_act, qmax_for_bits
@@ -61,6 +61,9 @@ class TrainConfig:
     distill_weight: float = 1.0  # pams/cadyq: L1 to the teacher output
     selector_norm: bool = True  # cadyq: train the selectors on standardized features (folded on save)
     clip_init: str = "mse"  # cadyq: 4/6-bit candidate clips: "mse" (calibrated) or "copy" (official: 8-bit clip)
+    # pams/cadyq: activation grid ("signed", official, or "relu-unsigned": ReLU inputs on the unsigned
+    # grid); None: the --init checkpoint's (a run resumes with its own; fp: "signed")
+    act_grid: str | None = None
     minutes: float = 60.0
     stop_at: int | None = None  # stop this invocation at this step (the schedule still spans `steps`)
     seed: int = 0
@@ -238,11 +241,42 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def _load_model_weights(path: str, cfg: TrainConfig) -> SRModel:
+    """The model of a training checkpoint, on the activation grid it was trained with."""
     st = load_state(Path(path))
     model = create_model(cfg.arch, cfg.scale)
     sd = st["model"] if "model" in st else st
     model.load_state_dict(sd, strict=True)
+    model.set_act_grid(_grid_of(st))
     return model  # type: ignore[return-value]
+
+
+def _grid_of(state: dict) -> str:
+    """Activation grid a training checkpoint's clips were learned for (older ones: signed)."""
+    return (state.get("config") or {}).get("act_grid") or "signed"
+
+
+def _resolve_act_grid(cfg: TrainConfig, resume: dict | None) -> None:
+    """Set ``cfg.act_grid``: the given one, else the run's own (resume) or the --init checkpoint's.
+
+    A run cannot change grids, and a pams/cadyq stage cannot start from clips learned for
+    another grid (an ``fp`` init has none): both are refused in one line.
+    """
+    if cfg.act_grid is not None and cfg.act_grid not in ACT_GRIDS:
+        raise SystemExit(f"--act-grid must be one of {', '.join(ACT_GRIDS)}, not {cfg.act_grid!r}")
+    if resume is not None:
+        own = _grid_of(resume)
+        if cfg.act_grid not in (None, own):
+            raise SystemExit(f"{cfg.run_dir} was trained with --act-grid {own}, not {cfg.act_grid}")
+        cfg.act_grid = own
+        return
+    init = load_state(Path(cfg.init)) if cfg.init and cfg.stage != "fp" else None
+    if init is None or (init.get("config") or {}).get("stage") == "fp":
+        cfg.act_grid = cfg.act_grid or "signed"
+        return
+    inherited = _grid_of(init)
+    if cfg.act_grid not in (None, inherited):
+        raise SystemExit(f"--act-grid {cfg.act_grid}: the clips of --init {cfg.init} were learned for {inherited}")
+    cfg.act_grid = inherited
 
 
 def warm_start(model: SRModel, path: str) -> list[str]:
@@ -346,12 +380,14 @@ def _prepare(cfg: TrainConfig, resume: dict | None) -> tuple[SRModel, SRModel | 
     src = cfg.teacher or cfg.init  # train_stage has checked that a fresh pams/cadyq run has --init
     if cfg.stage == "pams":
         model = _load_model_weights(cfg.init, cfg) if resume is None else create_model(cfg.arch, cfg.scale)
+        model.set_act_grid(cfg.act_grid or "signed")
         teacher = _load_model_weights(src, cfg) if src else None
         if teacher is not None:
             set_quant_mode(teacher, "fp32")
         set_quant_mode(model, "w8a8")
     else:  # cadyq
         model = _load_model_weights(cfg.init, cfg) if resume is None else create_model(cfg.arch, cfg.scale)
+        model.set_act_grid(cfg.act_grid or "signed")
         if resume is None:
             with torch.no_grad():  # the official renaming: the 8-bit clip seeds all three candidates
                 for sel in model.selectors:
@@ -412,12 +448,13 @@ def _calibrate(model: SRModel, data: SRPairs, rng: np.random.Generator, cfg: Tra
     set_quant_mode(model, "w8a8")
 
 
-def mse_clip(x: torch.Tensor, bits: int, grid: int = 64) -> float:
-    """Clip value alpha minimizing the mean squared error of ``Q_bits(x; alpha)`` on samples x."""
-    qmax = float(qmax_for_bits(bits))
+def mse_clip(x: torch.Tensor, bits: int, grid: int = 64, signed: bool = True) -> float:
+    """Clip value alpha minimizing the mean squared error of ``Q_bits(x; alpha)`` on samples x
+    (on the signed or the unsigned grid)."""
+    qmax = float(qmax_for_bits(bits, signed))
     top = float(x.abs().max())
     alphas = torch.linspace(top / grid, top, grid, device=x.device)
-    errs = torch.stack([(fake_quant_act(x, a.reshape(1), qmax) - x).pow(2).mean() for a in alphas])
+    errs = torch.stack([(fake_quant_act(x, a.reshape(1), qmax, signed=signed) - x).pow(2).mean() for a in alphas])
     return float(alphas[int(errs.argmin())])
 
 
@@ -454,7 +491,7 @@ def _init_selectors(model: SRModel, data: SRPairs, rng: np.random.Generator, cfg
         if cfg.clip_init == "mse":
             a = torch.cat(samples[id(sel)])
             for q, b in zip(sel.candidates[:2], CANDIDATE_BITS[:2]):
-                q.alpha.fill_(mse_clip(a, b))
+                q.alpha.fill_(mse_clip(a, b, signed=sel.signed))
                 q.max_val.copy_(q.alpha[0])
         if cfg.selector_norm:
             z = torch.cat(feats[id(sel)])
@@ -550,6 +587,7 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
         f = getattr(cfg, what)
         if f is not None and not Path(f).is_file():
             raise SystemExit(f"--{what} {f} does not exist")
+    _resolve_act_grid(cfg, resume)
     for d in cfg.data:
         if not Path(d).is_dir():
             raise SystemExit(f"training data folder {d} does not exist")
