@@ -36,6 +36,7 @@ class WeightsCfg:
     stages: list = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
     notes: str = ""
+    act_grid: str = "signed"  # activation grid of the clips (see SRModel.set_act_grid)
 
     @property
     def path(self) -> Path:

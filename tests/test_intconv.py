@@ -36,18 +36,22 @@ def _input(n: int, size: int, seed: int = 1) -> torch.Tensor:
 
 
 @needs_int8
-@pytest.mark.parametrize("arch", ["edsr", "carn", "srresnet", "idn"])
+@pytest.mark.parametrize("arch,act_grid", [("edsr", "signed"), ("carn", "signed"), ("srresnet", "signed"), ("idn", "signed"),
+                                       ("edsr", "relu-unsigned"), ("carn", "relu-unsigned")])
 @pytest.mark.parametrize("mode", ["w8a8", "w8a4", "dynamic"])
 @pytest.mark.parametrize("regions", [False, True])
-def test_every_int8_conv_matches_the_float_conv(arch: str, mode: str, regions: bool) -> None:
+def test_every_int8_conv_matches_the_float_conv(arch: str, act_grid: str, mode: str, regions: bool) -> None:
     """On the very same quantized input, the integer conv equals the fake-quantized float conv
-    to float32 rounding, for every quantized conv the integer path takes."""
+    to float32 rounding, for every quantized conv the integer path takes (on the relu-unsigned
+    grid, for the uint8 codes of the unsigned quantizers too)."""
     model = _random_model(arch)
+    model.set_act_grid(act_grid)
     set_quant_mode(model, mode)
     assert set_kernels(model, "int8") == "int8"
     x = _input(3, 24)
     grid = RegionGrid.uniform(24, 24, 8) if regions else None
     checked: list[float] = []
+    unsigned_seen = []
 
     def pre(conv: QuantConv2d, inp: tuple) -> None:
         q = getattr(inp[0], "_cadyq_codes", None)
@@ -57,6 +61,7 @@ def test_every_int8_conv_matches_the_float_conv(arch: str, mode: str, regions: b
         got = int8_conv(q, conv)
         assert got.shape == want.shape
         checked.append(float((got - want).abs().max() / want.abs().max().clamp_min(1e-3)))
+        unsigned_seen.append(not q.signed)
 
     hooks = [m.register_forward_pre_hook(pre) for m in model.modules() if isinstance(m, QuantConv2d)]
     with torch.inference_mode():
@@ -65,6 +70,7 @@ def test_every_int8_conv_matches_the_float_conv(arch: str, mode: str, regions: b
         h.remove()
     n_quant_convs = sum(isinstance(m, QuantConv2d) for m in model.modules())
     assert len(checked) >= n_quant_convs // 2 > 0  # the integer path is really taken
+    assert any(unsigned_seen) == (act_grid != "signed")
     assert max(checked) < 2e-6
 
 

@@ -79,7 +79,7 @@ def validate_checkpoint(ckpt: Path, data: list[str] | None = None) -> dict[str, 
     cfg = load_state(Path(ckpt))["config"]
     roots = [Path(d) for d in (data or cfg["data"])]
     if cfg.get("data_id") and data_fingerprint(roots) != cfg["data_id"]:
-        print(f"warning: {', '.join(map(str, roots))} differ from the images {ckpt} was trained on "
+        print(f"warning: {', '.join(map(str, roots))} differ from the images {ckpt} was trained on "  # noqa: T201
               "(the held-out split may differ)", file=sys.stderr)
     model = load_model_file(Path(ckpt))
     set_quant_mode(model, {"fp": "fp32", "pams": "w8a8"}.get(cfg["stage"], "dynamic"))
@@ -97,19 +97,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--into", type=Path, help="copy the picked step into this new run folder")
     a = ap.parse_args(argv)
     if a.validate:
-        print(json.dumps({"checkpoint": str(a.run), **validate_checkpoint(a.run, a.data)}))
+        print(json.dumps({"checkpoint": str(a.run), **validate_checkpoint(a.run, a.data)}))  # noqa: T201
         return
     recs = read_log(a.run)
     kept = kept_steps(a.run)
     for r in val_records(recs):
-        print(f"step {r['step']:5d}  val {r['val_psnr']:.3f}  w8a8 {r['val_psnr_w8a8']:.3f}  "
+        print(f"step {r['step']:5d}  val {r['val_psnr']:.3f}  w8a8 {r['val_psnr_w8a8']:.3f}  "  # noqa: T201
               f"gap {r['val_psnr'] - r['val_psnr_w8a8']:+.3f}  FAB {r['val_fab']:.2f}{'  kept' if r['step'] in kept else ''}")
     best = pick(recs, a.max_gap, kept)
     if best is None:
         raise SystemExit(f"no kept step within {a.max_gap} dB of w8a8 on validation")
-    print(f"pick: step {best['step']} (FAB {best['val_fab']:.2f}, gap {best['val_psnr'] - best['val_psnr_w8a8']:+.3f} dB)")
+    print(f"pick: step {best['step']} (FAB {best['val_fab']:.2f}, gap {best['val_psnr'] - best['val_psnr_w8a8']:+.3f} dB)")  # noqa: T201
     if a.into:
-        print(materialize(a.run, best["step"], a.into))
+        print(materialize(a.run, best["step"], a.into))  # noqa: T201
 
 
 if __name__ == "__main__":

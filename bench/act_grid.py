@@ -1,0 +1,64 @@
+"""Signed vs relu-unsigned activation grid on the same weights, on a run's held-out images.
+
+Runs one model (a shipped one or a checkpoint) on the 10 held-out validation images of the
+training folders (the split every `cadyq train` run validates on; never a benchmark set) in
+w8a8, w8a4 and dynamic mode (dynamic as `cadyq eval --tiling paper`), once on each activation
+grid with the clips unchanged, and prints PSNR (Y, shave = scale) and FAB. With
+``--per-layer`` it also prints what putting a single selector at 4 bits costs (w8a8 elsewhere).
+
+Usage: python bench/act_grid.py SCALE [--weights W] [--data-root ../shared/data/train] [--per-layer]
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from cadyq_cli.quant.modes import MODES, set_quant_mode
+from cadyq_cli.train.data import heldout_pairs
+from cadyq_cli.train.loop import _val_run
+from cadyq_cli.weights import load_model
+
+
+def main() -> None:
+    """Command-line entry point (see the module docstring)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("scale", type=int)
+    ap.add_argument("--weights", help="checkpoint (default: the shipped edsr-baseline of this scale)")
+    ap.add_argument("--data-root", type=Path, default=Path("../shared/data/train"))
+    ap.add_argument("--per-layer", action="store_true", help="also: each selector alone at 4 bits")
+    ap.add_argument("--threads", type=int, default=0)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.set_grad_enabled(False)
+    roots = [a.data_root / d for d in ("T91", "BSD200", "BSDS500test")]
+    val = heldout_pairs(roots, 10, 0, a.scale)
+    model = load_model(None if a.weights else "edsr-baseline", weights=a.weights, scale=a.scale, mode="w8a8",
+                       kernels="float")
+    own = model.act_grid
+    print(f"weights: {a.weights or f'edsr-baseline-x{a.scale}'} (trained on the {own} grid), {len(val.hr)} held-out images")
+    print(f"{'mode':8} {'grid':14} {'PSNR':>8} {'FAB':>5}")
+    for mode in ("w8a8", "w8a4", "dynamic"):
+        for grid in ("signed", "relu-unsigned"):
+            model.set_act_grid(grid)
+            set_quant_mode(model, mode)
+            psnr, fabs = _val_run(model, val, False, mode == "dynamic")
+            fab = sum(fabs) / len(fabs) if fabs else float("nan")
+            print(f"{mode:8} {grid:14} {psnr:8.3f} {fab:5.2f}", flush=True)
+    model.set_act_grid(own)
+    if a.per_layer:
+        names = {id(m): n for n, m in model.named_modules()}
+        set_quant_mode(model, "w8a8")
+        base, _ = _val_run(model, val, False, False)
+        print(f"one selector at 4 bits (w8a8 elsewhere, {own} grid; w8a8 {base:.3f} dB):")
+        for sel in model.selectors:
+            sel.mode = MODES["w8a4"]
+            p, _ = _val_run(model, val, False, False)
+            sel.mode = MODES["w8a8"]
+            print(f"  {names[id(sel)]:22} {'unsigned' if not sel.signed else 'signed':8} {p - base:+.3f} dB", flush=True)
+
+
+if __name__ == "__main__":
+    main()
