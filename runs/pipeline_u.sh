@@ -5,7 +5,8 @@
 # pams: 100 steps of a 300-step schedule from FP_RUN/last.pt -> runs/edsr_xS_pams_u;
 # cadyq: bit weight BW1 on a 400-step schedule to STOP1 (a checkpoint every 40) -> runs/edsr_xS_cadyq_u;
 # then BW2 on a 600-step schedule from STOP1 to STOP2 (a checkpoint every 20) -> runs/edsr_xS_cadyq_u_v2.
-# Pick on validation with the rule in runs/PICK_RULES.md (python -m cadyq_cli.train.select), then
+# Pick on validation with the rule in runs/PICK_RULES.md (python -m cadyq_cli.train.select runs/edsr_xS_cadyq_u
+# runs/edsr_xS_cadyq_u_v2 --max-gap G [--max-fab F] --into runs/edsr_xS_cadyq_u_sN), then
 # runs/eval_export.sh. Resumable: rerun to continue a stage.
 set -euo pipefail
 S=$1; FP=$2; BW1=$3; STOP1=$4; BW2=$5; STOP2=$6; T=${7:-0}

@@ -8,9 +8,11 @@ never trained on.
 
 Usage:
     python -m cadyq_cli.train.select runs/edsr_x2_cadyq_v4 --max-gap 0.05 [--into runs/edsr_x2_cadyq_v4_pick]
+    python -m cadyq_cli.train.select runs/edsr_x2_cadyq_u runs/edsr_x2_cadyq_u_v2 --max-gap 0.13 --max-fab 5.7
     python -m cadyq_cli.train.select runs/edsr_x4_cadyq_v3/last.pt --validate   # one checkpoint's val numbers
 
-Only steps with a kept checkpoint are picked. ``--into`` turns the picked step into a normal run folder (``last.pt`` + the log up to that
+Several run folders (a run and its continuations: a lineage) are one pool of kept steps; ``--max-fab``
+refuses a pick above that validation FAB. Only steps with a kept checkpoint are picked. ``--into`` turns the picked step into a normal run folder (``last.pt`` + the log up to that
 step), ready for ``python -m cadyq_cli.train.export`` or for resuming.
 """
 from __future__ import annotations
@@ -90,26 +92,38 @@ def validate_checkpoint(ckpt: Path, data: list[str] | None = None) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run", type=Path, help="run folder (or, with --validate, a checkpoint file)")
+    ap.add_argument("runs", type=Path, nargs="+", metavar="RUN",
+                    help="run folder(s) of one lineage (or, with --validate, a checkpoint file)")
     ap.add_argument("--validate", action="store_true", help="validate the checkpoint RUN on its held-out split and exit")
     ap.add_argument("--data", action="append", help="training folders, if they moved (with --validate)")
     ap.add_argument("--max-gap", type=float, default=0.05, help="dB the dynamic PSNR may lie below w8a8 on val")
+    ap.add_argument("--max-fab", type=float, help="no pick above this validation FAB")
     ap.add_argument("--into", type=Path, help="copy the picked step into this new run folder")
     a = ap.parse_args(argv)
     if a.validate:
-        print(json.dumps({"checkpoint": str(a.run), **validate_checkpoint(a.run, a.data)}))  # noqa: T201
+        for ckpt in a.runs:
+            print(json.dumps({"checkpoint": str(ckpt), **validate_checkpoint(ckpt, a.data)}))  # noqa: T201
         return
-    recs = read_log(a.run)
-    kept = kept_steps(a.run)
-    for r in val_records(recs):
-        print(f"step {r['step']:5d}  val {r['val_psnr']:.3f}  w8a8 {r['val_psnr_w8a8']:.3f}  "  # noqa: T201
-              f"gap {r['val_psnr'] - r['val_psnr_w8a8']:+.3f}  FAB {r['val_fab']:.2f}{'  kept' if r['step'] in kept else ''}")
-    best = pick(recs, a.max_gap, kept)
-    if best is None:
+    picks = []
+    for run in a.runs:
+        recs = read_log(run)
+        kept = kept_steps(run)
+        if len(a.runs) > 1:
+            print(f"{run}:")  # noqa: T201
+        for r in val_records(recs):
+            print(f"step {r['step']:5d}  val {r['val_psnr']:.3f}  w8a8 {r['val_psnr_w8a8']:.3f}  "  # noqa: T201
+                  f"gap {r['val_psnr'] - r['val_psnr_w8a8']:+.3f}  FAB {r['val_fab']:.2f}{'  kept' if r['step'] in kept else ''}")
+        if (best := pick(recs, a.max_gap, kept)) is not None:
+            picks.append((best, run))
+    if not picks:
         raise SystemExit(f"no kept step within {a.max_gap} dB of w8a8 on validation")
-    print(f"pick: step {best['step']} (FAB {best['val_fab']:.2f}, gap {best['val_psnr'] - best['val_psnr_w8a8']:+.3f} dB)")  # noqa: T201
+    best, run = min(picks, key=lambda t: (t[0]["val_fab"], -t[0]["val_psnr"]))
+    where = f"{run} " if len(a.runs) > 1 else ""
+    print(f"pick: {where}step {best['step']} (FAB {best['val_fab']:.2f}, gap {best['val_psnr'] - best['val_psnr_w8a8']:+.3f} dB)")  # noqa: T201
+    if a.max_fab is not None and best["val_fab"] > a.max_fab:
+        raise SystemExit(f"the pick's validation FAB {best['val_fab']:.2f} is above --max-fab {a.max_fab}: no step meets the rule")
     if a.into:
-        print(materialize(a.run, best["step"], a.into))  # noqa: T201
+        print(materialize(run, best["step"], a.into))  # noqa: T201
 
 
 if __name__ == "__main__":
