@@ -80,7 +80,8 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise CheckpointReadError(f"{path}: corrupt, truncated or not a PyTorch checkpoint ({first[:160]})") from None
     meta: dict[str, str] = {}
     if isinstance(obj, dict) and isinstance(obj.get("config"), dict):  # our training checkpoints
-        meta = {k: str(obj["config"][k]) for k in ("arch", "scale", "act_grid") if k in obj["config"]}
+        meta = {k: str(obj["config"][k]) for k in ("arch", "scale", "act_grid", "skip") if k in obj["config"]
+                and obj["config"][k] is not None}
     return _unwrap(obj, path), meta
 
 
@@ -109,10 +110,11 @@ def detect_scale(arch: str, sd: dict[str, torch.Tensor]) -> int | None:
 
 
 def model_from_state_dict(sd: dict[str, torch.Tensor], arch: str | None = None, scale: int | None = None,
-                          source: str = "checkpoint", act_grid: str = "signed") -> SRModel:
+                          source: str = "checkpoint", act_grid: str = "signed", skip: str = "official") -> SRModel:
     """Build a model and load ``sd`` strictly (official PAMS files are converted first).
 
-    ``act_grid``: the activation grid the clips were learned for (official files: ``signed``).
+    ``act_grid``: the activation grid the clips were learned for (official files: ``signed``);
+    ``skip``: the residual-skip semantics the weights were trained with (official files: ``official``).
     """
     if act_grid not in ACT_GRIDS:
         raise CheckpointMismatchError(f"{source}: unknown activation grid {act_grid!r} (this cadyq knows {', '.join(ACT_GRIDS)})")
@@ -150,6 +152,9 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], arch: str | None = None, 
         raise CheckpointMismatchError(f"{source}: does not fit {arch} x{scale}: " + "; ".join(parts))
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=True)
     model.set_act_grid(act_grid)
+    if skip not in model.skips:
+        raise CheckpointMismatchError(f"{source}: unknown skip {skip!r} for {arch} (this cadyq knows {', '.join(model.skips)})")
+    model.set_skip(skip)
     return model.eval()
 
 
@@ -162,7 +167,8 @@ def load_model_file(path: str | Path, arch: str | None = None, scale: int | None
         scale = int(meta["scale"])
     elif scale is not None and meta.get("scale", "").isdigit() and int(meta["scale"]) != scale and meta.get("arch") != "carn":
         raise CheckpointMismatchError(f"{path}: the weights are for x{meta['scale']}, not x{scale}")
-    return model_from_state_dict(sd, arch, scale, source=str(path), act_grid=meta.get("act_grid", "signed"))
+    return model_from_state_dict(sd, arch, scale, source=str(path), act_grid=meta.get("act_grid", "signed"),
+                                 skip=meta.get("skip", "official"))
 
 
 def _canonical_safetensors(blob: bytes) -> bytes:
@@ -180,7 +186,7 @@ def _canonical_safetensors(blob: bytes) -> bytes:
 
 
 def save_weights(model: SRModel, path: str | Path, metadata: dict[str, object] | None = None) -> None:
-    """Save a model as safetensors with ``arch``/``scale`` (and a non-default ``act_grid``) metadata
+    """Save a model as safetensors with ``arch``/``scale`` (and a non-default ``act_grid``, ``skip``) metadata
     (aliased keys stored as copies).
 
     The file is byte-reproducible: the same weights and metadata give the same sha256.
@@ -191,6 +197,8 @@ def save_weights(model: SRModel, path: str | Path, metadata: dict[str, object] |
     meta = {"format": FORMAT, "arch": model.arch, "scale": str(model.scale)}
     if model.act_grid != "signed":
         meta["act_grid"] = model.act_grid
+    if model.skip != "official":
+        meta["skip"] = model.skip
     for k, v in (metadata or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
     path = Path(path)

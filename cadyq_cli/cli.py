@@ -378,6 +378,7 @@ def train(
     selector_norm: Annotated[bool, typer.Option(help="cadyq: train selectors on standardized features")] = True,
     clip_init: Annotated[str, typer.Option(help="cadyq: 4/6-bit clips: mse (calibrated) or copy (official)")] = "mse",
     act_grid: Annotated[Optional[str], typer.Option(help="pams/cadyq: activation grid: signed (official) or relu-unsigned (ReLU outputs on the unsigned grid); default: --init's")] = None,
+    skip: Annotated[Optional[str], typer.Option(help="pams/cadyq: residual skip: official (adds the quantized block input) or fp (EDSR: the unquantized one); default: --init's")] = None,
 ) -> None:
     """Train one stage (fp → pams → cadyq); resumable, stops at the time budget."""
     from .train.loop import TrainConfig, TrainingStopped, bf16_helps, oversubscribed, train_stage
@@ -396,7 +397,7 @@ def train(
         init=str(init) if init else None, teacher=str(teacher) if teacher else None, minutes=minutes,
         steps=steps, stop_at=stop_at, batch=batch, lr=lr, lr_patch=lr_patch, seed=seed, bf16=use_bf16, threads=threads, device=device,
         val_every=val_every, keep_val=keep_val, bit_weight_max=bit_weight, bit_ramp_steps=bit_ramp, selector_lr=selector_lr,
-        selector_norm=selector_norm, clip_init=clip_init, act_grid=act_grid,
+        selector_norm=selector_norm, clip_init=clip_init, act_grid=act_grid, skip=skip,
     )
     try:
         train_stage(cfg, log=lambda s: typer.echo(s, err=True))

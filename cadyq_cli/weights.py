@@ -37,6 +37,7 @@ class WeightsCfg:
     metrics: dict = field(default_factory=dict)
     notes: str = ""
     act_grid: str = "signed"  # activation grid of the clips (see SRModel.set_act_grid)
+    skip: str = "official"  # residual-skip semantics (see SRModel.set_skip)
 
     @property
     def path(self) -> Path:

@@ -7,21 +7,25 @@
 # then BW2 on a 600-step schedule from STOP1 to STOP2 (a checkpoint every 20) -> runs/edsr_xS_cadyq_u_v2.
 # Pick on validation with the rule in runs/PICK_RULES.md (python -m cadyq_cli.train.select runs/edsr_xS_cadyq_u
 # runs/edsr_xS_cadyq_u_v2 --max-gap G [--max-fab F] --into runs/edsr_xS_cadyq_u_sN), then
-# runs/eval_export.sh. Resumable: rerun to continue a stage.
+# runs/eval_export.sh. Resumable: rerun to continue a stage (a finished pams stage is not rerun).
+# env: SKIP=fp trains the cadyq runs with EDSR's fp block skip (--skip fp), CADYQ=RUN names them
+# (default runs/edsr_xS_cadyq_u; the continuation is RUN_v2).
 set -euo pipefail
 S=$1; FP=$2; BW1=$3; STOP1=$4; BW2=$5; STOP2=$6; T=${7:-0}
 D=${DATA_ROOT:-../shared/data/train}
 DATA="--data $D/T91 --data $D/BSD200 --data $D/BSDS500test"
 R=runs/edsr_x${S}
 # a stage that ran out of --minutes exits 0: go on only when it reached its step target
-reached() { python -c "import sys; from cadyq_cli.train.select import read_log
-r=[x for x in read_log('$1') if x.get('final')]; sys.exit(0 if r and r[-1]['step'] >= $2 else 1)" \
-  || { echo "$1: stopped before step $2; rerun to continue" >&2; exit 1; }; }
-cadyq train pams $DATA --run ${R}_pams_u --scale $S --init $FP/last.pt --steps 300 --lr 1e-4 --stop-at 100 --minutes 15 \
+at() { [ -f "$1/log.jsonl" ] && python -c "import sys; from cadyq_cli.train.select import read_log
+r=[x for x in read_log('$1') if x.get('final')]; sys.exit(0 if r and r[-1]['step'] >= $2 else 1)"; }
+reached() { at "$1" "$2" || { echo "$1: stopped before step $2; rerun to continue" >&2; exit 1; }; }
+C=${CADYQ:-${R}_cadyq_u}
+at ${R}_pams_u 100 || cadyq train pams $DATA --run ${R}_pams_u --scale $S --init $FP/last.pt --steps 300 --lr 1e-4 --stop-at 100 --minutes 15 \
     --val-every 100 --threads $T --act-grid relu-unsigned
 reached ${R}_pams_u 100
-cadyq train cadyq $DATA --run ${R}_cadyq_u --scale $S --init ${R}_pams_u/last.pt --batch 8 --steps 400 --lr 5e-5 \
-    --bit-weight $BW1 --bit-ramp 30 --selector-lr 5e-3 --minutes 60 --val-every 40 --keep-val --stop-at $STOP1 --threads $T
-reached ${R}_cadyq_u $STOP1
-STEPS=600 BIT_WEIGHT=$BW2 VAL_EVERY=20 KEEP_VAL=1 STOP_AT=$STOP2 runs/continue_cadyq.sh $S ${R}_cadyq_u ${R}_cadyq_u_v2 60 $T
-reached ${R}_cadyq_u_v2 $STOP2
+cadyq train cadyq $DATA --run $C --scale $S --init ${R}_pams_u/last.pt --batch 8 --steps 400 --lr 5e-5 \
+    --bit-weight $BW1 --bit-ramp 30 --selector-lr 5e-3 --minutes 60 --val-every 40 --keep-val --stop-at $STOP1 --threads $T \
+    ${SKIP:+--skip $SKIP}
+reached $C $STOP1
+STEPS=600 BIT_WEIGHT=$BW2 VAL_EVERY=20 KEEP_VAL=1 STOP_AT=$STOP2 runs/continue_cadyq.sh $S $C ${C}_v2 60 $T
+reached ${C}_v2 $STOP2

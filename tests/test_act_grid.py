@@ -135,3 +135,37 @@ def test_selector_set_signed_keeps_device_and_candidates_in_step() -> None:
     assert all(not q.signed for q in sel.candidates) and not sel.signed
     sel.set_signed(True)
     assert [float(v) for v in sel._qmax_table] == [7.0, 31.0, 127.0]
+
+
+def test_fp_skip_adds_the_unquantized_block_input(tmp_path) -> None:
+    """EDSR --skip fp: a block returns residual + its *unquantized* input; the convs read the same
+    quantized tensor, so the bits do not change; the choice is recorded in the weights."""
+    from cadyq_cli.quant.modules import QuantContext
+
+    model = _model("edsr", "relu-unsigned")
+    set_quant_mode(model, "w8a4")
+    blk = model.body[2]
+    h = torch.randn(1, 64, 12, 12, generator=torch.Generator().manual_seed(5)) * 10
+    with torch.inference_mode():
+        official = blk(h.clone(), QuantContext(grad=torch.zeros(1, 2, 1, 1)))
+        quantized_input = blk.bitsel1(h.clone(), QuantContext(grad=torch.zeros(1, 2, 1, 1)))
+        model.set_skip("fp")
+        assert blk.fp_skip
+        fp = blk(h.clone(), QuantContext(grad=torch.zeros(1, 2, 1, 1)))
+    assert not torch.equal(h, quantized_input)
+    assert torch.allclose(fp - official, h - quantized_input, atol=1e-4)
+    x = _image(1, 20)
+    with torch.inference_mode():
+        on, bits_on = model(x)
+        model.set_skip("official")
+        off, bits_off = model(x)
+        model.set_skip("fp")
+    assert not torch.equal(on, off) and torch.equal(bits_on, bits_off)
+    save_weights(model, tmp_path / "f.safetensors")
+    back = load_model_file(tmp_path / "f.safetensors")
+    assert back.skip == "fp" and back.act_grid == "relu-unsigned"
+    set_quant_mode(back, "w8a4")
+    with torch.inference_mode():
+        assert torch.equal(back(x)[0], on)
+    with pytest.raises(ValueError, match="offers the skips official, not 'fp'"):
+        _model("carn").set_skip("fp")

@@ -413,3 +413,21 @@ def test_act_grid_is_chosen_at_pams_inherited_and_kept(data_dir: Path, fp_run: P
     with pytest.raises(SystemExit, match="--act-grid must be one of"):
         train_stage(_cfg(data_dir, tmp_path / "bad3", stage="pams", init=str(fp_run / "last.pt"), act_grid="ternary"))
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad3").exists()
+
+
+def test_fp_skip_starts_from_an_official_skip_pams_and_is_kept(data_dir: Path, pams_run: Path, tmp_path: Path) -> None:
+    """--skip fp may start from a pams run (same weights and clips), is recorded, and a resume
+    cannot change it."""
+    c = tmp_path / "cadyq_f"
+    train_stage(_cfg(data_dir, c, stage="cadyq", init=str(pams_run / "last.pt"), steps=2, skip="fp"))
+    assert load_state(c / "last.pt")["config"]["skip"] == "fp"
+    model = load_model_file(c / "last.pt")
+    assert model.skip == "fp" and all(b.fp_skip for b in model.body[:-1])
+    assert validate(model, _val(data_dir), False)["val_psnr"] == _log(c)[-1]["val_psnr"]
+    with pytest.raises(SystemExit, match="was trained with --skip fp"):
+        train_stage(_cfg(data_dir, c, stage="cadyq", steps=3, skip="official"))
+    d = tmp_path / "cadyq_f2"
+    train_stage(_cfg(data_dir, d, stage="cadyq", init=str(c / "last.pt"), steps=1))  # inherited
+    assert load_state(d / "last.pt")["config"]["skip"] == "fp"
+    with pytest.raises(SystemExit, match="--skip must be one of official"):
+        train_stage(_cfg(data_dir, tmp_path / "bad", stage="cadyq", arch="carn", init=str(c / "last.pt"), skip="fp"))

@@ -96,6 +96,8 @@ class SRModel(nn.Module):
     grad_multiplier: ClassVar[float] = 1000.0  # EDSR, SRResNet, IDN; CARN uses 1 (spec §5.1)
     #: LR pixels of context a pixel's output depends on (receptive-field radius, generous).
     receptive_radius: ClassVar[int] = 48
+    #: residual-skip semantics the backbone offers (see :meth:`set_skip`); ``official`` first
+    skips: ClassVar[tuple[str, ...]] = ("official",)
 
     def __init__(self, scale: int) -> None:
         super().__init__()
@@ -106,6 +108,15 @@ class SRModel(nn.Module):
         self.scale = scale
         self.mode: QuantMode = MODES["dynamic"]
         self.act_grid = "signed"
+        self.skip = "official"
+
+    def set_skip(self, skip: str) -> None:
+        """Residual-skip semantics: ``official``, or ``fp`` (EDSR: the block skip adds the
+        unquantized block input, not the quantized one; costs are unchanged, since every conv
+        reads the same quantized tensor). Weights record theirs (``skip``)."""
+        if skip not in self.skips:
+            raise ValueError(f"{self.arch} offers the skips {', '.join(self.skips)}, not {skip!r}")
+        self.skip = skip
 
     def set_act_grid(self, grid: str) -> None:
         """Use activation grid ``grid`` (one of :data:`ACT_GRIDS`) from now on.

@@ -21,7 +21,8 @@ __all__ = ["EDSRBaseline", "ResBlock", "Upsampler", "pams_to_cadyq", "is_pams_st
 
 
 class ResBlock(nn.Module):
-    """EDSR residual block; the skip adds the *quantized* block input (official semantics)."""
+    """EDSR residual block; the skip adds the *quantized* block input (official semantics), or
+    with ``fp_skip`` the full-precision one (the convs read the same quantized input either way)."""
 
     def __init__(self, n_feats: int, res_scale: float = 1.0) -> None:
         super().__init__()
@@ -39,13 +40,14 @@ class ResBlock(nn.Module):
         self.body[2].after_relu = True
         self.quant_act3.inplace = True
         self.res_scale = res_scale
+        self.fp_skip = False
 
     def forward(self, x: torch.Tensor, ctx: QuantContext) -> torch.Tensor:  # noqa: D102
-        s = self.bitsel1(x, ctx)
+        s = self.bitsel1(x, ctx)  # never in place: x is read again by an fp skip (or the global skip)
         t = self.body[1](self.body[0](s))
         t = self.body[3](self.body[2](t, ctx))
         t = self.quant_act3(t * self.res_scale)
-        return t + s
+        return t + (x if self.fp_skip else s)
 
 
 class Upsampler(nn.Sequential):
@@ -73,6 +75,7 @@ class EDSRBaseline(SRModel):
 
     arch = "edsr_baseline"
     receptive_radius = 40  # head 1 + 32 body convs + body end 1 + upsampler/tail <= 3 (LR px)
+    skips = ("official", "fp")
 
     def __init__(self, scale: int = 4, n_resblocks: int = 16, n_feats: int = 64) -> None:
         super().__init__(scale)
@@ -81,6 +84,12 @@ class EDSRBaseline(SRModel):
         self.head = nn.Sequential(InputConv2d(3, n_feats, 3, padding=1))
         self.body = nn.Sequential(*[ResBlock(n_feats) for _ in range(n_resblocks)], nn.Conv2d(n_feats, n_feats, 3, padding=1))
         self.tail = nn.Sequential(Upsampler(scale, n_feats), nn.Conv2d(n_feats, 3, 3, padding=1))
+
+    def set_skip(self, skip: str) -> None:
+        """``official``: each block's skip adds its quantized input; ``fp``: the unquantized one."""
+        super().set_skip(skip)
+        for blk in self.body[:-1]:
+            blk.fp_skip = skip == "fp"
 
     def feature_blocks(self) -> list[nn.Module]:
         """Residual blocks whose outputs the attention-transfer loss compares."""

@@ -73,7 +73,7 @@ def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json
         for ds, modes in _metrics_from_eval(e).items():
             metrics.setdefault(ds, {}).update(modes)
     entry = {
-        "name": name, "file": out.name, "arch": model.arch, "scale": model.scale, "act_grid": model.act_grid,
+        "name": name, "file": out.name, "arch": model.arch, "scale": model.scale, "act_grid": model.act_grid, "skip": model.skip,
         "sha256": sha, "params": params,
         "data": data, "license": "MIT (weights trained by the cadyq project)",
         "stages": [_stage_info(r) for r in runs] or old.get("stages", []), "metrics": metrics, "notes": notes or old.get("notes", ""),

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..engine import TilingConfig, upscale_array
 from ..metrics import psnr_y
-from ..models import create_model
+from ..models import create_model, get_arch
 from ..models._base import ACT_GRIDS, SRModel
 from ..quant.modes import CANDIDATE_BITS, set_quant_mode
 from ..quant.modules import ActQuantizer, BitSelector
@@ -64,6 +64,9 @@ class TrainConfig:
     # pams/cadyq: activation grid ("signed", official, or "relu-unsigned": ReLU inputs on the unsigned
     # grid); None: the --init checkpoint's (a run resumes with its own; fp: "signed")
     act_grid: str | None = None
+    # pams/cadyq: residual skip ("official", or "fp": EDSR's block skip adds the unquantized input);
+    # None: the --init checkpoint's (a run resumes with its own); unlike the grid it may change at a stage start
+    skip: str | None = None
     minutes: float = 60.0
     stop_at: int | None = None  # stop this invocation at this step (the schedule still spans `steps`)
     seed: int = 0
@@ -247,6 +250,7 @@ def _load_model_weights(path: str, cfg: TrainConfig) -> SRModel:
     sd = st["model"] if "model" in st else st
     model.load_state_dict(sd, strict=True)
     model.set_act_grid(_grid_of(st))
+    model.set_skip((st.get("config") or {}).get("skip") or "official")
     return model  # type: ignore[return-value]
 
 
@@ -277,6 +281,21 @@ def _resolve_act_grid(cfg: TrainConfig, resume: dict | None) -> None:
     if cfg.act_grid not in (None, inherited):
         raise SystemExit(f"--act-grid {cfg.act_grid}: the clips of --init {cfg.init} were learned for {inherited}")
     cfg.act_grid = inherited
+
+
+def _resolve_skip(cfg: TrainConfig, resume: dict | None) -> None:
+    """Set ``cfg.skip``: the given one, else the run's own (resume) or the --init checkpoint's."""
+    offered = get_arch(cfg.arch).skips
+    if cfg.skip is not None and cfg.skip not in offered:
+        raise SystemExit(f"--skip must be one of {', '.join(offered)} for {cfg.arch}, not {cfg.skip!r}")
+    if resume is not None:
+        own = (resume.get("config") or {}).get("skip") or "official"
+        if cfg.skip not in (None, own):
+            raise SystemExit(f"{cfg.run_dir} was trained with --skip {own}, not {cfg.skip}")
+        cfg.skip = own
+    elif cfg.skip is None:
+        init = load_state(Path(cfg.init)) if cfg.init and cfg.stage != "fp" else {}
+        cfg.skip = (init.get("config") or {}).get("skip") or "official"
 
 
 def warm_start(model: SRModel, path: str) -> list[str]:
@@ -381,6 +400,7 @@ def _prepare(cfg: TrainConfig, resume: dict | None) -> tuple[SRModel, SRModel | 
     if cfg.stage == "pams":
         model = _load_model_weights(cfg.init, cfg) if resume is None else create_model(cfg.arch, cfg.scale)
         model.set_act_grid(cfg.act_grid or "signed")
+        model.set_skip(cfg.skip or "official")
         teacher = _load_model_weights(src, cfg) if src else None
         if teacher is not None:
             set_quant_mode(teacher, "fp32")
@@ -388,6 +408,7 @@ def _prepare(cfg: TrainConfig, resume: dict | None) -> tuple[SRModel, SRModel | 
     else:  # cadyq
         model = _load_model_weights(cfg.init, cfg) if resume is None else create_model(cfg.arch, cfg.scale)
         model.set_act_grid(cfg.act_grid or "signed")
+        model.set_skip(cfg.skip or "official")
         if resume is None:
             with torch.no_grad():  # the official renaming: the 8-bit clip seeds all three candidates
                 for sel in model.selectors:
@@ -588,6 +609,7 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
         if f is not None and not Path(f).is_file():
             raise SystemExit(f"--{what} {f} does not exist")
     _resolve_act_grid(cfg, resume)
+    _resolve_skip(cfg, resume)
     for d in cfg.data:
         if not Path(d).is_dir():
             raise SystemExit(f"training data folder {d} does not exist")
