@@ -1,12 +1,13 @@
-"""Signed vs relu-unsigned activation grid on the same weights, on a run's held-out images.
+"""Model variants on the same weights, on a run's held-out images: the activation grid
+(signed vs relu-unsigned) or, with ``--skip``, EDSR's residual skip (official vs fp).
 
 Runs one model (a shipped one or a checkpoint) on the 10 held-out validation images of the
 training folders (the split every `cadyq train` run validates on; never a benchmark set) in
-w8a8, w8a4 and dynamic mode (dynamic as `cadyq eval --tiling paper`), once on each activation
-grid with the clips unchanged, and prints PSNR (Y, shave = scale) and FAB. With
+w8a8, w8a4 and dynamic mode (dynamic as `cadyq eval --tiling paper`), once per variant with
+the weights and clips unchanged, and prints PSNR (Y, shave = scale) and FAB. With
 ``--per-layer`` it also prints what putting a single selector at 4 bits costs (w8a8 elsewhere).
 
-Usage: python bench/act_grid.py SCALE [--weights W] [--data-root ../shared/data/train] [--per-layer]
+Usage: python bench/variants.py SCALE [--weights W] [--skip] [--data-root ../shared/data/train] [--per-layer]
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def main() -> None:
     ap.add_argument("scale", type=int)
     ap.add_argument("--weights", help="checkpoint (default: the shipped edsr-baseline of this scale)")
     ap.add_argument("--data-root", type=Path, default=Path("../shared/data/train"))
+    ap.add_argument("--skip", action="store_true", help="compare the residual skips instead of the grids")
     ap.add_argument("--per-layer", action="store_true", help="also: each selector alone at 4 bits")
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args()
@@ -37,22 +39,26 @@ def main() -> None:
     val = heldout_pairs(roots, 10, 0, a.scale)
     model = load_model(None if a.weights else "edsr-baseline", weights=a.weights, scale=a.scale, mode="w8a8",
                        kernels="float")
-    own = model.act_grid
-    print(f"weights: {a.weights or f'edsr-baseline-x{a.scale}'} (trained on the {own} grid), {len(val.hr)} held-out images")
-    print(f"{'mode':8} {'grid':14} {'PSNR':>8} {'FAB':>5}")
+    own = model.act_grid, model.skip
+    print(f"weights: {a.weights or f'edsr-baseline-x{a.scale}'} (trained with grid {own[0]}, skip {own[1]}), "
+          f"{len(val.hr)} held-out images")
+    variants = [(own[0], s) for s in ("official", "fp")] if a.skip else [(g, own[1]) for g in ("signed", "relu-unsigned")]
+    print(f"{'mode':8} {'grid':14} {'skip':9} {'PSNR':>8} {'FAB':>5}")
     for mode in ("w8a8", "w8a4", "dynamic"):
-        for grid in ("signed", "relu-unsigned"):
+        for grid, skip in variants:
             model.set_act_grid(grid)
+            model.set_skip(skip)
             set_quant_mode(model, mode)
             psnr, fabs = _val_run(model, val, False, mode == "dynamic")
             fab = sum(fabs) / len(fabs) if fabs else float("nan")
-            print(f"{mode:8} {grid:14} {psnr:8.3f} {fab:5.2f}", flush=True)
-    model.set_act_grid(own)
+            print(f"{mode:8} {grid:14} {skip:9} {psnr:8.3f} {fab:5.2f}", flush=True)
+    model.set_act_grid(own[0])
+    model.set_skip(own[1])
     if a.per_layer:
         names = {id(m): n for n, m in model.named_modules()}
         set_quant_mode(model, "w8a8")
         base, _ = _val_run(model, val, False, False)
-        print(f"one selector at 4 bits (w8a8 elsewhere, {own} grid; w8a8 {base:.3f} dB):")
+        print(f"one selector at 4 bits (w8a8 elsewhere, grid {own[0]}, skip {own[1]}; w8a8 {base:.3f} dB):")
         for sel in model.selectors:
             sel.mode = MODES["w8a4"]
             p, _ = _val_run(model, val, False, False)
