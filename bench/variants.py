@@ -39,6 +39,8 @@ def main() -> None:
     val = heldout_pairs(roots, 10, 0, a.scale)
     model = load_model(None if a.weights else "edsr-baseline", weights=a.weights, scale=a.scale, mode="w8a8",
                        kernels="float")
+    if a.skip and "fp" not in model.skips:
+        raise SystemExit(f"--skip: {model.arch} offers no fp skip (only {', '.join(model.skips)})")
     own = model.act_grid, model.skip
     print(f"weights: {a.weights or f'edsr-baseline-x{a.scale}'} (trained with grid {own[0]}, skip {own[1]}), "
           f"{len(val.hr)} held-out images")

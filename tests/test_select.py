@@ -46,3 +46,10 @@ def test_fab_cap_and_no_step_within_the_gap_are_refused(lineage: tuple[Path, Pat
     assert not (tmp_path / "no").exists()
     with pytest.raises(SystemExit, match="no kept step within 0.05 dB"):
         main([str(a), str(b), "--max-gap", "0.05"])
+
+
+def test_a_folder_without_a_log_is_refused_in_one_line(lineage: tuple[Path, Path], tmp_path: Path) -> None:
+    a, _ = lineage
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no log.jsonl"):
+        main([str(a), str(tmp_path / "empty"), "--max-gap", "0.13"])

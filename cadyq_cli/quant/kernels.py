@@ -62,7 +62,12 @@ def int8_available() -> bool:
         packed = _pack(m.to(torch.int8), s_w, conv)
         out = _qconv(_u8(k.to(torch.int8, memory_format=torch.channels_last)), 1.0, packed, conv, None, "none")
         exact = torch.nn.functional.conv2d(k.double(), m.double(), padding=1) * s_w
-        return bool((out.double() - exact).abs().max() <= 1e-6 * exact.abs().max())
+        ok = bool((out.double() - exact).abs().max() <= 1e-6 * exact.abs().max())
+        u = (k.abs() * 2).clamp_max(255)  # unsigned-grid codes 0..255, zero point 0
+        out = _qconv(u.to(torch.uint8).contiguous(memory_format=torch.channels_last), 1.0, _pack(m.to(torch.int8), s_w, conv, 0),
+                     conv, None, "none", 0)
+        exact = torch.nn.functional.conv2d(u.double(), m.double(), padding=1) * s_w
+        return ok and bool((out.double() - exact).abs().max() <= 1e-6 * exact.abs().max())
     except Exception:  # noqa: BLE001 - any failure means: use the float path
         return False
 

@@ -296,6 +296,8 @@ def _resolve_skip(cfg: TrainConfig, resume: dict | None) -> None:
     elif cfg.skip is None:
         init = load_state(Path(cfg.init)) if cfg.init and cfg.stage != "fp" else {}
         cfg.skip = (init.get("config") or {}).get("skip") or "official"
+        if cfg.skip not in offered:
+            raise SystemExit(f"--init {cfg.init} was trained with skip {cfg.skip}, which {cfg.arch} does not offer")
 
 
 def warm_start(model: SRModel, path: str) -> list[str]:

@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     picks = []
     for run in a.runs:
+        if not (Path(run) / "log.jsonl").is_file():
+            raise SystemExit(f"{run}: no log.jsonl (not a run folder)")
         recs = read_log(run)
         kept = kept_steps(run)
         if len(a.runs) > 1:
