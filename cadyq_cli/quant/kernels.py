@@ -59,15 +59,14 @@ def int8_available() -> bool:
         m[:4] = 127.0
         conv = nn.Conv2d(64, 8, 3, padding=1, bias=False)  # geometry only
         s_w = 0.5
-        packed = _pack(m.to(torch.int8), s_w, conv)
-        out = _qconv(_u8(k.to(torch.int8, memory_format=torch.channels_last)), 1.0, packed, conv, None, "none")
-        exact = torch.nn.functional.conv2d(k.double(), m.double(), padding=1) * s_w
-        ok = bool((out.double() - exact).abs().max() <= 1e-6 * exact.abs().max())
         u = (k.abs() * 2).clamp_max(255)  # unsigned-grid codes 0..255, zero point 0
-        out = _qconv(u.to(torch.uint8).contiguous(memory_format=torch.channels_last), 1.0, _pack(m.to(torch.int8), s_w, conv, 0),
-                     conv, None, "none", 0)
-        exact = torch.nn.functional.conv2d(u.double(), m.double(), padding=1) * s_w
-        return ok and bool((out.double() - exact).abs().max() <= 1e-6 * exact.abs().max())
+        for codes, u8, zp in ((k, _u8(k.to(torch.int8)), _ZP), (u, u.to(torch.uint8), 0)):
+            out = _qconv(u8.contiguous(memory_format=torch.channels_last), 1.0, _pack(m.to(torch.int8), s_w, conv, zp),
+                         conv, None, "none", zp)
+            exact = torch.nn.functional.conv2d(codes.double(), m.double(), padding=1) * s_w
+            if not (out.double() - exact).abs().max() <= 1e-6 * exact.abs().max():
+                return False
+        return True
     except Exception:  # noqa: BLE001 - any failure means: use the float path
         return False
 

@@ -244,59 +244,54 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def _load_model_weights(path: str, cfg: TrainConfig) -> SRModel:
-    """The model of a training checkpoint, on the activation grid it was trained with."""
+    """The model of a training checkpoint, with the activation grid and skip it was trained with."""
     st = load_state(Path(path))
     model = create_model(cfg.arch, cfg.scale)
     sd = st["model"] if "model" in st else st
     model.load_state_dict(sd, strict=True)
-    model.set_act_grid(_grid_of(st))
-    model.set_skip((st.get("config") or {}).get("skip") or "official")
+    model.set_act_grid(_variant(st, "act_grid"))
+    model.set_skip(_variant(st, "skip"))
     return model  # type: ignore[return-value]
 
 
-def _grid_of(state: dict) -> str:
-    """Activation grid a training checkpoint's clips were learned for (older ones: signed)."""
-    return (state.get("config") or {}).get("act_grid") or "signed"
+#: model variants a training checkpoint records, with what a checkpoint that lacks one means
+_VARIANTS = {"act_grid": "signed", "skip": "official"}
 
 
-def _resolve_act_grid(cfg: TrainConfig, resume: dict | None) -> None:
-    """Set ``cfg.act_grid``: the given one, else the run's own (resume) or the --init checkpoint's.
+def _variant(state: dict, key: str) -> str:
+    """Variant ``key`` (``act_grid`` or ``skip``) of a training checkpoint (older ones: the default)."""
+    return (state.get("config") or {}).get(key) or _VARIANTS[key]
 
-    A run cannot change grids, and a pams/cadyq stage cannot start from clips learned for
-    another grid (an ``fp`` init has none): both are refused in one line.
+
+def _resolve_variants(cfg: TrainConfig, resume: dict | None) -> None:
+    """Set ``cfg.act_grid`` and ``cfg.skip``: the given ones, else the run's own (resume) or the
+    --init checkpoint's (read once).
+
+    Refused in one line: an unknown value, a change on resume, and a grid other than the one
+    the --init clips were learned for (an ``fp`` init has none; the skip may change at a start).
     """
-    if cfg.act_grid is not None and cfg.act_grid not in ACT_GRIDS:
-        raise SystemExit(f"--act-grid must be one of {', '.join(ACT_GRIDS)}, not {cfg.act_grid!r}")
+    offered = {"act_grid": ACT_GRIDS, "skip": get_arch(cfg.arch).skips}
+    for key, values in offered.items():
+        if getattr(cfg, key) is not None and getattr(cfg, key) not in values:
+            raise SystemExit(f"--{key.replace('_', '-')} must be one of {', '.join(values)} for {cfg.arch}, "
+                             f"not {getattr(cfg, key)!r}")
     if resume is not None:
-        own = _grid_of(resume)
-        if cfg.act_grid not in (None, own):
-            raise SystemExit(f"{cfg.run_dir} was trained with --act-grid {own}, not {cfg.act_grid}")
-        cfg.act_grid = own
+        for key in _VARIANTS:
+            own = _variant(resume, key)
+            if getattr(cfg, key) not in (None, own):
+                raise SystemExit(f"{cfg.run_dir} was trained with --{key.replace('_', '-')} {own}, not {getattr(cfg, key)}")
+            setattr(cfg, key, own)
         return
-    init = load_state(Path(cfg.init)) if cfg.init and cfg.stage != "fp" else None
-    if init is None or (init.get("config") or {}).get("stage") == "fp":
-        cfg.act_grid = cfg.act_grid or "signed"
-        return
-    inherited = _grid_of(init)
-    if cfg.act_grid not in (None, inherited):
-        raise SystemExit(f"--act-grid {cfg.act_grid}: the clips of --init {cfg.init} were learned for {inherited}")
-    cfg.act_grid = inherited
-
-
-def _resolve_skip(cfg: TrainConfig, resume: dict | None) -> None:
-    """Set ``cfg.skip``: the given one, else the run's own (resume) or the --init checkpoint's."""
-    offered = get_arch(cfg.arch).skips
-    if cfg.skip is not None and cfg.skip not in offered:
-        raise SystemExit(f"--skip must be one of {', '.join(offered)} for {cfg.arch}, not {cfg.skip!r}")
-    if resume is not None:
-        own = (resume.get("config") or {}).get("skip") or "official"
-        if cfg.skip not in (None, own):
-            raise SystemExit(f"{cfg.run_dir} was trained with --skip {own}, not {cfg.skip}")
-        cfg.skip = own
-    elif cfg.skip is None:
-        init = load_state(Path(cfg.init)) if cfg.init and cfg.stage != "fp" else {}
-        cfg.skip = (init.get("config") or {}).get("skip") or "official"
-        if cfg.skip not in offered:
+    init = load_state(Path(cfg.init)) if cfg.init and cfg.stage != "fp" else {}
+    if init and (init.get("config") or {}).get("stage") != "fp":  # clips learned for a grid
+        inherited = _variant(init, "act_grid")
+        if cfg.act_grid not in (None, inherited):
+            raise SystemExit(f"--act-grid {cfg.act_grid}: the clips of --init {cfg.init} were learned for {inherited}")
+        cfg.act_grid = inherited
+    cfg.act_grid = cfg.act_grid or _VARIANTS["act_grid"]
+    if cfg.skip is None:
+        cfg.skip = _variant(init, "skip")
+        if cfg.skip not in offered["skip"]:
             raise SystemExit(f"--init {cfg.init} was trained with skip {cfg.skip}, which {cfg.arch} does not offer")
 
 
@@ -610,8 +605,7 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
         f = getattr(cfg, what)
         if f is not None and not Path(f).is_file():
             raise SystemExit(f"--{what} {f} does not exist")
-    _resolve_act_grid(cfg, resume)
-    _resolve_skip(cfg, resume)
+    _resolve_variants(cfg, resume)
     for d in cfg.data:
         if not Path(d).is_dir():
             raise SystemExit(f"training data folder {d} does not exist")
