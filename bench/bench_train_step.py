@@ -1,7 +1,7 @@
 """Training-step time of EDSR-baseline x4 in fp32 and under bf16 autocast, on this CPU.
 
 Shows whether `cadyq train --bf16 auto` should turn autocast on here (it decides with a smaller
-one-conv probe, `cadyq_cli.train.loop.bf16_helps`). Native bf16 (AVX-512 BF16, AMX) makes
+one-conv probe, `cadyq_cli.train.host.bf16_helps`). Native bf16 (AVX-512 BF16, AMX) makes
 autocast faster; on AVX2-only CPUs it is emulated and far slower.
 
 Usage: python bench/bench_train_step.py [--threads 2] [--batch 8] [--reps 3]
@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cadyq_cli.models import create_model  # noqa: E402
-from cadyq_cli.quant.modes import set_quant_mode  # noqa: E402
-from cadyq_cli.train.loop import bf16_helps  # noqa: E402
+from cadyq_cli.quant.modules import set_quant_mode  # noqa: E402
+from cadyq_cli.train.host import bf16_helps  # noqa: E402
 
 
 def main() -> None:

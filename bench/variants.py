@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from cadyq_cli.quant.modes import MODES, set_quant_mode
+from cadyq_cli.quant.modes import MODES
+from cadyq_cli.quant.modules import set_quant_mode
 from cadyq_cli.train.data import heldout_pairs
-from cadyq_cli.train.loop import _val_run
+from cadyq_cli.train.validate import _val_run
 from cadyq_cli.weights import load_model
 
 

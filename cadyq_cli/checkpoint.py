@@ -20,9 +20,13 @@ from .models import create_model, get_arch
 from .models._base import ACT_GRIDS, SRModel
 from .models._pams import strip_module_prefix
 
-__all__ = ["read_state_dict", "detect_arch", "load_model_file", "save_weights", "model_from_state_dict"]
+__all__ = ["read_state_dict", "read_checkpoint", "detect_arch", "load_model_file", "save_weights", "save_state_dict", "model_from_state_dict"]
 
 FORMAT = "cadyq-weights-1"
+#: format tag of our training checkpoints (written by ``cadyq_cli.train.state.save_state``)
+TRAIN_FORMAT = "cadyq-train-1"
+#: what both a training checkpoint's config and a weights file's metadata record about the model
+MODEL_KEYS = ("stage", "arch", "scale", "act_grid", "skip")
 
 
 def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -39,17 +43,13 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return strip_module_prefix(obj)  # type: ignore[arg-type]
 
 
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a weights file safely.
-
-    Returns:
-        (state dict of CPU tensors, metadata: ``arch``/``scale`` when the file records them).
+def _load(path: Path) -> tuple[object, dict[str, str]]:
+    """The object a weights file stores, loaded safely, with its safetensors metadata (else empty).
 
     Raises:
         CheckpointReadError: missing, empty, truncated or non-checkpoint file.
         UnsafeCheckpointError: a pickle that references code (it is not executed).
     """
-    path = Path(path)
     if not path.is_file():
         raise CheckpointReadError(f"{path}: no such weights file")
     if path.stat().st_size == 0:
@@ -66,7 +66,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
                 meta = dict(f.metadata() or {})
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointReadError(f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0]})") from None
-        return _unwrap(sd, path), meta
+        return sd, meta
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -78,10 +78,50 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointReadError(f"{path}: corrupt, truncated or not a PyTorch checkpoint ({first[:160]})") from None
-    meta: dict[str, str] = {}
-    if isinstance(obj, dict) and isinstance(obj.get("config"), dict):  # our training checkpoints
-        meta = {k: str(obj["config"][k]) for k in ("arch", "scale", "act_grid", "skip") if k in obj["config"]
-                and obj["config"][k] is not None}
+    return obj, {}
+
+
+def _is_training_state(obj: object) -> bool:
+    """Whether ``obj`` is one of our training checkpoints (``TRAIN_FORMAT``: it records its config)."""
+    return isinstance(obj, dict) and isinstance(obj.get("config"), dict)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Read any weights file safely as a training state (the one reader of our training checkpoints).
+
+    Our training checkpoints (:data:`TRAIN_FORMAT`: ``config``, ``model``, ``step``, optimizer and RNG
+    state) come back as saved. Any other file (a safetensors file, an official checkpoint) comes back as
+    ``{"model": state dict, "config": {...}}``, the config holding the :data:`MODEL_KEYS` its metadata
+    records (``None`` where it records none): weights only, no optimizer state.
+
+    Raises:
+        CheckpointReadError, UnsafeCheckpointError: as :func:`read_state_dict`.
+    """
+    path = Path(path)
+    obj, meta = _load(path)
+    if _is_training_state(obj):
+        return obj  # type: ignore[return-value]
+    config: dict[str, object] = {k: meta.get(k) for k in MODEL_KEYS}
+    config["scale"] = int(meta["scale"]) if meta.get("scale", "").isdigit() else None
+    return {"model": _unwrap(obj, path), "config": config}
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a weights file safely.
+
+    Returns:
+        (state dict of CPU tensors, metadata: ``arch``/``scale`` when the file records them; a
+        training checkpoint's are the :data:`MODEL_KEYS` its config records).
+
+    Raises:
+        CheckpointReadError: missing, empty, truncated or non-checkpoint file.
+        UnsafeCheckpointError: a pickle that references code (it is not executed).
+    """
+    path = Path(path)
+    obj, meta = _load(path)
+    if _is_training_state(obj):
+        config = obj["config"]  # type: ignore[index]
+        meta = {k: str(config[k]) for k in MODEL_KEYS if config.get(k) is not None}
     return _unwrap(obj, path), meta
 
 
@@ -191,17 +231,24 @@ def save_weights(model: SRModel, path: str | Path, metadata: dict[str, object] |
 
     The file is byte-reproducible: the same weights and metadata give the same sha256.
     """
-    from safetensors.torch import save
-
-    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "arch": model.arch, "scale": str(model.scale)}
+    meta: dict[str, object] = {"arch": model.arch, "scale": str(model.scale)}
     if model.act_grid != "signed":
         meta["act_grid"] = model.act_grid
     if model.skip != "official":
         meta["skip"] = model.skip
-    for k, v in (metadata or {}).items():
+    save_state_dict(model.state_dict(), path, {**meta, **(metadata or {})})
+
+
+def save_state_dict(sd: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, object]) -> None:
+    """Write ``sd`` (tensors unchanged, aliased ones as copies) as a byte-reproducible safetensors file
+    with ``metadata`` (non-strings as JSON) and the ``format`` tag; written atomically."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().clone().contiguous() for k, v in sd.items()}
+    meta = {"format": FORMAT}
+    for k, v in metadata.items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(_canonical_safetensors(save(sd, metadata=meta)))
+    tmp.write_bytes(_canonical_safetensors(save(tensors, metadata=meta)))
     os.replace(tmp, path)

@@ -14,9 +14,15 @@ import torch
 
 from cadyq_cli.checkpoint import load_model_file
 from cadyq_cli.models import create_model
-from cadyq_cli.quant.modes import set_quant_mode
+from cadyq_cli.quant.modules import set_quant_mode
 from cadyq_cli.train.data import heldout_pairs
-from cadyq_cli.train.loop import TrainConfig, TrainingStopped, _prepare, bf16_helps, load_state, train_stage, validate
+from cadyq_cli.train.config import TrainConfig
+from cadyq_cli.train.host import bf16_helps
+from cadyq_cli.train.loop import train_stage
+from cadyq_cli.train.prepare import prepare_models
+from cadyq_cli.train.signals import TrainingStopped
+from cadyq_cli.train.state import load_state
+from cadyq_cli.train.validate import validate
 
 
 @pytest.fixture(scope="module")
@@ -167,11 +173,30 @@ def test_cadyq_bit_loss_lowers_fab(data_dir: Path, pams_run: Path, tmp_path: Pat
 def test_cadyq_teacher_mode(data_dir: Path, fp_run: Path, pams_run: Path) -> None:
     init = str(pams_run / "last.pt")
     cfg = _cfg(data_dir, pams_run / "unused", stage="cadyq", init=init)
-    model, teacher = _prepare(cfg, None)
+    model, teacher = prepare_models(cfg, None, load_state(init))
     assert model.mode.name == "dynamic" and teacher is not None and teacher.mode.name == "w8a8"
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     cfg.teacher = str(fp_run / "last.pt")  # an fp teacher has uncalibrated clips: it runs fp32
-    assert _prepare(cfg, None)[1].mode.name == "fp32"
+    assert prepare_models(cfg, None, load_state(init))[1].mode.name == "fp32"
+
+
+def test_a_fresh_cadyq_start_reads_init_once(data_dir: Path, pams_run: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """--init (also the teacher here) is read once and passed down: variants, student, teacher."""
+    import cadyq_cli.train.state as state
+
+    reads: list[str] = []
+    real = state.read_checkpoint
+
+    def counting(path: object) -> dict:
+        reads.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(state, "read_checkpoint", counting)
+    init = str(pams_run / "last.pt")
+    train_stage(_cfg(data_dir, tmp_path / "c", stage="cadyq", init=init, minutes=0.0))
+    assert reads.count(init) == 1, reads
+    assert load_state(tmp_path / "c" / "last.pt")["step"] == 0
 
 
 def test_selector_choice_survives_bf16_autocast(pams_run: Path) -> None:
@@ -180,36 +205,6 @@ def test_selector_choice_survives_bf16_autocast(pams_run: Path) -> None:
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         _, bits = model(x)
     assert float(bits.mean()) == 8.0
-
-
-def test_standardized_selector_folds_to_raw_features() -> None:
-    from cadyq_cli.quant.modules import BitSelector, QuantContext
-
-    torch.manual_seed(0)
-    sel = BitSelector(4)
-    with torch.no_grad():
-        sel.net_small[0].weight.normal_()
-        sel.net_small[0].bias.normal_()
-    x = torch.randn(5, 4, 8, 8) * torch.rand(5, 1, 1, 1) * 30
-    ctx = QuantContext(grad=torch.rand(5, 2, 1, 1) * 100, grid=None)
-    sel.znorm = (torch.rand(6) * 10, torch.rand(6) + 0.5)
-    normalized = sel.logits(x, ctx)
-    w, b = sel.folded_linear()
-    raw = sel.features(x, ctx).flatten(0, 2) @ w.T + b
-    assert torch.allclose(normalized.reshape(5, 3), raw, rtol=1e-5, atol=1e-4)
-
-
-def test_mse_clip_beats_max_and_official_copy() -> None:
-    from cadyq_cli.quant.primitives import fake_quant_act
-    from cadyq_cli.train.loop import mse_clip
-
-    x = torch.randn(50_000).abs() ** 2 * 10  # heavy-tailed, non-negative like post-ReLU features
-    top = float(x.abs().max())
-    a4, a8 = mse_clip(x, 4), mse_clip(x, 8)
-    err = lambda a, q: float((fake_quant_act(x, torch.tensor([a]), q) - x).pow(2).mean())  # noqa: E731
-    assert a4 < a8 <= top  # fewer bits: a tighter clip
-    assert err(a4, 7.0) < 0.5 * err(top, 7.0)
-    assert err(a4, 7.0) <= min(err(f * top, 7.0) for f in (0.1, 0.2, 0.4, 0.8))
 
 
 def test_config_changes_on_resume_are_logged_and_exported(fp_run: Path, tmp_path: Path, data_dir: Path) -> None:
@@ -346,36 +341,6 @@ def test_cuda_request_without_cuda_is_refused(data_dir: Path, tmp_path: Path) ->
     with pytest.raises(SystemExit, match="CUDA is not available"):
         train_stage(_cfg(data_dir, tmp_path / "r", device="cuda"))
     assert not (tmp_path / "r").exists()
-
-
-def test_oversubscribed_warns_only_when_threads_exceed_free_cores(monkeypatch):
-    import os
-
-    import cadyq_cli.train.loop as loop
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    monkeypatch.setattr(os, "cpu_count", lambda: cores)
-    monkeypatch.setattr(loop, "_busy_cpus", lambda: 0.0)
-    assert loop.oversubscribed(cores) is None  # an idle machine: all cores are free
-    monkeypatch.setattr(loop, "_busy_cpus", lambda: float(cores))
-    msg = loop.oversubscribed(2)
-    assert msg is not None and "--threads 1" in msg and "\n" not in msg
-    assert loop.oversubscribed(1) is None  # one thread: nothing to suggest
-    monkeypatch.setattr(loop, "_busy_cpus", lambda: None)
-    assert loop.oversubscribed(2) is None  # load unknown: no warning
-    monkeypatch.setattr(os, "cpu_count", lambda: cores + 64)  # a container on a big, busy host
-    monkeypatch.setattr(loop, "_busy_cpus", lambda: 40.0)
-    assert loop.oversubscribed(cores) is None
-
-
-def test_busy_cpus_reads_a_number():
-    from cadyq_cli.train.loop import _busy_cpus
-
-    busy = _busy_cpus()
-    if Path("/proc/stat").is_file():  # Linux: the running-thread count is always readable
-        assert busy is not None and 0.0 <= busy < 10_000
-    else:
-        assert busy is None or busy >= 0.0
 
 
 def test_validation_runs_on_its_own_interval_not_only_on_log_steps(data_dir: Path, tmp_path: Path) -> None:

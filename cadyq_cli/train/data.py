@@ -9,11 +9,10 @@ import cv2
 import numpy as np
 import torch
 
+from ..io import INPUT_EXTENSIONS
 from ..resize import imresize
 
-__all__ = ["SRPairs", "load_pairs", "list_images", "split_train_val", "split_pairs", "heldout_pairs", "data_fingerprint", "IMAGE_EXTS"]
-
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+__all__ = ["SRPairs", "load_pairs", "list_images", "split_train_val", "split_pairs", "heldout_pairs", "data_fingerprint"]
 
 
 @dataclass
@@ -54,7 +53,7 @@ def list_images(roots: list[Path]) -> list[Path]:
     """All image files below ``roots``, sorted."""
     out: list[Path] = []
     for r in roots:
-        out += [p for p in sorted(Path(r).rglob("*")) if p.suffix.lower() in IMAGE_EXTS]
+        out += [p for p in sorted(Path(r).rglob("*")) if p.suffix.lower() in INPUT_EXTENSIONS]
     return out
 
 

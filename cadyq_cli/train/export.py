@@ -4,6 +4,7 @@ Usage:
     python -m cadyq_cli.train.export runs/edsr_x4_cadyq/last.pt --name edsr-baseline-x4 \
         --run runs/edsr_x4_fp --run runs/edsr_x4_pams --run runs/edsr_x4_cadyq \
         [--eval eval_x4.json] [--data "T91 + BSD200 + BSDS500test (../shared/data/train), 10 held out"]
+    python -m cadyq_cli.train.export runs/edsr_x4_fp5/last.pt --name edsr-baseline-x4-fp --backbone
 
 The manifest (``weights/manifest.json``) records per model: arch, scale, parameters, the
 stages with steps and minutes (read from each run's last checkpoint), data, seed, sha256 and
@@ -16,10 +17,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..checkpoint import load_model_file, save_weights
-from .loop import load_state
+from ..checkpoint import load_model_file, save_state_dict, save_weights
+from .state import load_state
 
-__all__ = ["export"]
+__all__ = ["export", "export_backbone"]
 
 
 def _stage_info(run: Path) -> dict:
@@ -58,9 +59,14 @@ def _metrics_from_eval(path: Path) -> dict:
     return out
 
 
-def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json: list[Path], data: str, notes: str) -> dict:
-    """Write ``<weights_dir>/<name>.safetensors`` and update the manifest; return the entry."""
+def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json: list[Path], data: str, notes: str,
+           recipe: str = "", backbone: str = "") -> dict:
+    """Write ``<weights_dir>/<name>.safetensors`` and update the manifest; return the entry.
+
+    ``recipe`` / ``backbone``: the recipe that trains the model and the backbone it starts from
+    (default: those of the entry it replaces)."""
     model = load_model_file(ckpt)
+    weights_dir.mkdir(parents=True, exist_ok=True)
     out = weights_dir / f"{name}.safetensors"
     save_weights(model, out, {"name": name})
     sha = hashlib.sha256(out.read_bytes()).hexdigest()
@@ -78,8 +84,37 @@ def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json
         "data": data, "license": "MIT (weights trained by the cadyq project)",
         "stages": [_stage_info(r) for r in runs] or old.get("stages", []), "metrics": metrics, "notes": notes or old.get("notes", ""),
     }
+    for key, value in (("recipe", recipe), ("backbone", backbone)):
+        if value or old.get(key):
+            entry[key] = value or old[key]
     manifest["models"] = [m for m in manifest["models"] if m["name"] != name] + [entry]
     manifest["models"].sort(key=lambda m: m["name"])
+    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    return entry
+
+
+def export_backbone(ckpt: Path, name: str, weights_dir: Path) -> dict:
+    """Write the full-precision model of an ``fp`` training checkpoint, weights only and bit-identical,
+    to ``<weights_dir>/backbones/<name>.safetensors`` and list it under ``backbones`` in the manifest.
+
+    A later lineage starts from it with ``cadyq train pams|fp --init FILE`` (optimizer state is not
+    kept: every lineage restarted its optimizer at ``--init`` anyway).
+    """
+    st = load_state(ckpt)
+    cfg = st["config"]
+    if cfg.get("stage") != "fp":
+        raise SystemExit(f"{ckpt}: a backbone comes from an fp checkpoint, not a {cfg.get('stage')} one")
+    out = weights_dir / "backbones" / f"{name}.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run = Path(cfg["run_dir"]).name
+    save_state_dict(st["model"], out, {"name": name, "arch": cfg["arch"], "scale": str(cfg["scale"]), "stage": "fp",
+                                       "source": f"{run} step {int(st['step'])}"})
+    entry = {"name": name, "file": f"backbones/{out.name}", "arch": cfg["arch"], "scale": cfg["scale"],
+             "sha256": hashlib.sha256(out.read_bytes()).hexdigest(), **_stage_info(Path(ckpt).parent), "run": run}
+    manifest_path = weights_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"models": []}
+    manifest["backbones"] = sorted([b for b in manifest.get("backbones", []) if b["name"] != name] + [entry],
+                                   key=lambda b: b["name"])
     manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
     return entry
 
@@ -94,7 +129,12 @@ def main() -> None:
     p.add_argument("--eval", type=Path, action="append", default=[])
     p.add_argument("--data", default="T91 + BSD200 + BSDS500test (490 images of ../shared/data/train; 10 held out for validation)")
     p.add_argument("--notes", default="")
+    p.add_argument("--backbone", action="store_true", help="export an fp checkpoint as a backbone (weights/backbones/)")
     a = p.parse_args()
+    if a.backbone:
+        e = export_backbone(a.ckpt, a.name, a.weights_dir)
+        print(json.dumps({k: e[k] for k in ("name", "file", "sha256")}))  # noqa: T201
+        return
     e = export(a.ckpt, a.name, a.weights_dir, a.run, a.eval, a.data, a.notes)
     print(json.dumps({k: e[k] for k in ("name", "file", "sha256", "params")}))  # noqa: T201
 

@@ -21,8 +21,9 @@ import argparse
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
-__all__ = ["read_log", "val_records", "kept_steps", "pick", "materialize", "validate_checkpoint"]
+__all__ = ["read_log", "val_records", "kept_steps", "pick", "pick_lineage", "materialize", "validate_checkpoint"]
 
 
 def read_log(run: Path) -> list[dict]:
@@ -49,6 +50,35 @@ def pick(records: list[dict], max_gap: float, kept: set[int] | None = None) -> d
     return min(ok, key=lambda r: (r["val_fab"], -r["val_psnr"])) if ok else None
 
 
+def pick_lineage(runs: list[Path], max_gap: float, max_fab: float | None = None,
+                 show: Callable[[str], None] = lambda s: None, only: dict[str, set[int]] | None = None) -> tuple[dict, Path]:
+    """The pick over the kept steps of ``runs`` (one lineage: a run and its continuations) and the
+    run that holds it; each run's validation steps are passed to ``show``. ``only`` (by run folder)
+    limits the candidates to those steps. Refused in one line (SystemExit): a folder without a log,
+    no kept step within ``max_gap``, a pick above ``max_fab``."""
+    picks = []
+    for run in runs:
+        if not (Path(run) / "log.jsonl").is_file():
+            raise SystemExit(f"{run}: no log.jsonl (not a run folder)")
+        recs = read_log(run)
+        kept = kept_steps(run) if only is None else kept_steps(run) & only.get(str(run), set())
+        if len(runs) > 1:
+            show(f"{run}:")
+        for r in val_records(recs):
+            show(f"step {r['step']:5d}  val {r['val_psnr']:.3f}  w8a8 {r['val_psnr_w8a8']:.3f}  "
+                 f"gap {r['val_psnr'] - r['val_psnr_w8a8']:+.3f}  FAB {r['val_fab']:.2f}{'  kept' if r['step'] in kept else ''}")
+        if (best := pick(recs, max_gap, kept)) is not None:
+            picks.append((best, Path(run)))
+    if not picks:
+        raise SystemExit(f"no kept step within {max_gap} dB of w8a8 on validation")
+    best, run = min(picks, key=lambda t: (t[0]["val_fab"], -t[0]["val_psnr"]))
+    where = f"{run} " if len(runs) > 1 else ""
+    show(f"pick: {where}step {best['step']} (FAB {best['val_fab']:.2f}, gap {best['val_psnr'] - best['val_psnr_w8a8']:+.3f} dB)")
+    if max_fab is not None and best["val_fab"] > max_fab:
+        raise SystemExit(f"the pick's validation FAB {best['val_fab']:.2f} is above --max-fab {max_fab}: no step meets the rule")
+    return best, run
+
+
 def materialize(run: Path, step: int, into: Path) -> Path:
     """Make ``into`` a run folder holding ``run``'s checkpoint at ``step``; return its last.pt."""
     src = Path(run) / f"step{step:05d}.pt"
@@ -65,7 +95,7 @@ def materialize(run: Path, step: int, into: Path) -> Path:
 
 
 def validate_checkpoint(ckpt: Path, data: list[str] | None = None) -> dict[str, float]:
-    """Run :func:`~cadyq_cli.train.loop.validate` on a training checkpoint's own held-out split
+    """Run :func:`~cadyq_cli.train.validate.validate` on a training checkpoint's own held-out split
     (rebuilt from its config: training folders, ``n_val``, seed; ``data`` overrides the folders),
     in the mode its stage trains: fp32 (fp), w8a8 (pams) or dynamic (cadyq, with the w8a8
     reference). Warns on stderr when the folders hold other images than the run trained on."""
@@ -74,9 +104,10 @@ def validate_checkpoint(ckpt: Path, data: list[str] | None = None) -> dict[str, 
     import torch
 
     from ..checkpoint import load_model_file
-    from ..quant.modes import set_quant_mode
+    from ..quant.modules import set_quant_mode
     from .data import data_fingerprint, heldout_pairs
-    from .loop import load_state, validate
+    from .state import load_state
+    from .validate import validate
 
     cfg = load_state(Path(ckpt))["config"]
     roots = [Path(d) for d in (data or cfg["data"])]
@@ -104,26 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         for ckpt in a.runs:
             print(json.dumps({"checkpoint": str(ckpt), **validate_checkpoint(ckpt, a.data)}))  # noqa: T201
         return
-    picks = []
-    for run in a.runs:
-        if not (Path(run) / "log.jsonl").is_file():
-            raise SystemExit(f"{run}: no log.jsonl (not a run folder)")
-        recs = read_log(run)
-        kept = kept_steps(run)
-        if len(a.runs) > 1:
-            print(f"{run}:")  # noqa: T201
-        for r in val_records(recs):
-            print(f"step {r['step']:5d}  val {r['val_psnr']:.3f}  w8a8 {r['val_psnr_w8a8']:.3f}  "  # noqa: T201
-                  f"gap {r['val_psnr'] - r['val_psnr_w8a8']:+.3f}  FAB {r['val_fab']:.2f}{'  kept' if r['step'] in kept else ''}")
-        if (best := pick(recs, a.max_gap, kept)) is not None:
-            picks.append((best, run))
-    if not picks:
-        raise SystemExit(f"no kept step within {a.max_gap} dB of w8a8 on validation")
-    best, run = min(picks, key=lambda t: (t[0]["val_fab"], -t[0]["val_psnr"]))
-    where = f"{run} " if len(a.runs) > 1 else ""
-    print(f"pick: {where}step {best['step']} (FAB {best['val_fab']:.2f}, gap {best['val_psnr'] - best['val_psnr_w8a8']:+.3f} dB)")  # noqa: T201
-    if a.max_fab is not None and best["val_fab"] > a.max_fab:
-        raise SystemExit(f"the pick's validation FAB {best['val_fab']:.2f} is above --max-fab {a.max_fab}: no step meets the rule")
+    best, run = pick_lineage(a.runs, a.max_gap, a.max_fab, show=print)
     if a.into:
         print(materialize(run, best["step"], a.into))  # noqa: T201
 

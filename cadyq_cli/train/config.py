@@ -1,0 +1,97 @@
+"""What defines a training run (:class:`TrainConfig`), the checks on it, and its learning-rate schedule."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["STAGES", "TrainConfig", "check_config", "check_resume", "config_changes", "lr_at"]
+
+STAGES = ("fp", "pams", "cadyq")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in each checkpoint)."""
+
+    stage: str = "fp"
+    arch: str = "edsr_baseline"
+    scale: int = 4
+    data: list[str] = field(default_factory=list)
+    run_dir: str = "runs/edsr_x4_fp"
+    init: str | None = None  # checkpoint to start from (previous stage), ignored when resuming;
+    # for ``fp`` a warm start: every tensor whose name and shape match is copied (e.g. the body
+    # of another scale's model), the rest keeps its fresh initialization
+    teacher: str | None = None  # cadyq/pams: teacher checkpoint (default: init)
+    steps: int = 300_000  # schedule length (cosine); a session runs as many as its budget allows
+    batch: int = 16
+    lr_patch: int = 48
+    lr: float = 2e-4
+    lr_min: float = 1e-6
+    selector_lr: float = 1e-3
+    bit_weight_max: float = 0.5  # cadyq: weight of the bit loss reached at bit_ramp_steps
+    bit_ramp_steps: int = 100
+    at_weight: float = 100.0  # cadyq: attention-transfer weight
+    distill_weight: float = 1.0  # pams/cadyq: L1 to the teacher output
+    selector_norm: bool = True  # cadyq: train the selectors on standardized features (folded on save)
+    clip_init: str = "mse"  # cadyq: 4/6-bit candidate clips: "mse" (calibrated) or "copy" (official: 8-bit clip)
+    # pams/cadyq: activation grid ("signed", official, or "relu-unsigned": ReLU inputs on the unsigned
+    # grid); None: the --init checkpoint's (a run resumes with its own; fp: "signed")
+    act_grid: str | None = None
+    # pams/cadyq: residual skip ("official", or "fp": EDSR's block skip adds the unquantized input);
+    # None: the --init checkpoint's (a run resumes with its own); unlike the grid it may change at a stage start
+    skip: str | None = None
+    minutes: float = 60.0
+    stop_at: int | None = None  # stop this invocation at this step (the schedule still spans `steps`)
+    seed: int = 0
+    bf16: bool = True
+    threads: int = 0
+    device: str = "cpu"  # torch device to train on ("cuda" on an accelerator machine); checkpoints stay portable
+    n_val: int = 10
+    val_every: int = 250
+    keep_val: bool = False  # also keep <run>/step<N>.pt at every validation (for picking a step on val)
+    save_every: int = 100
+    log_every: int = 20
+    calib_batches: int = 4
+    data_id: str | None = None  # set by train_stage: fingerprint of the training image list (names, sizes)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse, in one line (``SystemExit``), an unknown stage or a count below 1."""
+    if cfg.stage not in STAGES:
+        raise SystemExit(f"unknown stage {cfg.stage!r}; choose from {', '.join(STAGES)}")
+    for k in ("val_every", "steps", "batch"):
+        if getattr(cfg, k) < 1:
+            raise SystemExit(f"--{k.replace('_', '-')} must be at least 1, not {getattr(cfg, k)}")
+
+
+#: settings a resumed run must share with its checkpoint (they fix what the saved state means)
+_FIXED_KEYS = ("stage", "arch", "scale", "seed", "batch", "lr_patch")
+
+
+def check_resume(saved: dict, cfg: TrainConfig, ckpt: object) -> None:
+    """Before resuming checkpoint ``ckpt`` (whose config is ``saved``): refuse a change of a fixed
+    setting, and keep its ``init`` and ``teacher`` where ``cfg`` names none (the teacher's losses go on)."""
+    for k in _FIXED_KEYS:
+        if saved[k] != getattr(cfg, k):
+            raise SystemExit(f"{ckpt} was trained with {k}={saved[k]!r}, not {getattr(cfg, k)!r}")
+    for k in ("init", "teacher"):
+        if getattr(cfg, k) is None and saved.get(k):
+            setattr(cfg, k, saved[k])
+
+
+# Settings that only say how (or how long) this invocation runs, not what it trains.
+# The training images are compared by their fingerprint (``data_id``), not by their folder paths.
+_RUNTIME_KEYS = ("minutes", "stop_at", "threads", "run_dir", "data", "val_every", "keep_val", "save_every", "log_every",
+                 "device")
+
+
+def config_changes(saved: dict, cfg: TrainConfig) -> dict:
+    """Training settings that differ between a checkpoint's config and a resuming one: {key: [old, new]}."""
+    now = asdict(cfg)
+    return {k: [saved.get(k), v] for k, v in now.items() if k not in _RUNTIME_KEYS and saved.get(k, v) != v}
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of the main parameters at ``step``: cosine from ``lr`` to ``lr_min`` over ``steps``."""
+    t = min(step / max(cfg.steps, 1), 1.0)
+    return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * t))

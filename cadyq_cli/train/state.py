@@ -1,0 +1,106 @@
+"""Training checkpoints (``<run>/last.pt``): model, optimizer, step, RNG and config, written
+atomically and restored exactly; read through :func:`cadyq_cli.checkpoint.read_checkpoint`."""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import TRAIN_FORMAT, read_checkpoint
+from ..models._base import SRModel
+from .config import TrainConfig
+
+__all__ = ["save_state", "load_state", "restore_state"]
+
+
+def save_state(path: Path, model: SRModel, opt: torch.optim.Optimizer | None, step: int, cfg: TrainConfig,
+               np_rng: np.random.Generator, elapsed_s: float) -> None:
+    """Write a resumable checkpoint atomically."""
+    sd, sel_train = _folded_state(model)
+    dev = next(model.parameters()).device
+    state = {
+        "format": TRAIN_FORMAT,
+        "config": asdict(cfg),
+        "step": step,
+        "elapsed_s": elapsed_s,
+        "model": _to_cpu(sd),
+        "selector_train": _to_cpu(sel_train),
+        "optimizer": _to_cpu(opt.state_dict()) if opt is not None else None,
+        "torch_rng": torch.get_rng_state(),
+        "numpy_rng": np_rng.bit_generator.state,
+        "python_rng": list(random.getstate()[1]),
+    }
+    if dev.type == "cuda":  # the selectors' Gumbel noise is drawn on the device
+        state["cuda_rng"] = torch.cuda.get_rng_state(dev)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: str | Path) -> dict:
+    """Load a training checkpoint written by :func:`save_state` (no code execution).
+
+    A ``.safetensors`` file (a shipped backbone, ``weights/backbones/``, or a shipped model) reads as
+    ``{"model": tensors, "config": {...}}`` with the stage, arch, scale, grid and skip its metadata
+    records, so ``--init`` takes it wherever it takes a checkpoint (weights only: no optimizer state).
+    """
+    return read_checkpoint(path)
+
+
+def restore_state(state: dict, model: SRModel, opt: torch.optim.Optimizer, np_rng: np.random.Generator,
+                  dev: torch.device) -> tuple[int, float]:
+    """Put a checkpoint's model, optimizer and RNG states back (an exact resume); return its step
+    and the seconds trained so far."""
+    model.load_state_dict(state["model"], strict=True)
+    _restore_selector_train(model, state.get("selector_train") or {})
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    np_rng.bit_generator.state = state["numpy_rng"]
+    random.setstate((3, tuple(state["python_rng"]), None))
+    if dev.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], dev)
+    return int(state["step"]), float(state["elapsed_s"])
+
+
+def _to_cpu(obj: object) -> object:
+    """``obj`` with every tensor inside (dicts, lists) on the CPU: checkpoints load anywhere."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _folded_state(model: SRModel) -> tuple[dict, dict]:
+    """The model's state dict with every standardized selector folded back to raw features
+    (so the checkpoint runs as is), and the standardized parameters for an exact resume."""
+    sd = model.state_dict()
+    sel_train = {}
+    names = {id(m): n for n, m in model.named_modules()}
+    for sel in model.selectors:
+        if sel.znorm is None:
+            continue
+        name = names[id(sel)]
+        w, b = sel.folded_linear()
+        sel_train[name] = {"weight": sd[f"{name}.net_small.0.weight"], "bias": sd[f"{name}.net_small.0.bias"],
+                           "mean": sel.znorm[0], "scale": sel.znorm[1]}
+        sd[f"{name}.net_small.0.weight"], sd[f"{name}.net_small.0.bias"] = w, b
+    return sd, sel_train
+
+
+def _restore_selector_train(model: SRModel, sel_train: dict) -> None:
+    """Undo :func:`_folded_state` after loading a checkpoint (resume)."""
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for name, t in sel_train.items():
+            sel = mods[name]
+            sel.net_small[0].weight.copy_(t["weight"])
+            sel.net_small[0].bias.copy_(t["bias"])
+            dev = sel.net_small[0].weight.device
+            sel.znorm = (t["mean"].to(dev), t["scale"].to(dev))

@@ -1,0 +1,294 @@
+"""Recipes as data: a tiny recipe end to end (fp → pams → cadyq → pick → eval → export), a
+time-budget stop and resume, a start from a backbone file, refused recipes, and the shipped recipes
+against the manifest."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cadyq_cli.cli import app
+from cadyq_cli.train.recipe import load_recipe, recipes_dir, run_recipe
+from cadyq_cli.weights import list_backbones, list_weights, load_model
+
+TINY = """\
+name = "tiny-x2"
+arch = "edsr_baseline"
+scale = 2
+data_root = "{root}"
+data = ["hr"]
+notes = "a test recipe"
+{start}
+
+[defaults]
+batch = 2
+lr_patch = 16
+n_val = 2
+log_every = 1
+save_every = 2
+calib_batches = 2
+bf16 = false
+seed = 0
+
+[[stages]]
+run = "fp"
+stage = "fp"
+steps = 6
+lr = 1e-3
+val_every = 1000
+{backbone}
+
+[[stages]]
+run = "pams"
+stage = "pams"
+init = "fp"
+steps = 6
+stop_at = 4
+lr = 1e-4
+val_every = 1000
+
+[[stages]]
+run = "cq"
+stage = "cadyq"
+init = "pams"
+steps = 8
+stop_at = 4
+lr = 5e-5
+bit_weight_max = 0.3
+bit_ramp_steps = 2
+selector_lr = 5e-3
+val_every = 2
+keep_val = true
+
+[[stages]]
+run = "cq2"
+continue = "cq"
+stage = "cadyq"
+steps = 8
+stop_at = 6
+lr = 5e-5
+bit_weight_max = 0.5
+bit_ramp_steps = 2
+selector_lr = 5e-3
+val_every = 2
+keep_val = true
+
+[[stages]]
+run = "cq2"
+steps = 12
+stop_at = 8
+lr = 5e-5
+bit_weight_max = 0.5
+bit_ramp_steps = 2
+selector_lr = 5e-3
+val_every = 2
+keep_val = true
+
+[pick]
+runs = ["cq", "cq2"]
+max_gap = 100.0
+
+[eval]
+root = "{root}"
+sets = [{{name = "bench", limit = 1}}]
+modes = ["w8a8", "dynamic"]
+tiling = "paper"
+"""
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Training images (six 64x64 textures) under hr/, two benchmark images under bench/."""
+    root = tmp_path_factory.mktemp("recipe_data")
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:64, 0:64].astype(np.float32)
+    for folder, n in (("hr", 6), ("bench", 2)):
+        (root / folder).mkdir()
+        for i in range(n):
+            img = np.zeros((64, 64, 3), np.float32)
+            for c in range(3):
+                f, ph = rng.uniform(0.2, 0.8), rng.uniform(0, 6)
+                img[..., c] = 128 + 30 * (xx - yy) / 64 + 60 * np.sin(f * (xx * np.cos(ph) + yy * np.sin(ph)) + ph)
+            cv2.imwrite(str(root / folder / f"im{i}.png"), np.clip(img, 0, 255).astype(np.uint8))
+    return root
+
+
+def _write(root: Path, name: str, start: str = "", backbone: str = "") -> Path:
+    path = root / f"{name}.toml"
+    path.write_text(TINY.format(root=root, start=start, backbone=backbone))
+    return path
+
+
+@pytest.fixture(scope="module")
+def whole(root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny recipe run in one invocation."""
+    run_dir = tmp_path_factory.mktemp("whole")
+    res = run_recipe(load_recipe(_write(root, "tiny")), run_dir, minutes=10, threads=1)
+    return res, run_dir
+
+
+def test_tiny_recipe_runs_end_to_end_and_the_export_loads(whole) -> None:
+    res, run_dir = whole
+    assert res.finished and res.export is not None and res.export.is_file()
+    state = json.loads((run_dir / "recipe.json").read_text())
+    assert state["segments_done"] == 5 and state["eval_done"] == ["bench"]
+    assert state["pick"]["run"] in ("cq", "cq2") and state["pick"]["step"] in (2, 4, 6, 8)
+    # the pick is the validated, kept step the export holds
+    assert (run_dir / "pick" / "last.pt").is_file()
+    manifest = json.loads((res.export.parent / "manifest.json").read_text())
+    entry = manifest["models"][0]
+    assert entry["name"] == "tiny-x2" and entry["sha256"] == res.sha256 and entry["recipe"] == "tiny"
+    assert [s["stage"] for s in entry["stages"]] == ["fp", "pams", "cadyq"]
+    assert entry["stages"][-1]["changes"][0]["config_change"]["bit_weight_max"] == [0.3, 0.5]
+    assert set(entry["metrics"]["bench"]) == {"w8a8", "dynamic"}
+    # the continuation ran on the longer schedule after its first segment: logged as a change
+    changes = [json.loads(ln) for ln in (run_dir / "cq2" / "log.jsonl").read_text().splitlines() if "config_change" in ln]
+    assert [c["step"] for c in changes] == [4, 6]
+    net = load_model(weights=res.export, scale=2, mode="dynamic", kernels="float")
+    with torch.inference_mode():
+        y, bits = net(torch.rand(1, 3, 20, 20) * 255)
+    assert y.shape == (1, 3, 40, 40) and set(bits.unique().tolist()) <= {4, 6, 8}
+
+
+def test_a_budget_stop_then_resume_gives_the_same_export(root: Path, whole, tmp_path: Path) -> None:
+    ref, _ = whole
+    recipe = load_recipe(_write(root, "tiny"))
+    results = [run_recipe(recipe, tmp_path, minutes=0.02, threads=1)]
+    while not results[-1].finished and len(results) < 60:
+        results.append(run_recipe(recipe, tmp_path, minutes=0.02, threads=1))
+    assert not results[0].finished and "rerun" in results[0].message
+    assert results[-1].finished, results[-1].message
+    assert results[-1].sha256 == ref.sha256  # same machine, same recipe: the same bytes
+
+
+def test_starting_from_the_backbone_file_gives_the_same_export(root: Path, whole, tmp_path: Path) -> None:
+    ref, run_dir = whole
+    from cadyq_cli.train.export import export_backbone
+    from cadyq_cli.train.state import load_state
+
+    entry = export_backbone(run_dir / "fp" / "last.pt", "tiny-fp", tmp_path)
+    bb = tmp_path / entry["file"]
+    a, b = load_state(run_dir / "fp" / "last.pt")["model"], load_state(bb)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    from cadyq_cli.models import create_model
+    from cadyq_cli.train.prepare import warm_start
+
+    assert warm_start(create_model("edsr_baseline", 2), str(bb)) == []  # --init FILE.safetensors for an fp stage too
+    recipe = load_recipe(_write(root, "tiny_bb", start='start = "backbone"', backbone=f'backbone = "{bb}"'))
+    res = run_recipe(recipe, tmp_path / "run", minutes=10, threads=1)
+    assert res.finished and res.sha256 == ref.sha256
+    assert not (tmp_path / "run" / "fp").exists()  # the backbone replaced the fp stage
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace('name = "tiny-x2"', 'name = "tiny-x2'), "not valid TOML"),
+    (lambda t: t.replace("steps = 6\nlr = 1e-3", "steps = 6\nlr = 1e-3\nbit_wieght = 1"), "unknown key 'bit_wieght'"),
+    (lambda t: t.replace('init = "fp"', 'init = "fq"'), "init = 'fq' names no earlier run"),
+    (lambda t: t.replace("stop_at = 4\nlr = 1e-4", 'stop_at = "4"\nlr = 1e-4'), "stop_at = '4' must be int"),
+    (lambda t: t.replace('runs = ["cq", "cq2"]', 'runs = ["pams"]'), "runs must be cadyq runs"),
+    (lambda t: t.replace("scale = 2\n", "scale = 5\n", 1), "scale must be 2, 3 or 4"),
+    (lambda t: t.replace('stage = "pams"\ninit = "fp"', 'stage = "pams"'), "set init"),
+    (lambda t: t.replace("max_gap = 100.0", ""), "missing 'max_gap'"),
+    (lambda t: t.replace('arch = "edsr_baseline"', 'arch = "edsr_basline"'), "unknown architecture 'edsr_basline'"),
+    (lambda t: t.replace('run = "fp"\nstage = "fp"', 'run = "fp"'), "missing 'stage'"),
+])
+def test_bad_recipes_are_refused_in_one_line(root: Path, tmp_path: Path, edit, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(edit(TINY.format(root=root, start="", backbone="")))
+    r = CliRunner().invoke(app, ["train", "--recipe", str(path), "--run-dir", str(tmp_path / "run")])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0], r.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_recipe_cli_refuses_a_stage_beside_it_and_an_edited_recipe(root: Path, tmp_path: Path, whole) -> None:
+    _, run_dir = whole
+    path = _write(root, "tiny")
+    r = CliRunner().invoke(app, ["train", "fp", "--recipe", str(path)])
+    assert r.exit_code == 2 and "not both" in r.output
+    r = CliRunner().invoke(app, ["train"])
+    assert r.exit_code == 2 and "--recipe" in r.output
+    edited = tmp_path / "tiny.toml"
+    edited.write_text(path.read_text().replace("max_gap = 100.0", "max_gap = 99.0"))
+    r = CliRunner().invoke(app, ["train", "--recipe", str(edited), "--run-dir", str(run_dir), "--threads", "1"])
+    assert r.exit_code == 2 and "another recipe" in r.output
+
+
+def _num(notes: str, flag: str) -> float | None:
+    m = re.search(rf"{flag} ([0-9.]+)", notes)
+    return float(m.group(1)) if m else None
+
+
+@pytest.mark.parametrize("model", [w.name for w in list_weights()])
+def test_every_shipped_model_has_a_recipe_that_agrees_with_the_manifest(model: str) -> None:
+    w = {x.name: x for x in list_weights()}[model]
+    assert w.recipe and (recipes_dir() / f"{w.recipe}.toml").is_file()
+    r = load_recipe(w.recipe)
+    assert (r.name, r.arch, r.scale, r.export_name) == (w.name, w.arch, w.scale, w.name)
+    assert r.backbone == w.backbone and r.start == "backbone"
+    bb = list_backbones()[w.backbone]
+    assert bb["scale"] == w.scale and bb["path"].is_file()
+    fp = [s for s in r.segments if s.backbone][-1]
+    assert fp.target == bb["steps"] and fp.settings["lr"] == bb["lr"] and fp.settings["scale"] == w.scale
+    # pams and cadyq stages as the manifest records them (its last two stage records)
+    pams, cadyq = w.stages[-2], w.stages[-1]
+    ps = [s for s in r.segments if s.settings["stage"] == "pams"]
+    assert len(ps) == 1 and ps[0].target == pams["steps"] and ps[0].settings["lr"] == pams["lr"]
+    assert ps[0].settings.get("act_grid", "signed") == w.act_grid
+    cs = [s for s in r.segments if s.settings["stage"] == "cadyq"]
+    for key in ("lr", "batch", "selector_lr", "bit_ramp_steps"):
+        assert {s.settings[key] for s in cs} == {cadyq[key]}, key
+    assert {s.settings.get("skip", "official") for s in cs} == {w.skip}
+    picked = [s for s in cs if s.run in r.pick["runs"]]
+    assert picked[-1].settings["bit_weight_max"] == cadyq["bit_weight_max"]
+    assert picked[-1].settings["steps"] >= cadyq["steps"]
+    # the pick rule the notes quote
+    assert _num(w.notes, "--max-gap") == r.pick["max_gap"]
+    assert _num(w.notes, "--max-fab") == r.pick.get("max_fab")
+
+
+@pytest.mark.parametrize("model", [w.name for w in list_weights()])
+def test_shipped_backbones_equal_their_training_checkpoints(model: str) -> None:
+    """Bit-identical to the fp checkpoint's model weights (where the run folder is still here)."""
+    from cadyq_cli.train.state import load_state
+
+    bb = list_backbones()[{x.name: x for x in list_weights()}[model].backbone]
+    ckpt = Path(__file__).resolve().parents[1] / "runs" / bb["run"] / "last.pt"
+    if not ckpt.is_file():
+        pytest.skip(f"{ckpt} is not in this checkout")
+    a, b = load_state(ckpt)["model"], load_state(bb["path"])["model"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+def test_a_shipped_recipe_starts_from_its_backbone_and_stops_at_the_budget(tmp_path: Path) -> None:
+    """`cadyq train --recipe edsr-baseline-x2 --minutes M` (on a few generated images): the fp stages are
+    replaced by the shipped backbone, pams starts from it, and the budget stops the run cleanly."""
+    data = tmp_path / "hr"
+    data.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(12):  # 10 are held out for validation, like the real split
+        cv2.imwrite(str(data / f"im{i:02d}.png"), rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))
+    run_dir = tmp_path / "run"
+    args = ["train", "--recipe", "edsr-baseline-x2", "--minutes", "0.02", "--run-dir", str(run_dir), "--data", str(data),
+            "--threads", "1", "--bf16", "off"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "starting from backbone edsr-baseline-x2-fp" in r.output and "rerun the same command" in r.output
+    recipe = load_recipe("edsr-baseline-x2")
+    first = max(i for i, s in enumerate(recipe.segments) if s.backbone) + 1
+    assert json.loads((run_dir / "recipe.json").read_text())["segments_done"] == first
+    pams = recipe.segments[first]
+    from cadyq_cli.train.state import load_state
+
+    st = load_state(run_dir / pams.run / "last.pt")
+    assert st["config"]["init"] == str(list_backbones()["edsr-baseline-x2-fp"]["path"])
+    assert 0 < st["step"] < pams.target and st["config"]["act_grid"] == "relu-unsigned"
+    assert not (run_dir / "edsr_x2_fp2").exists() and not (run_dir / "export").exists()
