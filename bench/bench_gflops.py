@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 from cadyq_cli.quant import set_quant_mode  # noqa: E402
 from cadyq_cli.quant.cost import cost_table  # noqa: E402
 from cadyq_cli.quant.intconv import set_kernels  # noqa: E402
-from cadyq_cli.quant.modules import QuantConv2d, RegionGrid  # noqa: E402
+from cadyq_cli.quant.modules import QuantConv2d  # noqa: E402
+from cadyq_cli.quant.regions import RegionGrid
 from cadyq_cli.weights import load_model  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))

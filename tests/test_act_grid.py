@@ -7,7 +7,7 @@ import torch
 from cadyq_cli.checkpoint import load_model_file, model_from_state_dict, save_weights
 from cadyq_cli.errors import CheckpointMismatchError
 from cadyq_cli.models import create_model
-from cadyq_cli.quant.modes import set_quant_mode
+from cadyq_cli.quant.modules import set_quant_mode
 from cadyq_cli.quant.modules import BitSelector
 from cadyq_cli.quant.primitives import fake_quant_act, qmax_for_bits
 from tests import official_reference as ref

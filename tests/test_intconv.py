@@ -11,9 +11,10 @@ import torch
 from cadyq_cli.checkpoint import model_from_state_dict
 from cadyq_cli.errors import CadyqError
 from cadyq_cli.quant import intconv
-from cadyq_cli.quant.intconv import int8_available, int8_conv, kernels_of, set_kernels
-from cadyq_cli.quant.modes import set_quant_mode
-from cadyq_cli.quant.modules import ActQuantizer, BitSelector, QuantConv2d, RegionGrid, conv_forward
+from cadyq_cli.quant.intconv import int8_available, kernels_of, set_kernels
+from cadyq_cli.quant.modules import set_quant_mode
+from cadyq_cli.quant.modules import ActQuantizer, BitSelector, QuantConv2d, conv_forward
+from cadyq_cli.quant.regions import RegionGrid
 from cadyq_cli.quant.primitives import fake_quant_act, qmax_for_bits
 from tests import official_reference as ref
 
@@ -58,7 +59,7 @@ def test_every_int8_conv_matches_the_float_conv(arch: str, act_grid: str, mode: 
         if q is None:
             return
         want = conv_forward(conv, inp[0], conv.quantized_weight())
-        got = int8_conv(q, conv)
+        got = conv.int8_forward(q)
         assert got.shape == want.shape
         checked.append(float((got - want).abs().max() / want.abs().max().clamp_min(1e-3)))
         unsigned_seen.append(not q.signed)

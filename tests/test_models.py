@@ -222,7 +222,7 @@ def test_region_grid_and_training_step(arch: str) -> None:
     assert bits.shape == (2, N_SELECTORS[arch], 2, 2)
     m.train()
     sr, bits = m(x)
-    (sr.mean() + torch.stack(m._last_soft_bits).mean()).backward()
+    (sr.mean() + m.soft_bits().mean()).backward()
     assert all(s.net_small[0].weight.grad is not None for s in m.selectors)
     assert all(s.quant_bit3.alpha.grad is not None for s in m.selectors)
 

@@ -28,7 +28,7 @@ from cadyq_cli.quant import (
     set_quant_mode,
 )
 from cadyq_cli.quant.cost import bitops, cost_table, fab
-from cadyq_cli.quant.modules import region_mean, region_std
+from cadyq_cli.quant.regions import region_mean, region_std
 
 try:
     from tests import official_reference as ref

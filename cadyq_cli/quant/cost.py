@@ -13,40 +13,18 @@ Definitions (printed by the report and the README):
 * The FP32 figure is the same network with every conv at 32 x 32.
 
 MACs scale with pixels, so they are measured once per model with a probe forward and then
-evaluated for any input size.
+evaluated for any input size. ``ConvCost``, ``bitops`` and ``fab`` live in :mod:`cadyq_cli.accounting`
+(no PyTorch) and are re-exported here.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .modes import set_quant_mode
-from .modules import ActQuantizer, BitSelector, QuantConv2d
+from ..accounting import ConvCost, bitops, fab
+from .modules import ActQuantizer, BitSelector, QuantConv2d, set_quant_mode
 
 __all__ = ["ConvCost", "cost_table", "bitops", "fab"]
-
-
-@dataclass(frozen=True)
-class ConvCost:
-    """One convolution of the model.
-
-    Attributes:
-        name: module name in the state dict.
-        macs_per_px: MACs per LR input pixel.
-        weight_bits: 8 for quantized convs, 32 otherwise.
-        act_selector: index of the bit selector feeding this conv, or None.
-        act_bits: fixed activation bits when ``act_selector`` is None (8 or 32).
-        feeder: name of the quantizer module whose output is this conv's input, or None.
-    """
-
-    name: str
-    macs_per_px: float
-    weight_bits: int
-    act_selector: int | None
-    act_bits: int
-    feeder: str | None = None
 
 
 @torch.no_grad()
@@ -94,7 +72,8 @@ def cost_table(model: nn.Module, probe: int = 8) -> list[ConvCost]:
     model.eval()
     try:
         dev = next(model.parameters()).device
-        model(torch.rand(1, 3, probe, probe, device=dev) * 255)
+        # its own generator: the global RNG (a training run's Gumbel noise) must not depend on when the table is built
+        model(torch.rand(1, 3, probe, probe, generator=torch.Generator().manual_seed(0)).to(dev) * 255)
     finally:
         for h in handles:
             h.remove()
@@ -103,39 +82,3 @@ def cost_table(model: nn.Module, probe: int = 8) -> list[ConvCost]:
             set_quant_mode(model, old_mode)
     model._cadyq_cost_table = rows  # type: ignore[attr-defined]
     return rows
-
-
-def bitops(table: list[ConvCost], region_px: torch.Tensor, region_bits: torch.Tensor | None,
-           fixed_bits: int | None = None) -> float:
-    """BitOPs of one forward.
-
-    Args:
-        table: from :func:`cost_table`.
-        region_px: (R,) pixels of each region (LR).
-        region_bits: (R, n_selectors) bits chosen per region, or None.
-        fixed_bits: when given, every selector uses these bits (``w8aK``); ``32`` together with
-            ``region_bits=None`` means the FP32 model (all convs 32 x 32).
-    """
-    px = region_px.double()
-    total = 0.0
-    fp = fixed_bits == 32
-    for c in table:
-        if fp:
-            total += c.macs_per_px * float(px.sum()) * 32 * 32
-            continue
-        if c.act_selector is not None:
-            if region_bits is not None:
-                ab = (region_bits[:, c.act_selector].double() * px).sum()
-            else:
-                ab = float(fixed_bits or 8) * px.sum()
-            total += c.macs_per_px * c.weight_bits * float(ab)
-        else:
-            total += c.macs_per_px * c.weight_bits * c.act_bits * float(px.sum())
-    return total
-
-
-def fab(region_bits: torch.Tensor) -> float:
-    """FAB: unweighted mean over regions of the mean selector bits; (R, n_sel) in."""
-    if region_bits.numel() == 0:
-        return 32.0
-    return float(region_bits.double().mean(dim=1).mean())

@@ -8,10 +8,10 @@ from torch import nn
 
 from ..errors import CadyqError
 from .cost import cost_table
-from .kernels import int8_available, int8_conv, packed_weight
+from .kernels import int8_available
 from .modules import ActQuantizer, BitSelector
 
-__all__ = ["int8_available", "int8_conv", "packed_weight", "set_kernels", "kernels_of"]
+__all__ = ["int8_available", "set_kernels", "kernels_of"]
 
 
 def set_kernels(model: nn.Module, kernels: str = "auto") -> str:

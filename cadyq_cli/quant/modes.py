@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from ..errors import CadyqError
 
-__all__ = ["QuantMode", "MODES", "parse_mode", "set_quant_mode"]
+__all__ = ["QuantMode", "MODES", "CANDIDATE_BITS", "parse_mode"]
 
 CANDIDATE_BITS: tuple[int, int, int] = (4, 6, 8)
 
@@ -53,16 +53,3 @@ def parse_mode(name: str | QuantMode) -> QuantMode:
         return MODES[name]
     except KeyError:
         raise CadyqError(f"unknown mode {name!r}; choose one of {', '.join(MODES)}") from None
-
-
-def set_quant_mode(model: object, mode: str | QuantMode) -> QuantMode:
-    """Switch every quantized module of ``model`` (an ``nn.Module``) to ``mode`` in place."""
-    from .modules import ActQuantizer, BitSelector, QuantConv2d  # local: avoid a cycle
-
-    qm = parse_mode(mode)
-    for m in model.modules():  # type: ignore[attr-defined]
-        if isinstance(m, (QuantConv2d, ActQuantizer, BitSelector)):
-            m.mode = qm
-    if hasattr(model, "mode"):
-        model.mode = qm  # type: ignore[attr-defined]
-    return qm

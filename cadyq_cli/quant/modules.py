@@ -18,168 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import int8_conv
-from .modes import CANDIDATE_BITS, MODES, QuantMode
-from .primitives import act_codes, fake_quant_act, fake_quant_weight, qmax_for_bits
+from .kernels import PackedWeight, QCodes, conv_geometry, pack_weight, qconv2d
+from .modes import CANDIDATE_BITS, MODES, QuantMode, parse_mode
+from .primitives import act_codes, fake_quant_act, fake_quant_weight, qmax_for_bits, weight_scale
+from .regions import RegionGrid, region_std
 
 __all__ = [
-    "RegionGrid", "QuantContext", "QuantConv2d", "InputConv2d", "ActQuantizer", "BitSelector", "region_mean", "conv_forward",
+    "QuantContext", "QuantConv2d", "InputConv2d", "ActQuantizer", "BitSelector", "conv_forward", "set_quant_mode",
 ]
-
-
-@dataclass
-class RegionGrid:
-    """A partition of an H x W plane into rectangular regions.
-
-    Attributes:
-        row_idx: (H,) int64, region-row index of each pixel row, non-decreasing from 0.
-        col_idx: (W,) int64, region-column index of each pixel column.
-    """
-
-    row_idx: torch.Tensor
-    col_idx: torch.Tensor
-    #: per-grid constants reused by every selector of a forward (one-hot matrices, counts)
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
-
-    @classmethod
-    def from_bounds(cls, row_bounds: list[int], col_bounds: list[int], device: torch.device | str = "cpu") -> RegionGrid:
-        """Build a grid from region edges, e.g. ``[0, 96, 192, 250]`` (first 0, last = size)."""
-
-        def idx(bounds: list[int]) -> torch.Tensor:
-            sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-            return torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
-
-        return cls(idx(row_bounds), idx(col_bounds))
-
-    @classmethod
-    def uniform(cls, h: int, w: int, region: int, device: torch.device | str = "cpu") -> RegionGrid:
-        """Regions of ``region`` x ``region`` pixels from the top-left corner (ragged last row/column)."""
-        rows = list(range(0, h, region)) + [h]
-        cols = list(range(0, w, region)) + [w]
-        return cls.from_bounds(rows, cols, device)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(number of region rows, number of region columns)."""
-        return int(self.row_idx[-1]) + 1, int(self.col_idx[-1]) + 1
-
-    def onehots(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(nh, H) and (nw, W) 0/1 matrices that sum pixels into regions (built once per grid)."""
-        key = ("onehots", dtype)
-        if key not in self._cache:
-            nh, nw = self.shape
-            self._cache[key] = (F.one_hot(self.row_idx, nh).T.to(dtype), F.one_hot(self.col_idx, nw).T.to(dtype))
-        return self._cache[key]  # type: ignore[return-value]
-
-    def counts(self) -> torch.Tensor:
-        """(nh, nw) float, number of pixels in each region (computed once per grid)."""
-        if "counts" not in self._cache:
-            nh, nw = self.shape
-            ch = torch.bincount(self.row_idx, minlength=nh).float()
-            cw = torch.bincount(self.col_idx, minlength=nw).float()
-            self._cache["counts"] = ch[:, None] * cw[None, :]
-        return self._cache["counts"]  # type: ignore[return-value]
-
-    def expand(self, m: torch.Tensor) -> torch.Tensor:
-        """Broadcast a per-region map (..., nh, nw) to pixels (..., H, W)."""
-        return m[..., self.row_idx, :][..., self.col_idx]
-
-    def pooling(self) -> tuple[int, int, int, int] | None:
-        """(size_h, size_w, pad_top, pad_left) when the grid is a regular lattice cut anywhere
-        (interior regions equal, first and last ones possibly smaller), else None.
-
-        Then a region sum is a sum pooling of the input padded by (pad_top, pad_left) zeros.
-        """
-        if "pooling" not in self._cache:
-            geo = []
-            for idx in (self.row_idx, self.col_idx):
-                sizes = torch.bincount(idx).tolist()
-                size = sizes[1] if len(sizes) > 2 else max(sizes)
-                if any(v != size for v in sizes[1:-1]) or sizes[0] > size or sizes[-1] > size:
-                    geo = None
-                    break
-                geo.append((size, size - sizes[0]))
-            self._cache["pooling"] = None if geo is None else (geo[0][0], geo[1][0], geo[0][1], geo[1][1])
-        return self._cache["pooling"]
-
-
-def region_sum(x: torch.Tensor, grid: RegionGrid) -> torch.Tensor:
-    """Sum of x (N, C, H, W) over each region of ``grid``: (N, C, nh, nw)."""
-    geo = grid.pooling()
-    if geo is None:
-        oh, ow = grid.onehots(x.dtype)
-        return torch.einsum("nchw,ah,bw->ncab", x, oh, ow)
-    kh, kw, pt, pl = geo
-    if pt or pl:
-        x = F.pad(x, (pl, 0, pt, 0))
-    return F.avg_pool2d(x, (kh, kw), (kh, kw), ceil_mode=True, divisor_override=1)
-
-
-def region_mean(x: torch.Tensor, grid: RegionGrid | None) -> torch.Tensor:
-    """Mean of x (N, C, H, W) over each region: (N, C, nh, nw), or (N, C, 1, 1) without a grid."""
-    if grid is None:
-        return x.mean(dim=(2, 3), keepdim=True)
-    return region_sum(x, grid) / grid.counts().to(x.dtype)
-
-
-def _std_from_sums(s1: torch.Tensor, s2: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
-    """Unbiased std from the sum and the sum of squares of n values."""
-    return torch.sqrt(((s2 - s1 * s1 / n) / (n - 1)).clamp_min(0))
-
-
-def region_std(x: torch.Tensor, grid: RegionGrid | None) -> torch.Tensor:
-    """Unbiased per-channel std of x (N, C, H, W) over each region: (N, C, nh, nw).
-
-    A region of a single pixel has no defined std (the official code yields NaN there and the
-    selector's choice becomes arbitrary); we deliberately return 0 instead.
-    """
-    if grid is None:
-        # one pass (sum and sum of squares), 1.6x faster than torch.std; relative difference
-        # to torch.std ~1e-6, which only matters for exact logit ties
-        n, c, h, w = x.shape
-        v = x.reshape(n, c, h * w)
-        s1 = v.sum(-1)
-        s2 = torch.linalg.vector_norm(v, dim=-1).square()  # far faster than a dot/einsum here
-        s = _std_from_sums(s1, s2, h * w).reshape(n, c, 1, 1)
-    elif grid.pooling() is not None:
-        # one pass with sum pooling (a regular grid; the engine's grids always are)
-        cnt = grid.counts().to(x.dtype)
-        s1 = region_sum(x, grid)
-        s2 = region_sum(x * x, grid)
-        s = _std_from_sums(s1, s2, cnt)
-    else:
-        oh, ow = grid.onehots(x.dtype)
-        cnt = grid.counts().to(x.dtype)
-        mean = torch.einsum("nchw,ah,bw->ncab", x, oh, ow) / cnt
-        d = x - grid.expand(mean)
-        ss = torch.einsum("nchw,ah,bw->ncab", d * d, oh, ow)
-        s = torch.sqrt(ss / (cnt - 1))
-    return torch.nan_to_num(s, nan=0.0, posinf=0.0)
-
-
-@dataclass
-class QCodes:
-    """Integer codes of a quantized activation, attached to its float tensor as ``_cadyq_codes``
-    for the integer kernels (:mod:`cadyq_cli.quant.kernels`).
-
-    Attributes:
-        i8: the codes, channels-last (N, C, H, W): int8 on the signed grid (-127..127), uint8
-            on the unsigned grid (0..255).
-        steps: float step (``alpha / qmax``) of each candidate bit-width.
-        which: None when the whole tensor uses ``steps[0]``; else (N, nh, nw) int64 indices
-            into ``steps`` per sample and region.
-        grid: the region grid of ``which`` (None: one region per sample).
-    """
-
-    i8: torch.Tensor
-    steps: list[float]
-    which: torch.Tensor | None = None
-    grid: RegionGrid | None = None
-
-    @property
-    def signed(self) -> bool:
-        """True for int8 codes (signed grid), False for uint8 codes (unsigned grid)."""
-        return self.i8.dtype == torch.int8
 
 
 def _quantize(m: nn.Module, x: torch.Tensor, alpha: torch.Tensor, qmax: torch.Tensor | float,
@@ -267,11 +113,29 @@ class QuantConv2d(nn.Conv2d):
                 self._wq_cache = (key, fake_quant_weight(self.weight, self.weight_bits))
         return self._wq_cache[1]
 
+    def int8_weight(self, zp: int) -> PackedWeight:
+        """The 8-bit weight codes packed for the integer kernel, for inputs of zero point ``zp``
+        (cached until the weight changes)."""
+        key = (self.weight._version, self.weight.data_ptr(), zp)
+        cache = getattr(self, "_int8_cache", None)
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                m, qmax = weight_scale(self.weight, self.weight_bits)  # the fake_quant_weight grid
+                codes = torch.round(self.weight.detach() * qmax / m).to(torch.int8)
+                cache = (key, pack_weight(codes, float(m) / qmax, conv_geometry(self), zp))
+            self._int8_cache = cache
+        return cache[1]
+
+    def int8_forward(self, q: QCodes) -> torch.Tensor:
+        """This conv on the integer codes ``q`` of its quantized input (exact int32 sums, float32 out)."""
+        bias = self.bias.detach().float() if self.bias is not None else None
+        return qconv2d(q, self.int8_weight(q.zero_point), bias, conv_geometry(self))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if self.mode.quantized:
             q = getattr(x, "_cadyq_codes", None)
             if q is not None and not torch.is_grad_enabled():
-                return int8_conv(q, self)
+                return self.int8_forward(q)
             return conv_forward(self, x, self.quantized_weight())
         return conv_forward(self, x, self.weight)
 
@@ -361,6 +225,9 @@ class BitSelector(nn.Module):
         self.after_relu = False
         self.gumbel = True
         self.tau = 1.0
+        #: inference only: added to the 4-bit logit and subtracted from the 8-bit one (the compute
+        #: dial, ``SRModel.set_bit_bias``): > 0 fewer bits, < 0 more, 0 the model as trained
+        self.bit_bias = 0.0
         #: training only: (mean, scale) of the features z. When set, ``net_small`` acts on
         #: (z - mean) / scale; :meth:`folded_linear` gives the equivalent raw-feature weights
         self.znorm: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -426,7 +293,10 @@ class BitSelector(nn.Module):
             return _quantize(self, x, alpha, qmax, lambda: [float(alpha) / qmax])
         if self.training:
             return self._forward_train(x, ctx)
-        idx = self.logits(x, ctx).argmax(dim=-1)  # (N, nh, nw); first maximum wins
+        logits = self.logits(x, ctx)
+        if self.bit_bias:
+            logits = logits + logits.new_tensor([self.bit_bias, 0.0, -self.bit_bias])
+        idx = logits.argmax(dim=-1)  # (N, nh, nw); first maximum wins
         ctx.bits.append(self._bits_table[idx])
         alpha = self.alphas()[idx]  # float32: the quantization grid is never rounded to bf16
         qmax = self._qmax_table[idx]
@@ -451,3 +321,14 @@ class BitSelector(nn.Module):
         ctx.bits.append((hard * self._bits_table).sum(-1).reshape(-1, 1, 1))  # elementwise: no bf16 matmul
         ctx.soft_bits.append((probs * self._bits_table).sum(-1))
         return (w.reshape(*w.shape, 1, 1, 1).to(outs.dtype) * outs).sum(dim=1)
+
+
+def set_quant_mode(model: nn.Module, mode: str | QuantMode) -> QuantMode:
+    """Switch every quantized module of ``model`` to ``mode`` in place."""
+    qm = parse_mode(mode)
+    for m in model.modules():
+        if isinstance(m, (QuantConv2d, ActQuantizer, BitSelector)):
+            m.mode = qm
+    if hasattr(model, "mode"):
+        model.mode = qm
+    return qm

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["qmax_for_bits", "round_ste", "fake_quant_weight", "fake_quant_act", "act_codes"]
+__all__ = ["qmax_for_bits", "round_ste", "weight_scale", "fake_quant_weight", "fake_quant_act", "act_codes"]
 
 
 def qmax_for_bits(bits: int, signed: bool = True) -> int:
@@ -35,6 +35,11 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def weight_scale(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, int]:
+    """``(m, qmax)`` of the symmetric per-tensor weight grid: ``m = max|W| + 1e-8``, step ``m / qmax``."""
+    return w.detach().abs().max() + 1e-8, qmax_for_bits(bits)
+
+
 def fake_quant_weight(w: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """Symmetric per-tensor max-abs fake quantization of a weight tensor.
 
@@ -45,8 +50,7 @@ def fake_quant_weight(w: torch.Tensor, bits: int = 8) -> torch.Tensor:
     Returns:
         Tensor of the same shape on the grid ``k * m / qmax``, ``|k| <= qmax``.
     """
-    qmax = qmax_for_bits(bits)
-    m = w.detach().abs().max() + 1e-8
+    m, qmax = weight_scale(w, bits)
     return round_ste(w * qmax / m) * m / qmax
 
 
