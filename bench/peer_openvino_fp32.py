@@ -1,0 +1,30 @@
+"""Peer for bench/peers.py: plain FP32 EDSR-baseline on OpenVINO, as a user would run it.
+
+Read PNG, build the FP32 graph of the same weights (no quantizers, no tiling), compile it with
+``INFERENCE_PRECISION_HINT=f32``, one inference, write PNG. No PyTorch.
+Usage: python bench/peer_openvino_fp32.py WEIGHTS.safetensors IN.png OUT.png [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import openvino as ov
+from PIL import Image
+
+from cadyq_cli.runtime.ov_edsr import Geometry, build_graph, read_edsr
+
+p = argparse.ArgumentParser()
+p.add_argument("weights")
+p.add_argument("inp")
+p.add_argument("out")
+p.add_argument("--threads", type=int, default=0)
+a = p.parse_args()
+x = np.asarray(Image.open(a.inp).convert("RGB"), dtype=np.float32).transpose(2, 0, 1)[None]
+wts = read_edsr(a.weights)
+config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+if a.threads:
+    config["INFERENCE_NUM_THREADS"] = a.threads
+cm = ov.Core().compile_model(build_graph(wts, Geometry(x.shape[2], x.shape[3]), quantized=False), "CPU", config)
+y = cm.create_infer_request().infer([x])[cm.output("sr")]
+Image.fromarray(np.rint(np.clip(y[0], 0, 255)).astype(np.uint8).transpose(1, 2, 0)).save(a.out)

@@ -1,0 +1,195 @@
+"""CADyQ against a plain FP32 peer: whole processes, or forward passes, side by side.
+
+    python bench/peers.py compare IN.png [IN.png ...] [--scale 4] [--runs 5] [--threads N]
+        Whole processes (read PNG, upscale, write PNG), interleaved, medians of --runs after one
+        warm-up round each (which also fills the compiled-graph cache):
+        (a) OpenVINO FP32 plain EDSR-baseline of the same weights (bench/peer_openvino_fp32.py),
+        (b) `cadyq upscale` (default kernels), (c) `cadyq upscale --kernels openvino`,
+        (e) `cadyq upscale --fp-layers bf16` (default kernels, bf16 upsampling tail),
+        (d) ONNX Runtime FP32 once bench/peer_onnxruntime_fp32.py exists (not written yet) and
+        onnxruntime + onnx import.
+        Prints seconds and ratios to (a).
+
+    python bench/peers.py forward IN.png [--scale 4] [--runs 5] [--profile]
+        In one process: graph sizes, compile/import times, then interleaved forward medians of the
+        OpenVINO FP32 graph, the CADyQ OpenVINO graph and (without --no-torch) the PyTorch default
+        engine; --profile adds the CADyQ graph's time by node type (OpenVINO PERF_COUNT).
+
+The machine may be shared with other jobs: only ratios measured in the same run mean anything.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _timing import interleaved  # noqa: E402
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def _weights(scale: int) -> Path:
+    from cadyq_cli.weights import resolve_weights
+
+    return resolve_weights("edsr-baseline", scale).path
+
+
+def _has_ort() -> bool:
+    """ONNX Runtime row: not written yet (bench/peer_onnxruntime_fp32.py); runs once that script exists."""
+    if not (ROOT / "bench/peer_onnxruntime_fp32.py").is_file():
+        return False
+    code = "import onnxruntime, onnx"
+    return subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True).returncode == 0
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Whole-process timings, interleaved."""
+    py = sys.executable
+    wts = str(_weights(args.scale))
+    thr = ["--threads", str(args.threads)] if args.threads else []
+    out = Path(tempfile.mkdtemp(prefix="cadyq_peers_"))
+    for inp in args.inputs:
+        cmds = {
+            "openvino_fp32": [py, str(ROOT / "bench/peer_openvino_fp32.py"), wts, inp, str(out / "a.png"), *thr],
+            "cadyq_default": [py, "-m", "cadyq_cli", "upscale", inp, str(out / "b.png"), "--scale", str(args.scale),
+                              "--overwrite", "-q", *thr],
+            "cadyq_openvino": [py, "-m", "cadyq_cli", "upscale", inp, str(out / "c.png"), "--scale", str(args.scale),
+                               "--overwrite", "-q", "--kernels", "openvino", *thr],
+            "cadyq_bf16_tail": [py, "-m", "cadyq_cli", "upscale", inp, str(out / "e.png"), "--scale", str(args.scale),
+                                "--overwrite", "-q", "--fp-layers", "bf16", *thr],
+        }
+        if _has_ort():
+            cmds["onnxruntime_fp32"] = [py, str(ROOT / "bench/peer_onnxruntime_fp32.py"), wts, inp, str(out / "d.png"), *thr]
+
+        def runner(cmd: list[str]):  # noqa: ANN202
+            def run() -> None:
+                res = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+                if res.returncode:
+                    raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
+            return run
+
+        fns = {k: runner(v) for k, v in cmds.items()}
+        interleaved(fns, 1)  # warm-up: OS file cache, compiled-graph cache
+        times, med = interleaved(fns, args.runs)
+        from PIL import Image
+
+        w, h = Image.open(inp).size
+        print(f"{Path(inp).name} {w}x{h} x{args.scale}, whole process, median of {args.runs} (interleaved):")
+        base = med["openvino_fp32"]
+        for k, v in med.items():
+            spread = f"{min(times[k]):.2f}-{max(times[k]):.2f}"
+            print(f"  {k:18s} {v:6.2f} s  ({spread})  {v / base:5.2f}x openvino_fp32")
+
+
+def forward(args: argparse.Namespace) -> None:
+    """Forward-only timings in one process."""
+    import openvino as ov
+    from PIL import Image
+
+    from cadyq_cli.runtime.engine import OVModel
+    from cadyq_cli.runtime.ov_edsr import Geometry, build_graph, read_edsr
+
+    x = np.asarray(Image.open(args.inputs[0]).convert("RGB"), dtype=np.float32)
+    h, w = x.shape[:2]
+    xin = x.transpose(2, 0, 1)[None].copy()
+    wts = read_edsr(_weights(args.scale))
+    config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    if args.threads:
+        config["INFERENCE_NUM_THREADS"] = args.threads
+    if args.profile:
+        config["PERF_COUNT"] = True
+    core = ov.Core()
+    geo = Geometry(h, w, 96, 0, 0) if max(h, w) <= 384 + 80 else None
+    if geo is None:
+        raise SystemExit("forward: use an image of at most 464 px (one tile)")
+    t = time.perf_counter()
+    fp_model = build_graph(wts, Geometry(h, w), quantized=False)
+    t_build_fp = time.perf_counter() - t
+    t = time.perf_counter()
+    q_model = build_graph(wts, geo)
+    t_build_q = time.perf_counter() - t
+    t = time.perf_counter()
+    fp = core.compile_model(fp_model, "CPU", config)
+    t_fp = time.perf_counter() - t
+    t = time.perf_counter()
+    q = core.compile_model(q_model, "CPU", config)
+    t_q = time.perf_counter() - t
+    import io
+
+    buf = io.BytesIO()
+    q.export_model(buf)
+    t = time.perf_counter()
+    core.import_model(buf.getvalue(), "CPU", config)
+    t_imp = time.perf_counter() - t
+    print(f"{Path(args.inputs[0]).name} {w}x{h} x{args.scale}")
+    print(f"  FP32 graph : {len(fp_model.get_ops())} ops, {len(fp.get_runtime_model().get_ops())} exec nodes, "
+          f"build {t_build_fp:.2f} s, compile {t_fp:.2f} s")
+    print(f"  CADyQ graph: {len(q_model.get_ops())} ops, {len(q.get_runtime_model().get_ops())} exec nodes, "
+          f"build {t_build_q:.2f} s, compile {t_q:.2f} s, import of the exported blob {t_imp:.2f} s "
+          f"({len(buf.getvalue()) / 1e6:.1f} MB)")
+    rq, rf = q.create_infer_request(), fp.create_infer_request()
+    variants = {"openvino_fp32": lambda: rf.infer([xin]), "openvino_cadyq": lambda: rq.infer([xin])}
+    for fn in variants.values():  # first inference apart (allocations)
+        t = time.perf_counter()
+        fn()
+    if not args.no_torch:
+        from cadyq_cli.engine import upscale_array
+        from cadyq_cli.weights import load_model
+
+        net = load_model(scale=args.scale)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        variants["torch_default"] = lambda: upscale_array(net, x)
+        variants["torch_default"]()
+    ovm = OVModel(wts, threads=args.threads)
+    variants["openvino_engine"] = lambda: ovm.upscale_array(x)
+    variants["openvino_engine"]()
+    times, med = interleaved(variants, args.runs)
+    base = med["openvino_fp32"]
+    print(f"  forward, median of {args.runs} (interleaved):")
+    for k, v in med.items():
+        print(f"    {k:16s} {v:6.3f} s  ({min(times[k]):.3f}-{max(times[k]):.3f})  {v / base:5.2f}x openvino_fp32")
+    if args.profile:
+        rq.infer([xin])
+        agg: dict[str, float] = defaultdict(float)
+        cnt: dict[str, int] = defaultdict(int)
+        for p in rq.profiling_info:
+            key = f"{p.node_type}/{p.exec_type}"
+            agg[key] += p.real_time.total_seconds()
+            cnt[key] += 1
+        total = sum(agg.values())
+        print(f"  CADyQ graph by node type (one inference, {total:.3f} s):")
+        for k, v in sorted(agg.items(), key=lambda kv: -kv[1])[:14]:
+            print(f"    {k:40s} {v * 1000:8.1f} ms  {100 * v / total:5.1f} %  x{cnt[k]}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["compare", "forward"])
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("--scale", type=int, default=4)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--no-torch", action="store_true")
+    args = p.parse_args()
+    compare(args) if args.what == "compare" else forward(args)
+
+
+if __name__ == "__main__":
+    main()

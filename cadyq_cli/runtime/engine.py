@@ -1,0 +1,177 @@
+"""The numpy engine of ``--kernels openvino``: tiles -> compiled OpenVINO graph per tile geometry -> stitch -> report.
+
+Same tiling plans, bits, report and output conventions as :func:`cadyq_cli.engine.upscale_array`
+(tiles run one at a time). Compiled graphs are exported to a cache folder
+(``$CADYQ_CACHE_DIR/openvino``, default ``~/.cache/cadyq/openvino``) keyed by the weights' sha256,
+the tile geometry, the mode and the OpenVINO version, so a later process imports the compiled blob
+instead of building and compiling the graph again.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..accounting import edsr_cost_table
+from ..errors import CadyqError
+from ..report import ImageReport, RegionBits, build_report
+from ..tiling import TilingConfig, plan_tiles
+from .ov_edsr import EdsrWeights, Geometry, build_graph, describe, read_edsr
+
+__all__ = ["OVModel", "load_openvino_model", "openvino_available", "cache_dir", "RECEPTIVE_RADIUS"]
+
+#: LR px of context a pixel depends on (as :attr:`cadyq_cli.models.edsr.EDSRBaseline.receptive_radius`)
+RECEPTIVE_RADIUS = 40
+MODES = ("dynamic", "fp32")
+
+
+def openvino_available() -> bool:
+    """True when the ``openvino`` package can be imported."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cache_dir() -> Path:
+    """Folder of exported compiled graphs."""
+    base = os.environ.get("CADYQ_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "cadyq")
+    return Path(base) / "openvino"
+
+
+class OVModel:
+    """EDSR-baseline CADyQ (``dynamic``) or its FP32 network (``fp32``) on OpenVINO's CPU plugin.
+
+    Args:
+        wts: the weights.
+        mode: ``dynamic`` or ``fp32``.
+        threads: CPU threads for inference (0: OpenVINO's default).
+        cache: export compiled graphs to :func:`cache_dir` and import them from there.
+    """
+
+    receptive_radius = RECEPTIVE_RADIUS
+
+    def __init__(self, wts: EdsrWeights, mode: str = "dynamic", threads: int = 0, cache: bool = True) -> None:
+        import openvino as ov
+
+        if mode not in MODES:
+            raise CadyqError(f"--kernels openvino runs --mode dynamic or fp32, not {mode}")
+        self.wts, self.mode, self.cache = wts, mode, cache
+        self.scale = wts.scale
+        self.n_selectors = 2 * wts.n_blocks if mode == "dynamic" else 0
+        self.core = ov.Core()
+        self.version = ov.get_version()
+        self.config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = threads
+        self._compiled: dict[Geometry, object] = {}
+        #: (seconds, "compiled" | "imported") per geometry prepared by this object
+        self.prepare_log: dict[Geometry, tuple[float, str]] = {}
+
+    def _blob_path(self, geo: Geometry) -> Path:
+        key = f"{describe(self.wts)}|{geo.key()}|{self.mode}|{self.version}"
+        return cache_dir() / f"edsr-x{self.scale}-{self.mode}-{geo.key()}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.blob"
+
+    def compiled(self, geo: Geometry) -> object:
+        """The compiled graph for ``geo`` (imported from the cache, or built, compiled and exported)."""
+        if geo in self._compiled:
+            return self._compiled[geo]
+        t0 = time.perf_counter()
+        path = self._blob_path(geo)
+        cm = None
+        if self.cache and path.is_file():
+            try:
+                cm = self.core.import_model(path.read_bytes(), "CPU", self.config)
+                how = "imported"
+            except Exception:  # noqa: BLE001 - a stale or damaged blob: compile again
+                cm = None
+        if cm is None:
+            cm = self.core.compile_model(build_graph(self.wts, geo, self.mode == "dynamic"), "CPU", self.config)
+            how = "compiled"
+            if self.cache:
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                    import io
+
+                    buf = io.BytesIO()
+                    cm.export_model(buf)
+                    tmp.write_bytes(buf.getvalue())
+                    os.replace(tmp, path)
+                except OSError:
+                    pass  # no cache: the next process compiles again
+        self._compiled[geo] = cm
+        self.prepare_log[geo] = (time.perf_counter() - t0, how)
+        return cm
+
+    def forward(self, x: np.ndarray, geo: Geometry) -> tuple[np.ndarray, np.ndarray]:
+        """(sr (1, 3, sH, sW), bits (1, n_sel, nh, nw)) of one tile x (1, 3, H, W) float32 0..255."""
+        cm = self.compiled(geo)
+        res = cm.create_infer_request().infer([np.ascontiguousarray(x, dtype=np.float32)])
+        sr = res[cm.output("sr")]
+        bits = res[cm.output("bits")] if self.n_selectors else np.zeros((1, 0, 1, 1), np.float32)
+        return sr, bits
+
+    def upscale_array(self, rgb: np.ndarray, cfg: TilingConfig = TilingConfig(),
+                      progress: Callable[[int, int], None] | None = None,
+                      out_dtype: str = "float32") -> tuple[np.ndarray, ImageReport]:
+        """Super-resolve one image; the contract of :func:`cadyq_cli.engine.upscale_array`."""
+        if out_dtype not in ("float32", "uint8"):
+            raise ValueError(f"out_dtype must be 'float32' or 'uint8', got {out_dtype!r}")
+        cfg.validate(quantized=self.mode == "dynamic")
+        t0 = time.perf_counter()
+        h, w = rgb.shape[:2]
+        s = self.scale
+        tiles, region = plan_tiles(h, w, s, cfg, self.receptive_radius)
+        out = np.empty((h * s, w * s, 3), dtype=out_dtype)
+        regions = RegionBits(h, w, region)
+        for i, t in enumerate(tiles):
+            y0, y1, x0, x1 = t.in_box
+            geo = Geometry(y1 - y0, x1 - x0) if region is None else Geometry(y1 - y0, x1 - x0, region, y0 % region, x0 % region)
+            sr, bits = self.forward(rgb[y0:y1, x0:x1].transpose(2, 0, 1)[None], geo)
+            oy0, oy1, ox0, ox1 = t.out_box
+            part = np.clip(sr[0, :, t.src_y : t.src_y + oy1 - oy0, t.src_x : t.src_x + ox1 - ox0], 0, 255).transpose(1, 2, 0)
+            if out_dtype == "uint8":
+                part = np.rint(np.nan_to_num(part, nan=0.0))  # half to even, as the PyTorch engine
+            out[oy0:oy1, ox0:ox1] = part
+            regions.add_tile(t, bits[0])
+            if progress is not None:
+                progress(i + 1, len(tiles))
+        table = edsr_cost_table(s, self.wts.n_blocks, self.wts.n_feats)
+        report = build_report(regions, self.n_selectors, s, table, self.mode, self.mode == "dynamic", None, cfg.tiling,
+                              time.perf_counter() - t0, kernels="openvino" if self.mode == "dynamic" else "float")
+        return out, report
+
+
+def load_openvino_model(model: str | None = None, weights: str | Path | None = None, scale: int | None = 4,
+                        mode: str = "dynamic", threads: int = 0, cache: bool = True) -> OVModel:
+    """Load a shipped EDSR-baseline model (or an EDSR-baseline safetensors file) for the OpenVINO runtime.
+
+    Raises:
+        CadyqError: openvino is not installed, the model is not EDSR-baseline, or the mode is not supported.
+    """
+    if not openvino_available():
+        raise CadyqError("--kernels openvino needs the openvino package (pip install 'cadyq[openvino]')")
+    from ..weights import DEFAULT_MODEL, resolve_weights, shipped_path
+
+    if weights is None:
+        cfg = resolve_weights(model or DEFAULT_MODEL, scale)
+        if cfg.arch != "edsr_baseline":
+            raise CadyqError(f"--kernels openvino runs the EDSR-baseline models only, not {cfg.name}")
+        path = shipped_path(cfg)
+    else:
+        path = Path(weights)
+        if path.suffix != ".safetensors" or not path.is_file():
+            raise CadyqError(f"{path}: --kernels openvino reads EDSR-baseline .safetensors files only")
+    try:
+        wts = read_edsr(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one clear error
+        raise CadyqError(f"{path}: cannot run on OpenVINO ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if scale is not None and wts.scale != scale:
+        raise CadyqError(f"{path}: the weights are for x{wts.scale}, not x{scale}")
+    return OVModel(wts, mode, threads, cache)

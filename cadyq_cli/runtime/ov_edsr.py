@@ -1,0 +1,371 @@
+"""EDSR-baseline CADyQ as one OpenVINO graph per tile geometry, built from the safetensors (no PyTorch).
+
+Semantics are those of :class:`cadyq_cli.models.edsr.EDSRBaseline` in ``dynamic`` mode at inference
+(the ``--kernels float`` reference), restated in OpenVINO ops:
+
+* selectors: per region (a ``region`` px lattice anchored at the image origin, offset ``(pt, pl)``
+  inside the tile) the mean |Sobel| of the gray input (x1000) and the unbiased per-channel std of the
+  layer input, a linear layer, first maximum -> 4/6/8 bits; per-pixel maps of the chosen clip
+  ``alpha``, ``qmax`` and step ``alpha / qmax`` are gathered from the per-region values;
+* codes ``round(clip(x / alpha, lo, 1) * qmax)`` (``lo`` = -1, or 0 on the unsigned grid), by the
+  same float operations in the same order as :func:`cadyq_cli.quant.primitives.act_codes`;
+* a quantized conv is ``FakeQuantize(codes) -> Convolution <- int8 weight codes``, which the CPU
+  plugin runs as an int8 convolution (exact int32 sums), times the step map, plus bias. That is
+  exact wherever a 3x3 window lies in one region; on the two rows/columns at each interior region
+  boundary the output is recomputed from a band of four input lines, one integer pass per
+  candidate bit-width (codes of other bit-widths zeroed), ``sum_b step_b * int_conv(codes_b)``, and
+  scattered back;
+* head, the body's last conv, upsampler and tail in FP32 (``INFERENCE_PRECISION_HINT=f32``).
+
+Outputs: ``sr`` (1, 3, sH, sW), not clamped, and ``bits`` (1, n_selectors, nh, nw).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["EdsrWeights", "Geometry", "read_edsr", "build_graph", "edsr_blocks", "CANDIDATE_BITS"]
+
+CANDIDATE_BITS = (4, 6, 8)
+GRAD_MULTIPLIER = 1000.0
+#: bump whenever the graph this module builds changes: compiled graphs cached on disk are keyed by it
+GRAPH_VERSION = 2
+_F = np.float32
+
+
+def _qmax(bits: int, signed: bool) -> int:
+    """Largest code of a grid (as :func:`cadyq_cli.quant.primitives.qmax_for_bits`)."""
+    return 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+
+
+def edsr_blocks(sd: dict[str, np.ndarray]) -> int:
+    """Number of residual blocks of an EDSR state dict."""
+    n = 0
+    while f"body.{n}.body.0.weight" in sd:
+        n += 1
+    return n
+
+
+@dataclass
+class EdsrWeights:
+    """An EDSR-baseline CADyQ checkpoint as numpy arrays."""
+
+    sd: dict[str, np.ndarray]
+    scale: int
+    act_grid: str = "signed"
+    skip: str = "official"
+    sha256: str = ""
+    n_blocks: int = field(init=False)
+    n_feats: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.n_blocks = edsr_blocks(self.sd)
+        self.n_feats = int(self.sd["head.0.weight"].shape[0])
+
+
+def read_edsr(path: str | Path) -> EdsrWeights:
+    """Read one of our EDSR-baseline safetensors files (metadata ``arch``, ``scale``, ``act_grid``, ``skip``).
+
+    Raises:
+        ValueError: not an EDSR-baseline CADyQ safetensors file.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    blob = path.read_bytes()
+    with safe_open(str(path), framework="np") as f:
+        meta = dict(f.metadata() or {})
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("arch", "edsr_baseline") != "edsr_baseline" or "body.0.bitsel1.net_small.0.weight" not in sd:
+        raise ValueError(f"{path}: the OpenVINO runtime runs EDSR-baseline CADyQ weights only")
+    scale = int(meta["scale"]) if meta.get("scale", "").isdigit() else (
+        3 if sd["tail.0.0.weight"].shape[0] == 9 * sd["tail.0.0.weight"].shape[1] else 4 if "tail.0.2.weight" in sd else 2)
+    sd = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sd.items()}
+    return EdsrWeights(sd, scale, meta.get("act_grid", "signed"), meta.get("skip", "official"),
+                       hashlib.sha256(blob).hexdigest())
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """One tile's shape and its place on the region lattice.
+
+    Attributes:
+        h, w: tile size (LR px).
+        region: region size, or None for one region per tile.
+        pt, pl: offset of the tile's first row/column inside its region (``y0 % region``).
+    """
+
+    h: int
+    w: int
+    region: int | None = None
+    pt: int = 0
+    pl: int = 0
+
+    def axis(self, length: int, off: int) -> tuple[np.ndarray, list[int]]:
+        """(local region index of each pixel, interior boundaries) along one axis."""
+        if self.region is None:
+            return np.zeros(length, np.int64), []
+        idx = (np.arange(length) + off) // self.region
+        idx -= idx[0]
+        return idx, [int(c) for c in np.nonzero(np.diff(idx))[0] + 1]
+
+    def key(self) -> str:
+        """Short text naming the geometry (cache keys)."""
+        return f"{self.h}x{self.w}_r{self.region}_{self.pt}_{self.pl}"
+
+
+class _Builder:
+    """Builds the graph; one instance per graph."""
+
+    def __init__(self, wts: EdsrWeights, geo: Geometry, quantized: bool) -> None:
+        import openvino.opset13 as op
+
+        self.op, self.w, self.geo, self.quantized = op, wts, geo, quantized
+        self.ry, self.rb = geo.axis(geo.h, geo.pt)
+        self.cx, self.cb = geo.axis(geo.w, geo.pl)
+        self.nh, self.nw = int(self.ry[-1]) + 1, int(self.cx[-1]) + 1
+        cnt = np.bincount(self.ry)[:, None] * np.bincount(self.cx)[None, :]
+        self.count = cnt.astype(_F)[None, None]  # (1, 1, nh, nw)
+        self.bits: list = []
+        self._consts: dict = {}
+        #: with region boundaries the body runs channels-last (NHWC tensors): boundary lines are gathered
+        #: and scattered along H/W of plain NHWC tensors, which is the memory layout the int8 convs
+        #: use, so the transposes around the convs cost nothing
+        self.cl = quantized and bool(self.cb or self.rb)
+
+    # --- small helpers -------------------------------------------------------------------
+    def c(self, v: object) -> object:
+        """A float32 constant (scalars shared)."""
+        if isinstance(v, np.ndarray):
+            return self.op.constant(v)
+        key = ("f", float(v))
+        if key not in self._consts:
+            self._consts[key] = self.op.constant(np.asarray(v, dtype=_F))
+        return self._consts[key]
+
+    def c_i64(self, v: object) -> object:
+        """An int64 constant (shared)."""
+        arr = np.asarray(v, dtype=np.int64)
+        key = ("i", arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.op.constant(arr)
+        return self._consts[key]
+
+    def conv(self, x: object, weight: np.ndarray, bias: np.ndarray | None, pad: tuple[int, int] = (1, 1)) -> object:
+        """FP32 conv on an NCHW tensor."""
+        y = self.op.convolution(x, self.c(weight), [1, 1], list(pad), list(pad), [1, 1])
+        return y if bias is None else self.op.add(y, self.c(bias.reshape(1, -1, 1, 1)))
+
+    def nchw(self, x: object) -> object:
+        return self.op.transpose(x, self.c_i64([0, 3, 1, 2]))
+
+    def nhwc(self, x: object) -> object:
+        return self.op.transpose(x, self.c_i64([0, 2, 3, 1]))
+
+    def as_nchw(self, x: object) -> object:
+        """A body tensor seen as NCHW (for convs and pools)."""
+        return self.nchw(x) if self.cl else x
+
+    def as_body(self, x: object) -> object:
+        """An NCHW tensor as a body tensor."""
+        return self.nhwc(x) if self.cl else x
+
+    def chan(self, v: np.ndarray) -> object:
+        """A per-channel constant broadcast over a body tensor."""
+        return self.c(v.reshape((1, 1, 1, -1) if self.cl else (1, -1, 1, 1)))
+
+    def region_mean(self, x: object, nhwc: bool = False) -> object:
+        """Mean of x over each region, padding excluded: AvgPool over the lattice.
+
+        NCHW x -> (1, C, nh, nw); with ``nhwc``, x is (1, 1, H, W, C) (a view of an NHWC tensor), pooled
+        with an (r, r, 1) kernel -> (1, 1, nh, nw, C): no transpose of x."""
+        g, op = self.geo, self.op
+        if g.region is None:
+            return op.reduce_mean(x, self.c_i64([2, 3]), True)
+        r = g.region
+        pe = (self.nh * r - g.h - g.pt, self.nw * r - g.w - g.pl)
+        if not nhwc:
+            return op.avg_pool(x, [r, r], [g.pt, g.pl], [pe[0], pe[1]], [r, r], True, "floor")
+        return op.avg_pool(x, [r, r, 1], [g.pt, g.pl, 0], [pe[0], pe[1], 0], [r, r, 1], True, "floor")
+
+    def expand(self, m: object, nhwc: bool) -> object:
+        """Per-region map (1, nh, nw, k) -> per-pixel (1, H, W, k), or (1, k, H, W) when not ``nhwc``."""
+        op = self.op
+        if not nhwc:
+            m = op.transpose(m, self.c_i64([0, 3, 1, 2]))
+        if self.nh == 1 and self.nw == 1:
+            return m
+        hw = (1, 2) if nhwc else (2, 3)
+        m = op.gather(m, self.c_i64(self.ry), self.c_i64(hw[0]))
+        return op.gather(m, self.c_i64(self.cx), self.c_i64(hw[1]))
+
+    # --- the network -----------------------------------------------------------------------
+    def grad_feature(self, x: object) -> object:
+        op = self.op
+        x01 = op.divide(x, self.c(255.0))
+        ch = op.split(x01, self.c_i64(1), 3)
+        gray = op.add(op.add(op.multiply(ch.output(0), self.c(0.299)), op.multiply(ch.output(1), self.c(0.587))),
+                      op.multiply(ch.output(2), self.c(0.114)))
+        padded = op.pad(gray, self.c_i64([0, 0, 1, 1]), self.c_i64([0, 0, 1, 1]), "edge")
+        sx = np.array([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], _F) / _F(8.0)
+        k = np.stack([sx, sx.T])[:, None]
+        g = op.abs(op.convolution(padded, self.c(k), [1, 1], [0, 0], [0, 0], [1, 1]))
+        return op.multiply(self.region_mean(g), self.c(GRAD_MULTIPLIER))
+
+    def selector(self, x: object, prefix: str, signed: bool) -> tuple[object, object, object, object, np.ndarray]:
+        """Choose bits per region for body tensor ``x``; returns (codes, step map (NCHW), value, bit-index map,
+        steps); maps are (1, 1, H, W), or (1, H, W, 1) in a channels-last body (except the step map)."""
+        op, sd = self.op, self.w.sd
+        wl, bl = sd[f"{prefix}.net_small.0.weight"], sd[f"{prefix}.net_small.0.bias"]
+        if self.cl:  # statistics as (1, 1, nh, nw, C): pooled from the NHWC body without a transpose
+            x5 = op.unsqueeze(x, self.c_i64([1]))
+            m1, m2 = self.region_mean(x5, True), self.region_mean(op.multiply(x5, x5), True)
+            cnt = self.count.reshape(1, 1, self.nh, self.nw, 1)
+        else:
+            m1, m2 = self.region_mean(x), self.region_mean(op.multiply(x, x))
+            cnt = self.count
+        n = self.c(cnt)
+        s1, s2 = op.multiply(m1, n), op.multiply(m2, n)
+        var = op.divide(op.subtract(s2, op.divide(op.multiply(s1, s1), n)), self.c(np.maximum(cnt - 1, 1)))
+        std = op.multiply(op.sqrt(op.maximum(var, self.c(0.0))), self.c((cnt > 1).astype(_F)))
+        if self.cl:
+            z = op.concat([self.gradf5, std], 4)
+            logits = op.add(op.matmul(z, self.c(np.ascontiguousarray(wl.T)), False, False), self.c(bl))
+            lg = op.split(logits, self.c_i64(4), 3)
+        else:
+            z = op.concat([self.gradf, std], 1)
+            lg = op.split(self.conv(z, wl[:, :, None, None], bl, (0, 0)), self.c_i64(1), 3)
+        l0, l1, l2 = lg.output(0), lg.output(1), lg.output(2)
+        first = op.logical_and(op.greater_equal(l0, l1), op.greater_equal(l0, l2))  # the first maximum wins
+        second = op.logical_and(op.logical_not(first), op.greater_equal(l1, l2))
+        third = op.logical_not(op.logical_or(first, second))
+        idx = op.add(op.convert(second, np.float32), op.multiply(op.convert(third, np.float32), self.c(2.0)))
+        self.bits.append(idx)  # candidate index per region: (1, 1, nh, nw[, 1])
+        alphas = [_F(sd[f"{prefix}.quant_bit{k + 1}.alpha"].reshape(())) for k in range(3)]
+        qmaxes = [_F(_qmax(b, signed)) for b in CANDIDATE_BITS]
+        steps = np.array([a / q for a, q in zip(alphas, qmaxes)], _F)
+        table = np.stack([alphas, qmaxes, steps, np.arange(3, dtype=_F)], axis=1).astype(_F)  # (3, 4)
+        idx3 = op.reshape(op.convert(idx, np.int64), self.c_i64([1, self.nh, self.nw]), False)
+        per_region = op.gather(self.c(table), idx3, self.c_i64(0))  # (1, nh, nw, 4)
+        maps = op.split(self.expand(per_region, False), self.c_i64(1), 4)  # (1, 1, H, W) each
+        a_px, q_px, s_px, i_px = (maps.output(k) for k in range(4))
+        if self.cl:  # one channel: (1, 1, H, W) and (1, H, W, 1) are the same memory; the step map
+            # rescales the conv output while it is still NCHW
+            a_px, q_px, i_px = (op.reshape(m, self.c_i64([1, self.geo.h, self.geo.w, 1]), False) for m in (a_px, q_px, i_px))
+        codes = op.round(op.multiply(op.clamp(op.divide(x, a_px), -1.0 if signed else 0.0, 1.0), q_px), "half_to_even")
+        value = op.multiply(op.divide(codes, q_px), a_px)
+        return codes, s_px, value, i_px, steps
+
+    def qconv(self, codes: object, s_px: object, i_px: object, steps: np.ndarray, name: str, signed: bool) -> object:
+        """The quantized conv ``name`` on ``codes``: integer sums, rescaled by the step of each input region."""
+        op, sd = self.op, self.w.sd
+        w = sd[f"{name}.weight"]
+        bias = sd[f"{name}.bias"]
+        m = _F(np.abs(w).max()) + _F(1e-8)
+        wcodes = np.round(w * _F(127) / m).astype(np.int8)
+        s_w = _F(float(m) / 127)
+        lo, hi = (-128.0, 127.0) if signed else (0.0, 255.0)
+        wq = op.multiply(op.convert(op.constant(wcodes), np.float32), self.c(s_w))
+
+        def int_conv(k: object, pad: tuple[int, int], nhwc: bool) -> object:  # s_w * integer sums (NCHW out)
+            fq = op.fake_quantize(k, self.c(lo), self.c(hi), self.c(lo), self.c(hi), 256)
+            return op.convolution(self.nchw(fq) if nhwc else fq, wq, [1, 1], list(pad), list(pad), [1, 1])
+
+        y = op.add(op.multiply(int_conv(codes, (1, 1), self.cl), s_px), self.c(bias.reshape(1, -1, 1, 1)))
+        if not self.cl:
+            return y
+        y = self.nhwc(y)
+        b4 = self.c(bias.reshape(1, 1, 1, -1))
+        for axis, bounds in ((2, self.cb), (1, self.rb)):  # NHWC axes: columns, rows
+            if not bounds:
+                continue
+            lines, keep, valid = self.band_lines(axis, bounds)
+            # the four lines c-2..c+1 of every boundary side by side; one batch entry per bit-width
+            # with the codes of the other bit-widths (and of lines beyond the tile) zeroed
+            kb = op.gather(codes, self.c_i64(lines), self.c_i64(axis))
+            ib = op.gather(i_px, self.c_i64(lines), self.c_i64(axis))
+            sel = op.convert(op.equal(ib, self.c(np.arange(3, dtype=_F).reshape(3, 1, 1, 1))), np.float32)
+            if not valid.all():
+                shape = [1, 1, 1, 1]
+                shape[axis] = len(lines)
+                sel = op.multiply(sel, self.c(valid.astype(_F).reshape(shape)))
+            r = int_conv(op.multiply(kb, sel), (1, 0) if axis == 2 else (0, 1), True)  # valid along the axis
+            r = op.reduce_sum(op.multiply(r, self.c(steps.reshape(3, 1, 1, 1))), self.c_i64([0]), True)
+            r = op.add(op.gather(self.nhwc(r), self.c_i64(keep), self.c_i64(axis)), b4)
+            y = op.scatter_update(y, self.c_i64([c - 1 for c in bounds] + list(bounds)), r, self.c_i64(axis))
+        return y
+
+    def band_lines(self, axis: int, bounds: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Lines to gather around each boundary (c-2..c+1, clipped to the tile), the positions in the
+        valid conv over them of the outputs at c-1 (all boundaries first) then at c, and which gathered
+        lines lie inside the tile (a region of one line at the tile edge reads zeros beyond it)."""
+        size = self.geo.w if axis == 2 else self.geo.h
+        lines = np.array([c + d for c in bounds for d in (-2, -1, 0, 1)], np.int64)
+        valid = (lines >= 0) & (lines < size)
+        nb = len(bounds)
+        keep = np.array([4 * j for j in range(nb)] + [4 * j + 1 for j in range(nb)], np.int64)
+        return np.clip(lines, 0, size - 1), keep, valid
+
+    def build(self) -> object:
+        import openvino as ov
+
+        op, sd, wts = self.op, self.w.sd, self.w
+        g = self.geo
+        x = op.parameter([1, 3, g.h, g.w], np.float32, name="x")
+        for name in ("sub_mean", "add_mean"):
+            if not np.array_equal(sd[f"{name}.weight"].reshape(3, 3), np.eye(3, dtype=_F)):
+                raise ValueError(f"{name} is not the identity mean shift")
+        head = self.conv(op.add(x, self.c(sd["sub_mean.bias"].reshape(1, 3, 1, 1))), sd["head.0.weight"], sd["head.0.bias"])
+        self.gradf = self.grad_feature(x) if self.quantized else None
+        if self.cl:  # (1, 1, nh, nw, 2), next to the channels-last statistics
+            self.gradf5 = op.unsqueeze(op.transpose(self.gradf, self.c_i64([0, 2, 3, 1])), self.c_i64([1]))
+        r = self.as_body(head)
+        if self.cl:  # rewriting one row in place (ScatterUpdate needs a plain layout) pins the body to plain
+            # NHWC, the conv's own memory order: the transpose above becomes free, and no residual add
+            # reorders later
+            row0 = self.c_i64([0])
+            r = op.scatter_update(r, row0, op.gather(r, row0, self.c_i64(1)), self.c_i64(1))
+        unsigned2 = wts.act_grid == "relu-unsigned"
+        for i in range(wts.n_blocks):
+            p = f"body.{i}"
+            if not self.quantized:
+                t = op.relu(self.conv(r, sd[f"{p}.body.0.weight"], sd[f"{p}.body.0.bias"]))
+                r = op.add(self.conv(t, sd[f"{p}.body.3.weight"], sd[f"{p}.body.3.bias"]), r)
+                continue
+            codes, s_px, value, i_px, steps = self.selector(r, f"{p}.bitsel1", True)
+            t = op.relu(self.qconv(codes, s_px, i_px, steps, f"{p}.body.0", True))
+            codes2, s2, _, i2, steps2 = self.selector(t, f"{p}.body.2", not unsigned2)
+            t = self.qconv(codes2, s2, i2, steps2, f"{p}.body.3", not unsigned2)
+            a3 = _F(sd[f"{p}.quant_act3.alpha"].reshape(()))  # the fixed 8-bit quantizer of the residual
+            c3 = op.round(op.multiply(op.clamp(op.divide(t, self.c(a3)), -1.0, 1.0), self.c(127.0)), "half_to_even")
+            t = op.multiply(op.divide(c3, self.c(127.0)), self.c(a3))
+            r = op.add(t, r if wts.skip == "fp" else value)
+        n = wts.n_blocks
+        r = op.add(self.conv(self.as_nchw(r), sd[f"body.{n}.weight"], sd[f"body.{n}.bias"]), head)
+        if wts.scale == 3:
+            r = op.depth_to_space(self.conv(r, sd["tail.0.0.weight"], sd["tail.0.0.bias"]), "depth_first", 3)
+        else:
+            for j in range(wts.scale // 2):
+                r = op.depth_to_space(self.conv(r, sd[f"tail.0.{2 * j}.weight"], sd[f"tail.0.{2 * j}.bias"]), "depth_first", 2)
+        sr = op.add(self.conv(r, sd["tail.1.weight"], sd["tail.1.bias"]), self.c(sd["add_mean.bias"].reshape(1, 3, 1, 1)))
+        outs = [op.result(sr, name="sr")]
+        if self.quantized:  # bits = 4 + 2 * candidate index, (1, n_sel, nh, nw)
+            idx = op.concat(self.bits, 4 if self.cl else 1)
+            if self.cl:
+                idx = op.reshape(op.transpose(idx, self.c_i64([0, 4, 2, 3, 1])), self.c_i64([1, -1, self.nh, self.nw]), False)
+            outs.append(op.result(op.add(op.multiply(idx, self.c(2.0)), self.c(4.0)), name="bits"))
+        return ov.Model(outs, [x], "edsr_cadyq" if self.quantized else "edsr_fp32")
+
+
+def build_graph(wts: EdsrWeights, geo: Geometry, quantized: bool = True) -> object:
+    """The ``openvino.Model`` of ``wts`` for one tile geometry (``quantized=False``: plain FP32 EDSR)."""
+    return _Builder(wts, geo, quantized).build()
+
+
+def describe(wts: EdsrWeights) -> str:
+    """JSON text of what a compiled graph depends on besides the geometry (cache keys)."""
+    return json.dumps({"sha": wts.sha256, "grid": wts.act_grid, "skip": wts.skip, "graph": GRAPH_VERSION}, sort_keys=True)

@@ -1,0 +1,184 @@
+"""Checks of the OpenVINO runtime (``--kernels openvino``), run by tests/test_openvino.py in a pytest process
+of their own: once OpenVINO's runtime is loaded, a process that receives SIGTERM may crash, and
+tests/test_train.py sends SIGTERM to its own process.
+
+Real shipped weights (x2, x4) on small synthetic images whose left part is blurred, so that regions
+choose different bits and the region-boundary bands of the graph are exercised.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cadyq_cli.engine import upscale_array
+from cadyq_cli.models.edsr import EDSRBaseline
+from cadyq_cli.quant.intconv import int8_available, set_kernels
+from cadyq_cli.tiling import TilingConfig
+from cadyq_cli.runtime.engine import RECEPTIVE_RADIUS, OVModel, load_openvino_model
+from cadyq_cli.runtime.ov_edsr import EdsrWeights, Geometry, read_edsr
+from cadyq_cli.weights import load_model, resolve_weights
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Compiled graphs go to a fresh folder (shared by the checks of this run)."""
+    path = tmp_path_factory.mktemp("ovcache")
+    os.environ["CADYQ_CACHE_DIR"] = str(path)
+    return path
+
+
+def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Smooth noise with a much smoother left third: regions differ in content."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    img = cv2.GaussianBlur((rng.random((h, w, 3)) * 255).astype(np.float32), (0, 0), 1.5)
+    img[:, : w // 3] = cv2.GaussianBlur(img[:, : w // 3], (0, 0), 6)
+    return np.clip(img, 0, 255).astype(np.float32)
+
+
+def _mixed(report: object) -> bool:
+    """True when some selector chose different bits in different regions."""
+    bits = np.array([r.bits for r in report.regions])  # type: ignore[attr-defined]
+    return bool((bits.min(axis=0) != bits.max(axis=0)).any())
+
+
+def _same_report(a: object, b: object) -> None:
+    assert [r.bits for r in a.regions] == [r.bits for r in b.regions]  # type: ignore[attr-defined]
+    assert [r.box for r in a.regions] == [r.box for r in b.regions]  # type: ignore[attr-defined]
+    for key in ("fab", "bitops", "bitops_fp32", "bits_histogram", "grid", "n_selectors", "width", "height", "scale"):
+        assert getattr(a, key) == pytest.approx(getattr(b, key)), key
+
+
+def test_receptive_radius_matches_the_model() -> None:
+    assert RECEPTIVE_RADIUS == EDSRBaseline.receptive_radius
+
+
+def test_fp32_graph_equals_pytorch_fp32() -> None:
+    ov = load_openvino_model(scale=2, mode="fp32")
+    net = load_model(scale=2, mode="fp32", kernels="float")
+    img = _image(30, 44)
+    a, rep = ov.upscale_array(img, TilingConfig())
+    b, _ = upscale_array(net, img, TilingConfig())
+    assert rep.n_selectors == 0 and rep.fab == 32.0
+    assert np.abs(a - b).max() < 2e-3
+
+
+SMALL = (TilingConfig(region=24), (50, 73))  # one tile, regions of 1 and 2 lines at its edges
+
+
+@pytest.mark.parametrize(("scale", "cfg", "size"), [
+    (2, TilingConfig(), (100, 130)),  # one tile of 2 x 2 regions (96 px)
+    (4, TilingConfig(), (100, 130)),
+    (2, *SMALL),
+    (2, TilingConfig(tile=48, region=24, any_tile=True), (40, 130)),  # tiles with context: the lattice starts mid-region
+])
+def test_bits_equal_the_float_reference_and_output_as_close_as_int8(scale: int, cfg: TilingConfig,
+                                                                   size: tuple[int, int]) -> None:
+    img = _image(*size, seed=scale)
+    ov = load_openvino_model(scale=scale)
+    sr, rep = ov.upscale_array(img, cfg)
+    ref_net = load_model(scale=scale, kernels="float")
+    ref, rep_ref = upscale_array(ref_net, img, cfg)
+    assert _mixed(rep_ref)  # the boundaries between regions of different bits are exercised
+    _same_report(rep, rep_ref)
+    assert rep.kernels == "openvino"
+    err = np.abs(sr - ref)
+    if int8_available():
+        i8, rep_i8 = upscale_array(load_model(scale=scale, kernels="int8"), img, cfg)
+        _same_report(rep_i8, rep_ref)
+        e8 = np.abs(i8 - ref)
+        # OpenVINO's FP32 layers and its f32 Divide (x * (1/alpha), not IEEE division) round
+        # differently from PyTorch's, which moves an occasional code by one step
+        assert err.mean() <= max(2 * e8.mean(), 0.1)
+        assert err.max() <= max(2 * e8.max(), 8.0)
+    else:
+        assert err.mean() < 0.25 and err.max() < 8.0
+
+
+def _one_block(scale: int = 2) -> tuple[EdsrWeights, EDSRBaseline]:
+    """The shipped model cut to its first residual block (plus the body's last conv), for both engines."""
+    full = read_edsr(resolve_weights("edsr-baseline", scale).path)
+    sd = {k: v for k, v in full.sd.items() if not k.startswith("body.") or k.startswith("body.0.")}
+    sd["body.1.weight"], sd["body.1.bias"] = full.sd[f"body.{full.n_blocks}.weight"], full.sd[f"body.{full.n_blocks}.bias"]
+    net = EDSRBaseline(scale, n_resblocks=1)
+    own = net.state_dict()
+    net.load_state_dict({k: torch.from_numpy(v).reshape(own[k].shape) for k, v in sd.items()}, strict=True)
+    net.set_act_grid(full.act_grid)
+    net.set_skip(full.skip)
+    return EdsrWeights(sd, scale, full.act_grid, full.skip, "one-block-" + full.sha256), net.eval()
+
+
+@pytest.mark.skipif(not int8_available(), reason="needs PyTorch's exact int8 kernels as the reference")
+def test_mixed_bit_windows_equal_the_integer_sum_over_bit_widths() -> None:
+    """One block, 8 px regions: every conv window at a boundary of regions with different bits equals
+    sum_b step_b * integer_conv(codes of bit b) (PyTorch's int8 path) up to float32 rounding."""
+    wts, net = _one_block()
+    img = _image(40, 52, seed=1)
+    cfg = TilingConfig(region=8)
+    sr, rep = OVModel(wts, cache=False).upscale_array(img, cfg)
+    set_kernels(net, "int8")
+    i8, rep_i8 = upscale_array(net, img, cfg)
+    assert _mixed(rep_i8)
+    _same_report(rep, rep_i8)
+    assert np.abs(sr - i8).max() < 1e-3
+
+
+def test_outputs_are_deterministic_across_runs_and_thread_counts() -> None:
+    img = _image(*SMALL[1], seed=3)
+    outs = [load_openvino_model(scale=2, threads=n).upscale_array(img, SMALL[0]) for n in (1, 2, 1)]
+    for sr, rep in outs[1:]:
+        assert np.array_equal(sr, outs[0][0])
+        assert [r.bits for r in rep.regions] == [r.bits for r in outs[0][1].regions]
+
+
+def test_a_second_model_imports_the_exported_graph(cache: Path) -> None:
+    img = _image(*SMALL[1], seed=4)
+    geo = Geometry(*SMALL[1], 24, 0, 0)
+    first = load_openvino_model(scale=2)
+    a, _ = first.upscale_array(img, SMALL[0])
+    second = load_openvino_model(scale=2)
+    b, _ = second.upscale_array(img, SMALL[0])
+    assert second.prepare_log[geo][1] == "imported"
+    assert np.array_equal(a, b)
+    assert any(cache.rglob("*.blob"))
+
+
+def test_cli_upscale_runs_without_importing_torch(tmp_path: Path) -> None:
+    from PIL import Image
+
+    src, dst = tmp_path / "in.png", tmp_path / "out.png"
+    Image.fromarray(_image(24, 32).astype(np.uint8)).save(src)
+    code = (
+        "import sys, runpy\n"
+        f"sys.argv = ['cadyq', 'upscale', {str(src)!r}, {str(dst)!r}, '--scale', '2', '--kernels', 'openvino', '-q',"
+        " '--json', '-']\n"
+        "try:\n    runpy.run_module('cadyq_cli', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('TORCH', 'torch' in sys.modules)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert lines[-1] == "TORCH False"
+    rec = json.loads(lines[0])
+    assert rec["kernels"] == "openvino" and rec["scale"] == 2
+    assert Image.open(dst).size == (64, 48)
+
+
+def test_unsupported_requests_are_one_line_errors() -> None:
+    from cadyq_cli.errors import CadyqError
+
+    with pytest.raises(CadyqError, match="mode"):
+        load_openvino_model(scale=2, mode="w8a4")
+    with pytest.raises(CadyqError, match="x2, not x4"):
+        load_openvino_model(weights=resolve_weights("edsr-baseline", 2).path, scale=4)

@@ -1,0 +1,65 @@
+"""The OpenVINO runtime's checks (tests/openvino_checks.py), each reported here as a test.
+
+They run in one pytest process of their own: a process that has loaded OpenVINO's runtime may crash
+on SIGTERM, and tests/test_train.py sends SIGTERM to its own process. Skipped without openvino.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("openvino")
+
+HERE = Path(__file__).resolve().parent
+CHECKS = [
+    "test_receptive_radius_matches_the_model",
+    "test_fp32_graph_equals_pytorch_fp32",
+    "test_bits_equal_the_float_reference_and_output_as_close_as_int8",
+    "test_mixed_bit_windows_equal_the_integer_sum_over_bit_widths",
+    "test_outputs_are_deterministic_across_runs_and_thread_counts",
+    "test_a_second_model_imports_the_exported_graph",
+    "test_cli_upscale_runs_without_importing_torch",
+    "test_unsupported_requests_are_one_line_errors",
+]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[tuple[str, str]]]:
+    """Run the checks once; per check name, (outcome, message) of each of its cases."""
+    xml = tmp_path_factory.mktemp("ov") / "junit.xml"
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", str(HERE / "openvino_checks.py")],
+        capture_output=True, text=True, env=env, cwd=HERE.parent, timeout=1800,
+    )
+    if not xml.is_file():
+        pytest.fail(f"the OpenVINO checks did not run (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    out: dict[str, list[tuple[str, str]]] = {}
+    for case in ET.parse(xml).getroot().iter("testcase"):
+        name = case.get("name", "").split("[")[0]
+        bad = next((c for c in case if c.tag in ("failure", "error", "skipped")), None)
+        outcome = "passed" if bad is None else bad.tag
+        out.setdefault(name, []).append((outcome, "" if bad is None else (bad.get("message") or "") + "\n" + (bad.text or "")))
+    return out
+
+
+@pytest.mark.parametrize("name", CHECKS)
+def test_openvino(results: dict[str, list[tuple[str, str]]], name: str) -> None:
+    assert name in results, f"{name} did not run"
+    for outcome, msg in results[name]:
+        if outcome == "skipped":
+            pytest.skip(msg.strip().splitlines()[0] if msg.strip() else "skipped")
+        assert outcome == "passed", msg[-4000:]
+
+
+def test_every_check_is_reported() -> None:
+    import ast
+
+    tree = ast.parse((HERE / "openvino_checks.py").read_text())
+    defined = [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")]
+    assert sorted(defined) == sorted(CHECKS)
