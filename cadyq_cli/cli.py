@@ -6,23 +6,55 @@ Stdout carries machine output only (``--json -``); messages, progress and tables
 from __future__ import annotations
 
 import json
-import signal
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .errors import CadyqError
+from . import __version__
+from .errors import CadyqError, ImageReadError, ImageWriteError
+from .tiling import PAPER_OVERLAP, PAPER_PATCH
 
-app = typer.Typer(
+
+class _FlagsCommand(typer.core.TyperCommand):
+    """Help shows boolean flags without a ``<bool>`` value."""
+
+    def get_params(self, ctx: typer.Context) -> list:  # noqa: D102
+        return _no_bool_metavar(super().get_params(ctx))
+
+
+class _FlagsGroup(typer.core.TyperGroup):
+    """The same for the root options (``--version``, ``--install-completion``, ``--help``)."""
+
+    def get_params(self, ctx: typer.Context) -> list:  # noqa: D102
+        return _no_bool_metavar(super().get_params(ctx))
+
+
+def _no_bool_metavar(params: list) -> list:
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class _App(typer.Typer):
+    """Every command of this app is a :class:`_FlagsCommand`."""
+
+    def command(self, *args, cls: type = _FlagsCommand, **kwargs):  # noqa: ANN002, ANN003, ANN201, D102
+        return super().command(*args, cls=cls, **kwargs)
+
+
+app = _App(
+    cls=_FlagsGroup,
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_show_locals=False,
     help="Upscale images with content-aware dynamically quantized super-resolution networks (CADyQ).",
 )
@@ -42,21 +74,40 @@ class Tiling(str, Enum):
     paper = "paper"
 
 
-class Interrupted(BaseException):  # not Exception: library code that catches Exception must not swallow it
-    """Raised from the signal handler so that cleanup runs and the summary prints."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
+class FpLayers(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
 
 
-def _on_signal(signum: int, frame: object) -> None:
-    raise Interrupted(143 if signum == signal.SIGTERM else 130)
+class EngineKind(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+#: Exit status of an error that stops a command, by type (first match wins): a failed image read
+#: or write is a failed input (1); anything else refused before work started is a usage error (2).
+#: Batches go on past failed inputs and exit 1 at the end; signals give 128 + the signal (130, 143).
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (ImageReadError, 1),
+    (ImageWriteError, 1),
+    (OSError, 1),
+    (CadyqError, 2),
+    (ValueError, 2),
+)
+
+
+def _exit_code(e: BaseException) -> int:
+    return next(code for kind, code in EXIT_CODES if isinstance(e, kind))
 
 
 def _fail(msg: str, code: int = 2) -> typer.Exit:
     err.print(f"[red]error:[/red] {escape(msg)}", soft_wrap=True)
     return typer.Exit(code)
+
+
+def _fail_on(e: BaseException) -> typer.Exit:
+    """:func:`_fail` with the first line of ``e`` and the status :data:`EXIT_CODES` gives it."""
+    return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, _exit_code(e))
 
 
 ModelOpt = Annotated[Optional[str], typer.Option("--model", help="shipped model (see `cadyq models`); default edsr-baseline")]
@@ -65,19 +116,32 @@ ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="architecture of 
 ScaleOpt = Annotated[int, typer.Option("--scale", help="upscaling factor: 2, 3 or 4")]
 ModeOpt = Annotated[Mode, typer.Option("--mode", help="dynamic (CADyQ), fp32, or fixed w8a8/w8a6/w8a4")]
 TilingOpt = Annotated[Tiling, typer.Option("--tiling", help="seamless (big tiles, bits per --region) or paper (96/90 patches)")]
-TileOpt = Annotated[Optional[int], typer.Option("--tile", help="tile size in input px (seamless default 384, paper 96)")]
+TileOpt = Annotated[Optional[int], typer.Option("--tile", help="tile size in input px (seamless default 384, paper 96); "
+                                                "quantized seamless modes take only sizes that keep the default plan")]
 OverlapOpt = Annotated[int, typer.Option("--overlap", help="paper tiling: overlap in input px")]
 RegionOpt = Annotated[int, typer.Option("--region", help="seamless tiling: bits are chosen per REGION x REGION input px")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", help="CPU threads (0: torch default)")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress or report on stderr")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks")]
-KernelsOpt = Annotated[str, typer.Option("--kernels", help="quantized convs: auto (int8 where exact), int8, or float (reference)")]
+KernelsOpt = Annotated[str, typer.Option("--kernels", help="quantized convs: auto (int8 where exact), int8, float (reference), "
+                                        "or openvino (upscale only: EDSR-baseline on OpenVINO, no PyTorch)")]
+FpLayersOpt = Annotated[FpLayers, typer.Option("--fp-layers", help="full-precision upsampling tail: fp32 (default) or bf16 (faster on CPUs with bf16)")]
+BitBiasOpt = Annotated[float, typer.Option("--bit-bias", help="compute dial: > 0 fewer bits, < 0 more, 0 as trained (dynamic mode)")]
 MaxPxOpt = Annotated[int, typer.Option("--max-pixels", help="refuse inputs larger than this many pixels (0: no limit)")]
 
 
 def _load(model: str | None, weights: Path | None, arch: str | None, scale: int, mode: str, device: str, threads: int,  # noqa: ANN202
-          kernels: str = "auto"):
+          kernels: str = "auto", fp_layers: str = "fp32", bit_bias: float = 0.0, openvino: bool = False):
+    if kernels == "openvino":  # the torch-free runtime (cadyq_cli.runtime)
+        if not openvino:
+            raise CadyqError("--kernels openvino is for `cadyq upscale` only")
+        if device.lower() != "cpu" or arch is not None or FpLayers(fp_layers) != FpLayers.fp32 or bit_bias:
+            raise CadyqError("--kernels openvino runs shipped EDSR-baseline models (or their .safetensors) on the CPU, "
+                             "without --fp-layers bf16 or --bit-bias")
+        from .runtime.engine import load_openvino_model
+
+        return load_openvino_model(model, weights, scale, mode, threads)
     import torch
 
     from .weights import load_model
@@ -88,7 +152,15 @@ def _load(model: str | None, weights: Path | None, arch: str | None, scale: int,
         raise CadyqError("--arch goes with --weights")
     if weights is not None and model is not None:
         raise CadyqError("give --model or --weights, not both")
-    return load_model(model=model, weights=weights, arch=arch, scale=scale, mode=mode, device=device, kernels=kernels)
+    if bit_bias and mode != "dynamic" and mode != "fp32":
+        raise CadyqError(f"--bit-bias moves the dynamic mode's choices; --mode {mode} has fixed bits")
+    net = load_model(model=model, weights=weights, arch=arch, scale=scale, mode=mode, device=device, kernels=kernels,
+                     fp_layers=FpLayers(fp_layers).value)
+    try:
+        net.set_bit_bias(bit_bias)
+    except ValueError as e:
+        raise CadyqError(f"--bit-bias: {e}") from None
+    return net
 
 
 def _model_label(model: str | None, weights: Path | None, scale: int) -> str:
@@ -108,6 +180,14 @@ def _print_report(rec: dict, fab_map: list[list[float]]) -> None:
     t.add_row("image", escape(f"{rec['input']} → {rec['output']}"))
     t.add_row("size", f"{rec['width']}x{rec['height']} → {rec['width'] * rec['scale']}x{rec['height'] * rec['scale']}")
     t.add_row("FAB", f"{rec['fab']:.2f} bits  ({rec['mode']}, {rec['tiling']})")
+    if rec.get("target_fab") is not None:
+        t.add_row("dial", f"bit bias {rec['bit_bias']:+.3g} fitted to FAB {rec['target_fab']:g} ({rec['probes']} bits-only probes)")
+    elif rec.get("bit_bias"):
+        t.add_row("dial", f"bit bias {rec['bit_bias']:+.3g}")
+    if rec["mode"] != "fp32":
+        t.add_row("kernels", "int8 (integer convolutions)" if rec["kernels"] == "int8" else "float (fake-quantized)")
+    if rec.get("fp_layers", "fp32") != "fp32":
+        t.add_row("fp layers", f"{rec['fp_layers']} (upsampling tail)")
     t.add_row("bits", "  ".join(f"{b}-bit {100 * hist[b] / n:.0f}%" for b in ("4", "6", "8")))
     t.add_row("BitOPs", f"{rec['bitops_g']:.1f} G = {pct:.1f}% of FP32 ({rec['bitops_fp32_g']:.1f} G)")
     t.add_row("time", f"{rec['seconds']:.2f} s, {mp / max(rec['seconds'], 1e-9):.2f} output MP/s")
@@ -123,83 +203,133 @@ def _print_report(rec: dict, fab_map: list[list[float]]) -> None:
             err.print("…")
 
 
+def _progress(quiet: bool) -> Progress:
+    """Progress on stderr: files and tiles, with the time spent and an estimate of the time left."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("eta"), TimeRemainingColumn(), console=err, transient=True, redirect_stdout=False,
+                    redirect_stderr=False, disable=quiet)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"cadyq {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
     """Upscale images with content-aware dynamically quantized super-resolution networks (CADyQ)."""
 
 
 @app.command()
 def upscale(
-    input: Annotated[Path, typer.Argument(help="image file or folder")],
-    output: Annotated[Path, typer.Argument(help="output file, or folder for a folder input")],
+    input: Annotated[str, typer.Argument(help="image file, folder, or - for stdin", metavar="INPUT")],
+    output: Annotated[Optional[str], typer.Argument(
+        help="output file, folder (existing or ending in /), or - for stdout; default <stem>_x<scale>.png next to the "
+        "input (a folder input: <dir>_x<scale>)", metavar="OUTPUT")] = None,
     scale: ScaleOpt = 4, model: ModelOpt = None, weights: WeightsOpt = None, arch: ArchOpt = None,
     mode: ModeOpt = Mode.dynamic, tiling: TilingOpt = Tiling.seamless, tile: TileOpt = None,
-    overlap: OverlapOpt = 6, region: RegionOpt = 96,
-    json_out: Annotated[Optional[str], typer.Option("--json", help="write one JSON line per image to PATH, or - for stdout")] = None,
+    overlap: OverlapOpt = PAPER_OVERLAP, region: RegionOpt = PAPER_PATCH,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="write one JSON line per image to PATH, or - for stdout "
+                                                    "(stderr when the image goes to stdout)")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace existing outputs")] = False,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="leave existing outputs alone (resume a batch)")] = False,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="descend into sub-folders")] = False,
-    suffix: Annotated[str, typer.Option("--suffix", help="added to output file names")] = "",
+    suffix: Annotated[str, typer.Option("--suffix", help="added to output file names (replaces _x<scale> in generated ones)")] = "",
     ext: Annotated[Optional[str], typer.Option("--ext", help="output format: png, jpg, webp, tif, bmp")] = None,
-    threads: ThreadsOpt = 0, device: DeviceOpt = "cpu", kernels: KernelsOpt = "auto", max_pixels: MaxPxOpt = 64_000_000,
+    threads: ThreadsOpt = 0, device: DeviceOpt = "cpu", kernels: KernelsOpt = "auto", fp_layers: FpLayersOpt = FpLayers.fp32,
+    bit_bias: BitBiasOpt = 0.0,
+    target_fab: Annotated[Optional[float], typer.Option("--target-fab", help="fit the bit bias per image to this FAB (4..8; dynamic mode)")] = None,
+    max_pixels: MaxPxOpt = 64_000_000,
+    engine: Annotated[EngineKind, typer.Option("--engine", help="local (this process) or ray (a Ray cluster; pip install 'cadyq[ray]')")] = EngineKind.local,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="ray engine: cluster to join (auto, HOST:PORT); default: start a local one")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="ray engine: model replicas (default: one per CPU, or per --threads CPUs)")] = None,
     quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Upscale an image, or every image of a folder, and report bits and BitOPs per region."""
-    from .engine import TilingConfig
-    from .pipeline import plan_jobs, upscale_file
-    from .report import json_record
+    from .tiling import TilingConfig
+    from .paths import check_output, local_path, output_folder, plan_jobs
 
     if overwrite and skip_existing:
         raise _fail("--overwrite and --skip-existing exclude each other")
+    if engine is EngineKind.local and (workers is not None or ray_address is not None):
+        raise _fail("--workers and --ray-address go with --engine ray")
+    if engine is EngineKind.ray and kernels == "openvino":
+        raise _fail("--kernels openvino runs with --engine local for now")
+    if target_fab is not None and (bit_bias or mode != Mode.dynamic or not 4.0 <= target_fab <= 8.0):
+        raise _fail("--target-fab takes a FAB between 4 and 8, in --mode dynamic, without --bit-bias")
     cfg = TilingConfig(tiling=tiling.value, tile=tile, overlap=overlap, region=region)
-    try:
-        cfg.validate()
-        jobs = plan_jobs(input, output, recursive, suffix, ext)
-        net = _load(model, weights, arch, scale, mode.value, device, threads, kernels)
+    try:  # everything that can be refused is refused before the model loads
+        cfg.validate(quantized=mode != Mode.fp32)
+        input, output = local_path(input), None if output is None else local_path(output)  # file:// URIs
+        jobs = plan_jobs(input, output, recursive, suffix, ext, scale)
+        if not jobs:
+            raise CadyqError(f"{input}: no images found" + ("" if recursive else " (use --recursive for sub-folders)"))
+        if len(jobs) == 1 and not skip_existing and not Path(input).is_dir():
+            check_output(jobs[0], overwrite)
+        net = _load(model, weights, arch, scale, mode.value, device, threads, kernels, fp_layers, bit_bias, openvino=True)
+        if engine is EngineKind.ray:  # the model loaded above checked the options; each worker loads its own
+            from .batch_ray import RayOptions, run_ray
+
+            outcomes = run_ray(jobs, RayOptions(
+                load=dict(model=model, weights=weights, arch=arch, scale=scale, mode=mode.value, device=device, kernels=kernels,
+                          fp_layers=fp_layers.value), bit_bias=bit_bias, target_fab=target_fab,
+                cfg=cfg, address=ray_address, workers=workers, threads=threads, overwrite=overwrite,
+                skip_existing=skip_existing, max_pixels=max_pixels or None))
+        if not jobs[0].stdin and Path(input).is_dir():
+            out_dir = output_folder(input, output, scale)
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CadyqError(f"cannot create the output folder {out_dir}: {(e.strerror or str(e)).lower()}") from None
+        to_stdout = jobs[0].stdout_ext is not None  # the image owns stdout: JSON goes to stderr
+        try:
+            sink = (sys.stderr if to_stdout else sys.stdout) if json_out == "-" else (open(json_out, "a") if json_out else None)
+        except OSError as e:
+            raise CadyqError(f"--json {json_out}: cannot open ({(e.strerror or str(e)).lower()})") from None
     except (CadyqError, ValueError) as e:
         if debug:
             raise
-        raise _fail(str(e)) from None
+        raise _fail_on(e) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
-    if not jobs:
-        raise _fail(f"{input}: no images found" + ("" if recursive else " (use --recursive for sub-folders)"))
-    if input.is_dir():
-        try:
-            output.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise _fail(f"cannot create the output folder {output}: {(e.strerror or str(e)).lower()}") from None
+    from .batch import Interrupted, stop_on_signals, upscale_jobs
+    from .report import failure_record, json_record
+
     label = _model_label(model, weights, scale)
-    try:
-        sink = sys.stdout if json_out == "-" else (open(json_out, "a") if json_out else None)
-    except OSError as e:
-        raise _fail(f"--json {json_out}: cannot open ({(e.strerror or str(e)).lower()})") from None
     failures: list[tuple[Path, str]] = []
     done = skipped = 0
     code = 0
-    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=err, transient=True, redirect_stdout=False, redirect_stderr=False, disable=quiet)
+    progress = _progress(quiet)
+    files_task = progress.add_task("files", total=len(jobs), visible=len(jobs) > 1)
+    tiles_task = progress.add_task("tiles", total=1, visible=engine is EngineKind.local)
+    if engine is EngineKind.local:
+        outcomes = upscale_jobs(
+            net, jobs, cfg, overwrite=overwrite, skip_existing=skip_existing, max_pixels=max_pixels or None,
+            target_fab=target_fab, raise_errors=debug,
+            on_start=lambda job: progress.update(tiles_task, completed=0, description=job.src.name),
+            tile_progress=lambda d, t: progress.update(tiles_task, completed=d, total=t),
+        )
+    t0 = time.perf_counter()
     try:
-        with progress:
-            files_task = progress.add_task("files", total=len(jobs), visible=len(jobs) > 1)
-            tiles_task = progress.add_task("tiles", total=1)
-            for job in jobs:
-                if job.dst.exists() and skip_existing:
+        with stop_on_signals(), progress:
+            for out in outcomes:
+                job, rep, warns = out.job, out.report, out.warnings
+                rate = (done + len(failures) + (not out.skipped)) / max(time.perf_counter() - t0, 1e-9)
+                progress.update(files_task, advance=1, description=f"files {rate:.2f}/s")
+                if out.skipped:
                     skipped += 1
-                    progress.advance(files_task)
                     continue
-                progress.update(tiles_task, completed=0, description=f"{job.src.name}")
-                try:
-                    rep, warns = upscale_file(net, job, cfg, overwrite, max_pixels or None,
-                                              lambda d, t: progress.update(tiles_task, completed=d, total=t))
-                except CadyqError as e:
-                    if debug:
-                        raise
-                    failures.append((job.src, str(e)))
+                if out.error is not None:
+                    failures.append((job.src, out.error))
+                    if sink is not None:
+                        sink.write(json.dumps(failure_record(str(job.src), str(job.dst), label, out.error)) + "\n")
+                        sink.flush()
                     if not quiet:
-                        progress.console.print(f"[red]failed:[/red] {escape(str(e))}", soft_wrap=True)
-                    progress.advance(files_task)
+                        progress.console.print(f"[red]failed:[/red] {escape(out.error)}", soft_wrap=True)
                     continue
                 done += 1
                 rec = json_record(rep, str(job.src), str(job.dst), label)
@@ -210,18 +340,17 @@ def upscale(
                     for w in warns:
                         progress.console.print(f"[yellow]warning:[/yellow] {escape(f'{job.src}: {w}')}", soft_wrap=True)
                     _print_report(rec, rep.region_fab_map().round(2).tolist() if rep.regions else [])
-                progress.advance(files_task)
     except Interrupted as e:
         code = e.code
     except KeyboardInterrupt:
         code = 130
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        if sink is not None and sink is not sys.stdout:
+        outcomes.close()  # the ray engine stops its workers and removes what killed ones left
+        if sink is not None and sink not in (sys.stdout, sys.stderr):
             sink.close()
     if not quiet:
-        summary = f"{done} upscaled, {skipped} skipped, {len(failures)} failed"
+        secs = time.perf_counter() - t0
+        summary = f"{done} upscaled, {skipped} skipped, {len(failures)} failed in {secs:.1f} s ({done / max(secs, 1e-9):.2f} images/s)"
         if code:
             summary += " — interrupted"
         err.print(summary)
@@ -239,39 +368,43 @@ def bitmap(
     output: Annotated[Path, typer.Argument(help="heatmap PNG to write")],
     scale: ScaleOpt = 4, model: ModelOpt = None, weights: WeightsOpt = None, arch: ArchOpt = None,
     mode: ModeOpt = Mode.dynamic, tiling: TilingOpt = Tiling.seamless, tile: TileOpt = None,
-    overlap: OverlapOpt = 6, region: RegionOpt = 96,
+    overlap: OverlapOpt = PAPER_OVERLAP, region: RegionOpt = PAPER_PATCH,
     layer: Annotated[Optional[int], typer.Option("--layer", help="show selector K instead of the mean over layers")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing file")] = False,
-    threads: ThreadsOpt = 0, device: DeviceOpt = "cpu", kernels: KernelsOpt = "auto", max_pixels: MaxPxOpt = 64_000_000,
+    threads: ThreadsOpt = 0, device: DeviceOpt = "cpu", kernels: KernelsOpt = "auto", fp_layers: FpLayersOpt = FpLayers.fp32,
+    bit_bias: BitBiasOpt = 0.0, max_pixels: MaxPxOpt = 64_000_000,
     quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Save the bit-allocation heatmap of an image: mean selected bits per region."""
-    from .engine import TilingConfig, upscale_array
-    from .io import read_image, write_image
-    from .report import bit_heatmap
+    from .batch import Interrupted, bitmap_jobs, stop_on_signals
+    from .tiling import TilingConfig
+    from .paths import Job, check_extension, check_output
 
     try:
         if mode == Mode.fp32:
             raise CadyqError("--mode fp32 selects no bits; use dynamic or w8aK")
         cfg = TilingConfig(tiling=tiling.value, tile=tile, overlap=overlap, region=region)
-        cfg.validate()
-        if output.exists() and not overwrite:
-            raise CadyqError(f"{output}: exists (use --overwrite)")
-        net = _load(model, weights, arch, scale, mode.value, device, threads, kernels)
+        cfg.validate(quantized=True)
+        job = Job(input, check_extension(output))
+        check_output(job, overwrite)
+        net = _load(model, weights, arch, scale, mode.value, device, threads, kernels, fp_layers, bit_bias)
         if layer is not None and not 0 <= layer < net.n_selectors:
             raise CadyqError(f"--layer must be between 0 and {net.n_selectors - 1} for {net.arch}")
-        img = read_image(input, max_pixels=max_pixels or None)
-        _, rep = upscale_array(net, img.rgb, cfg)
-        pic = bit_heatmap(img.rgb, rep, layer)
-        write_image(output, pic.astype("float32"), overwrite=overwrite)
+        with stop_on_signals():
+            out = next(bitmap_jobs(net, [job], cfg, layer=layer, overwrite=overwrite, max_pixels=max_pixels or None,
+                                   raise_errors=True))
     except (CadyqError, ValueError) as e:
         if debug:
             raise
-        code = 2 if isinstance(e, ValueError) or "--" in str(e) else 1
-        raise _fail(str(e), code) from None
+        raise _fail_on(e) from None
+    except Interrupted as e:
+        raise typer.Exit(e.code) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    rep = out.report
     if not quiet:
+        for w in out.warnings:
+            err.print(f"[yellow]warning:[/yellow] {escape(f'{input}: {w}')}", soft_wrap=True)
         err.print(escape(f"{output}: FAB {rep.fab:.2f}, {rep.grid[0]}x{rep.grid[1]} regions"))
 
 
@@ -289,15 +422,15 @@ def models(
     if not entries:
         err.print(escape(f"no shipped weights found in {weights_dir()}"))
         raise typer.Exit(1)
-    t = Table(title="shipped models")
-    for c in ("name", "arch", "scale", "params", "Set5 fp32", "Set5 dynamic", "FAB"):
-        t.add_column(c, justify="right" if c not in ("name", "arch") else "left", no_wrap=c == "name")  # names stay whole
+    t = Table(title="shipped models (Set5 PSNR in dB)", box=box.SIMPLE_HEAD, pad_edge=False)
+    for c in ("name", "arch", "scale", "params", "fp32", "dynamic", "FAB"):
+        t.add_column(c, justify="right" if c not in ("name", "arch") else "left", no_wrap=True)  # never cut with "…"
     for e in entries:
         s5 = e.metrics.get("Set5", {})
         fp, dy = s5.get("fp32", {}), s5.get("dynamic", {})
         t.add_row(e.name, e.arch, f"x{e.scale}", f"{e.params / 1e6:.2f}M",
                   f"{fp.get('psnr', float('nan')):.2f}", f"{dy.get('psnr', float('nan')):.2f}", f"{dy.get('fab', float('nan')):.2f}")
-    Console().print(t)
+    Console(soft_wrap=True).print(t)
 
 
 @app.command("eval")
@@ -305,24 +438,38 @@ def eval_cmd(
     data_dirs: Annotated[list[Path], typer.Argument(help="dataset folders of HR images (e.g. Set5 B100)")],
     scale: ScaleOpt = 4, model: ModelOpt = None, weights: WeightsOpt = None, arch: ArchOpt = None,
     modes: Annotated[Optional[str], typer.Option("--modes", help="comma list of fp32,w8a8,w8a6,w8a4,dynamic (default fp32,w8a8,dynamic)")] = None,
-    bicubic: Annotated[bool, typer.Option("--bicubic", help="also score MATLAB bicubic (alone when no model is given)")] = False,
+    bicubic: Annotated[bool, typer.Option("--bicubic", help="also score MATLAB bicubic (alone when neither a model nor --modes is given)")] = False,
     tiling: Annotated[str, typer.Option("--tiling", help="paper (official 96/90 patches), seamless or whole")] = "paper",
     json_out: Annotated[Optional[str], typer.Option("--json", help="write the results as JSON to PATH, or - for stdout")] = None,
     csv_out: Annotated[Optional[Path], typer.Option("--csv", help="write one row per image and mode to PATH")] = None,
     limit: Annotated[int, typer.Option("--limit", help="only the first N images (by name) of each folder; 0: all")] = 0,
     matlab_y: Annotated[bool, typer.Option("--matlab-y", help="round Y to 8 bits before PSNR/SSIM, as MATLAB's rgb2ycbcr does")] = False,
-    threads: ThreadsOpt = 0, device: DeviceOpt = "cpu", kernels: KernelsOpt = "auto", quiet: QuietOpt = False, debug: DebugOpt = False,
+    threads: ThreadsOpt = 0, device: DeviceOpt = "cpu", kernels: KernelsOpt = "auto", fp_layers: FpLayersOpt = FpLayers.fp32,
+    bit_bias: BitBiasOpt = 0.0,
+    curve: Annotated[Optional[Path], typer.Option("--curve", help="draw PSNR vs FAB and BitOPs over --biases to this PNG")] = None,
+    curve_csv: Annotated[Optional[Path], typer.Option("--curve-csv", help="write the trade-off curve's points as CSV")] = None,
+    biases: Annotated[Optional[str], typer.Option("--biases", help="comma list of bit biases for the curve (default -16,-4,-1,0,1,4,16)")] = None,
+    quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Benchmark protocol: PSNR/SSIM on Y (MATLAB bicubic LR, shave = scale), FAB and BitOPs per dataset."""
-    from .evaluate import EvalInputError, evaluate, results_to_json, write_csv
+    from .curve import DEFAULT_BIASES, curve_modes, curve_rows, plot_curve, write_curve_csv
+    from .evaluate import evaluate, results_to_json, write_csv
 
     mode_list = [m.strip() for m in (modes or "fp32,w8a8,dynamic").split(",") if m.strip()]
-    bicubic_only = bicubic and model is None and weights is None
+    curve_on = curve is not None or curve_csv is not None
+    if curve_on:
+        try:
+            bias_list = tuple(float(b) for b in biases.split(",")) if biases else DEFAULT_BIASES
+        except ValueError:
+            raise _fail(f"--biases {biases}: give numbers separated by commas") from None
+        mode_list = list(dict.fromkeys(curve_modes(bias_list) + (mode_list if modes else [])))
+    # --modes or --curve: the default model
+    bicubic_only = bicubic and model is None and weights is None and modes is None and not curve_on
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=err, transient=True, redirect_stdout=False, redirect_stderr=False,
                         disable=quiet or not err.is_terminal)  # off a terminal rich would leave a blank line
     try:
-        net = None if bicubic_only else _load(model, weights, arch, scale, "fp32", device, threads, kernels)
+        net = None if bicubic_only else _load(model, weights, arch, scale, "fp32", device, threads, kernels, fp_layers, bit_bias)
         with progress:
             task = progress.add_task("eval", total=None)
             res = evaluate(data_dirs, scale, net, mode_list, bicubic, tiling,
@@ -334,11 +481,16 @@ def eval_cmd(
             typer.echo(text) if json_out == "-" else Path(json_out).write_text(text + "\n")
         if csv_out is not None:
             write_csv(res, csv_out)
+        if curve is not None or curve_csv is not None:
+            rows = curve_rows(res)
+            if curve_csv is not None:
+                write_curve_csv(rows, curve_csv)
+            if curve is not None:
+                plot_curve(rows, curve, f"{res.model} x{scale}: PSNR against cost as the bit bias turns ({tiling} tiling)")
     except (CadyqError, ValueError, OSError) as e:
         if debug:
             raise
-        usage = isinstance(e, (EvalInputError, ValueError)) or "--" in str(e)
-        raise _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 2 if usage else 1) from None
+        raise _fail_on(e) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     if not quiet:
@@ -353,12 +505,13 @@ def eval_cmd(
 
 @app.command()
 def train(
-    stage: Annotated[str, typer.Argument(help="fp, pams or cadyq")],
-    data: Annotated[list[Path], typer.Option("--data", help="HR image folder (repeatable)")],
-    run_dir: Annotated[Path, typer.Option("--run", help="run folder; resumes from its last.pt")],
+    stage: Annotated[Optional[str], typer.Argument(help="fp, pams or cadyq (or --recipe)")] = None,
+    data: Annotated[Optional[list[Path]], typer.Option("--data", help="HR image folder (repeatable; with --recipe: replaces the recipe's)")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option("--run", "--run-dir", help="run folder; resumes from its last.pt (--recipe: default runs/<name>)")] = None,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", help="run a recipe end to end: fp → pams → cadyq → pick → eval → export (a .toml file or a shipped recipe's name)")] = None,
     arch: Annotated[str, typer.Option(help="architecture")] = "edsr_baseline",
     scale: Annotated[int, typer.Option(help="upscaling factor")] = 4,
-    init: Annotated[Optional[Path], typer.Option(help="previous stage checkpoint (fp: warm start from matching tensors, e.g. another scale)")] = None,
+    init: Annotated[Optional[Path], typer.Option(help="previous stage checkpoint, or a .safetensors backbone/model (fp: warm start from matching tensors, e.g. another scale)")] = None,
     teacher: Annotated[Optional[Path], typer.Option(help="teacher checkpoint (default: --init)")] = None,
     minutes: Annotated[float, typer.Option(help="time budget; stops cleanly and saves")] = 60.0,
     steps: Annotated[int, typer.Option(help="schedule length in steps")] = 300_000,
@@ -369,7 +522,7 @@ def train(
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     bf16: Annotated[str, typer.Option(help="bf16 autocast on CPU: auto (measured at start: on where it is faster), on, off")] = "auto",
     threads: Annotated[int, typer.Option(help="torch threads (0: default)")] = 0,
-    device: Annotated[str, typer.Option(help="torch device: cpu, or cuda on an accelerator machine (bf16 auto: on)")] = "cpu",
+    device: Annotated[str, typer.Option(help="torch device: cpu, or cuda[:N] on an accelerator machine (bf16 auto: on)")] = "cpu",
     val_every: Annotated[int, typer.Option(help="validate (and with --keep-val keep a checkpoint) every N steps")] = 250,
     keep_val: Annotated[bool, typer.Option(help="keep <run>/step<N>.pt at every validation (pick one later with python -m cadyq_cli.train.select)")] = False,
     bit_weight: Annotated[float, typer.Option(help="cadyq: weight of the bit loss (reached after --bit-ramp steps)")] = 0.5,
@@ -380,11 +533,23 @@ def train(
     act_grid: Annotated[Optional[str], typer.Option(help="pams/cadyq: activation grid: signed (official) or relu-unsigned (ReLU outputs on the unsigned grid); default: --init's")] = None,
     skip: Annotated[Optional[str], typer.Option(help="pams/cadyq: residual skip: official (adds the quantized block input) or fp (EDSR: the unquantized one); default: --init's")] = None,
 ) -> None:
-    """Train one stage (fp → pams → cadyq); resumable, stops at the time budget."""
-    from .train.loop import TrainConfig, TrainingStopped, bf16_helps, oversubscribed, train_stage
+    """Train one stage (fp → pams → cadyq), or a whole --recipe; resumable, stops at the time budget."""
+    from .devices import parse_device
+    from .train.config import TrainConfig
+    from .train.host import bf16_helps, oversubscribed
+    from .train.loop import train_stage
+    from .train.signals import TrainingStopped
 
     if bf16 not in ("auto", "on", "off"):
         raise typer.BadParameter("--bf16 must be auto, on or off")
+    try:
+        device = parse_device(device)
+    except CadyqError as e:
+        raise _fail(str(e)) from None
+    if recipe is not None:
+        return _train_recipe(recipe, stage, data, run_dir, minutes, bf16, threads, device)
+    if stage is None or not data or run_dir is None:
+        raise _fail("cadyq train needs a STAGE with --data and --run, or --recipe FILE")
     on_cpu = device == "cpu"
     if on_cpu and (crowded := oversubscribed(threads)):
         typer.echo(crowded, err=True)
@@ -409,6 +574,29 @@ def train(
             raise _fail(e.code, 2) from None
         raise
     except CadyqError as e:  # e.g. an --init checkpoint that cannot be read
+        raise _fail(str(e).splitlines()[0], 1) from None
+
+
+def _train_recipe(spec: str, stage: Optional[str], data: Optional[list[Path]], run_dir: Optional[Path], minutes: float,
+                  bf16: str, threads: int, device: str) -> None:
+    """``cadyq train --recipe``: every stage of a recipe file, then pick, eval and export (train/recipe.py)."""
+    from .train.recipe import load_recipe, run_recipe
+    from .train.signals import TrainingStopped
+
+    if stage is not None:
+        raise _fail(f"give a stage or --recipe, not both (the recipe says every stage; got {stage!r})")
+    try:
+        rec = load_recipe(spec)
+        run_recipe(rec, run_dir or Path("runs") / rec.name, minutes, [str(d) for d in data or []], bf16, threads, device,
+                   log=lambda s: typer.echo(s, err=True))
+    except TrainingStopped as e:
+        typer.echo(f"cadyq train: {e}", err=True)
+        raise typer.Exit(128 + e.signum) from None
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            raise _fail(e.code, 2) from None
+        raise
+    except CadyqError as e:
         raise _fail(str(e).splitlines()[0], 1) from None
 
 

@@ -12,7 +12,8 @@ Protocol (the one of the SR papers and of the official CADyQ test loop, spec §1
 * PSNR and SSIM on Y with a ``scale`` px border ignored (:mod:`cadyq_cli.metrics`);
 * FAB (32 for fp32) and BitOPs per image; a dataset row is the unweighted mean over images.
 
-The ``bicubic`` row is ``imresize(lr, scale)`` against HR (no FAB, no BitOPs).
+The ``bicubic`` row is ``imresize(lr, scale)`` against HR (no FAB, no BitOPs). A mode
+``dynamic@B`` is the dynamic mode with the compute dial at bit bias ``B`` (:mod:`cadyq_cli.dial`).
 """
 from __future__ import annotations
 
@@ -26,19 +27,19 @@ import numpy as np
 
 from .engine import TILINGS, TilingConfig, upscale_array
 from .errors import CadyqError
-from .io import read_image
+from .io import INPUT_EXTENSIONS, read_image
 from .metrics import psnr_y, ssim_y
 from .models._base import SRModel
 from .quant.intconv import kernels_of
-from .quant.modes import MODES, parse_mode, set_quant_mode
+from .quant.modes import MODES, parse_mode
+from .quant.modules import set_quant_mode
 from .resize import imresize
 
 __all__ = [
-    "EvalInputError", "ImageResult", "DatasetResult", "EvalResult", "IMAGE_EXTENSIONS",
-    "list_images", "evaluate", "results_to_json", "write_csv",
+    "EvalInputError", "ImageResult", "DatasetResult", "EvalResult",
+    "list_images", "evaluate", "results_to_json", "write_csv", "split_mode",
 ]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 #: ``progress(done, total, label)``: called after each (image, mode) step.
 Progress = Callable[[int, int, str], None]
@@ -106,14 +107,34 @@ class EvalResult:
     kernels: str = "float"  # how quantized convs ran: int8 codes or fake-quantized float
 
 
+def split_mode(m: str) -> tuple[str, float | None]:
+    """``"dynamic@2.5"`` -> ``("dynamic", 2.5)``; a plain mode -> ``(mode, None)``.
+
+    Raises:
+        EvalInputError: an unknown mode, or a bias on a mode other than dynamic.
+    """
+    base, at, bias = m.partition("@")
+    if base not in MODES:
+        raise EvalInputError(f"unknown mode {base!r}; choose one of {', '.join(MODES)} (or dynamic@BIAS)")
+    if not at:
+        return base, None
+    try:
+        value = float(bias)
+    except ValueError:
+        value = float("nan")
+    if base != "dynamic" or not math.isfinite(value):
+        raise EvalInputError(f"{m!r}: a bit bias goes with the dynamic mode, as dynamic@NUMBER")
+    return base, value
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files directly in ``folder``, sorted by name; EvalInputError if none or no folder."""
     folder = Path(folder)
     if not folder.is_dir():
         raise EvalInputError(f"{folder}: no such folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in INPUT_EXTENSIONS)
     if not files:
-        raise EvalInputError(f"{folder}: no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        raise EvalInputError(f"{folder}: no images (looked for {', '.join(INPUT_EXTENSIONS)})")
     return files
 
 
@@ -166,9 +187,7 @@ def evaluate(
     if tiling not in TILINGS:
         raise EvalInputError(f"unknown tiling {tiling!r}; choose one of {', '.join(TILINGS)}")
     mode_list = list(dict.fromkeys(modes)) if model is not None else []
-    for m in mode_list:
-        if m not in MODES:
-            raise EvalInputError(f"unknown mode {m!r}; choose one of {', '.join(MODES)}")
+    parsed = {m: split_mode(m) for m in mode_list}
     if model is not None and model.scale != scale:
         raise EvalInputError(f"the model is x{model.scale}, not x{scale}")
     if not bicubic and not mode_list:
@@ -182,6 +201,7 @@ def evaluate(
     name = model_name if model_name is not None else (getattr(model, "arch", None) if model is not None else None)
     result = EvalResult(scale=scale, model=name, tiling=tiling, kernels=kernels_of(model) if model is not None else "float")
     previous_mode = getattr(model, "mode", None)
+    previous_bias = getattr(model, "bit_bias", 0.0)
     try:
         for ds_name, files in datasets:
             rows = {m: DatasetResult(ds_name, m) for m in row_modes}
@@ -198,10 +218,12 @@ def evaluate(
                         fab = bitops = None
                     else:
                         assert model is not None
-                        set_quant_mode(model, m)
+                        base, bias = parsed[m]
+                        set_quant_mode(model, base)
+                        model.set_bit_bias(previous_bias if bias is None else bias)
                         out, report = upscale_array(model, lr.astype(np.float32), cfg)
                         sr = _to_uint8(out)
-                        fab = 32.0 if not parse_mode(m).quantized else float(report.fab)
+                        fab = 32.0 if not parse_mode(base).quantized else float(report.fab)
                         bitops = float(report.bitops)
                     rows[m].images.append(
                         ImageResult(path.name, psnr_y(sr, hr, scale, round_y), ssim_y(sr, hr, scale, round_y), fab, bitops)
@@ -213,6 +235,7 @@ def evaluate(
     finally:
         if model is not None and previous_mode is not None:
             set_quant_mode(model, previous_mode)
+            model.set_bit_bias(previous_bias)
     return result
 
 

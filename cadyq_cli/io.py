@@ -14,13 +14,15 @@ written to a hidden temporary file next to the target, fsynced and renamed over 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import secrets
 import struct
+import tempfile
 import threading
 import warnings as _warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +35,19 @@ from .errors import ImageReadError, ImageTooLargeError, ImageWriteError
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "OUTPUT_FORMATS",
+    "INPUT_EXTENSIONS",
     "LoadedImage",
     "read_image",
+    "encode_image",
     "write_image",
+    "temp_files",
 ]
 
 DEFAULT_MAX_PIXELS = 64_000_000
 """Default limit on the declared width * height of an input image (decompression bombs)."""
+
+#: File extensions of the images cadyq reads (upscale, eval and training folders alike).
+INPUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 
 OUTPUT_FORMATS: dict[str, str] = {
     ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP",
@@ -113,22 +121,81 @@ def _describe_exc(exc: BaseException) -> str:
 
 
 @contextmanager
-def _pillow_settings() -> Iterator[None]:
+def _pillow_settings() -> Iterator[tuple[list[_warnings.WarningMessage], list[str]]]:
     """Strict Pillow globals for one read: no truncated images, no Pillow bomb limit.
 
     Our own ``max_pixels`` check replaces Pillow's (so that ``None`` really disables it).
-    The globals are restored afterwards; a lock serialises cadyq's own readers.
+    The globals are restored afterwards; a lock serialises cadyq's own readers. Yields the
+    decoders' Python warnings (e.g. corrupt EXIF) and Pillow's log messages (warning and up),
+    caught as they happen instead of reaching stderr raw (:func:`_notes` makes one-liners).
     """
     with _PILLOW_LOCK:
         old_trunc, old_max = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
         ImageFile.LOAD_TRUNCATED_IMAGES = False
         Image.MAX_IMAGE_PIXELS = None
+        logs: list[str] = []
+        handler = _ListHandler(logs)
+        pil_log = logging.getLogger("PIL")
+        old_propagate = pil_log.propagate
+        pil_log.addHandler(handler)
+        pil_log.propagate = False
         try:
-            with _warnings.catch_warnings():
+            with _warnings.catch_warnings(record=True) as caught:
+                _warnings.simplefilter("always")
                 _warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                yield
+                yield caught, logs
         finally:
+            pil_log.removeHandler(handler)
+            pil_log.propagate = old_propagate
             ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = old_trunc, old_max
+
+
+class _ListHandler(logging.Handler):
+    """Collects log messages (warning and up) as one-line strings."""
+
+    def __init__(self, sink: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:  # noqa: D102
+        with suppress(Exception):
+            self.sink.append(_one_line(record.getMessage()))
+
+
+def _notes(caught: list[_warnings.WarningMessage], logs: list[str], c_notes: list[str]) -> list[str]:
+    """One-line warnings from the decoders' Python warnings, Pillow's log and libtiff (deduplicated)."""
+    notes = [f"decoder: {_one_line(w.message)}" for w in caught] + [f"decoder: {m[:160]}" for m in logs]
+    return list(dict.fromkeys(notes + [f"libtiff: {n[:160]}" for n in c_notes]))[:4]
+
+
+@contextmanager
+def _fd2_captured(active: bool = True) -> Iterator[list[str]]:
+    """Collect what C libraries (libtiff) print straight to file descriptor 2, one line each.
+
+    The yielded list is filled when the block ends (also when it raises).
+    """
+    lines: list[str] = []
+    if not active:
+        yield lines
+        return
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all: nothing to protect
+        yield lines
+        return
+    try:
+        with tempfile.TemporaryFile() as cap:
+            os.dup2(cap.fileno(), 2)
+            try:
+                yield lines
+            finally:
+                os.dup2(saved, 2)
+                cap.seek(0)
+                for raw in cap.read(1 << 16).decode("utf-8", "replace").splitlines():
+                    if raw.strip() and _one_line(raw) not in lines:
+                        lines.append(_one_line(raw))
+    finally:
+        os.close(saved)
 
 
 def _allowed_formats() -> list[str]:
@@ -190,12 +257,12 @@ def _tile_rawmodes(im: Image.Image) -> list[str]:
     return modes
 
 
-def _read_16bit_colour(path: Path) -> np.ndarray:
-    """Decode a 16-bit colour PNG/TIFF with OpenCV: (H, W, C) uint16 in RGB(A) order."""
+def _read_16bit_colour(path: Path, raw: bytes | None = None) -> np.ndarray:
+    """Decode a 16-bit colour PNG/TIFF (the file, or ``raw`` bytes) with OpenCV: (H, W, C) uint16, RGB(A)."""
     import cv2  # local: only this path needs it
 
     try:
-        data = np.fromfile(path, dtype=np.uint8)
+        data = np.fromfile(path, dtype=np.uint8) if raw is None else np.frombuffer(raw, dtype=np.uint8)
         arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)  # UNCHANGED also ignores EXIF orientation
     except (OSError, cv2.error) as exc:
         raise ImageReadError(f"cannot read {path}: 16-bit decoding failed ({_describe_exc(exc)})") from exc
@@ -222,13 +289,16 @@ def _cmyk_to_rgb(im: Image.Image, icc: bytes | None, warnings: list[str]) -> Ima
     return im.convert("RGB")
 
 
-def read_image(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS) -> LoadedImage:
+def read_image(
+    path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS, data: bytes | None = None
+) -> LoadedImage:
     """Read an image file into the float RGB(+alpha) convention of this module.
 
     Args:
         path: image file (PNG, JPEG, WebP, TIFF, BMP, GIF, ...).
         max_pixels: refuse images whose declared width * height exceeds this, before any
             pixel is decoded (decompression-bomb protection); None disables the check.
+        data: the file's bytes (e.g. read from stdin); ``path`` then only names it in messages.
 
     Returns:
         The decoded image and its metadata.
@@ -239,9 +309,12 @@ def read_image(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MA
     """
     path = Path(path)
     try:
-        if path.is_dir():
+        if data is not None:
+            if not data:
+                raise ImageReadError(f"cannot read {path}: no data")
+        elif path.is_dir():
             raise ImageReadError(f"cannot read {path}: it is a directory")
-        if path.stat().st_size == 0:
+        elif path.stat().st_size == 0:
             raise ImageReadError(f"cannot read {path}: file is empty")
     except FileNotFoundError as exc:
         raise ImageReadError(f"cannot read {path}: file not found") from exc
@@ -249,9 +322,10 @@ def read_image(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MA
         raise ImageReadError(f"cannot read {path}: {_describe_exc(exc)}") from exc
 
     warnings: list[str] = []
-    with _pillow_settings():
+    c_notes: list[str] = []
+    with _pillow_settings() as (caught, logs):
         try:
-            im = Image.open(path, formats=_allowed_formats())
+            im = Image.open(path if data is None else io.BytesIO(data), formats=_allowed_formats())
         except Image.UnidentifiedImageError as exc:
             raise ImageReadError(f"cannot read {path}: not an image in a supported format") from exc
         except Exception as exc:  # Pillow plugins raise many types on malformed headers
@@ -271,7 +345,8 @@ def read_image(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MA
                     if fmt != "MPO":  # MPO: JPEG with extra previews / depth maps
                         warnings.append(f"{path.name} has {n_frames} frames; only the first is used")
                 rawmodes = _tile_rawmodes(im)
-                im.load()  # decodes (and validates) the whole frame
+                with _fd2_captured(fmt == "TIFF") as c_notes:  # libtiff reports on fd 2
+                    im.load()  # decodes (and validates) the whole frame
                 icc = im.info.get("icc_profile") or None
                 exif_src = im.info.get("exif")
                 if exif_src is None and fmt not in ("TIFF", "MPO") and im.getexif():
@@ -287,6 +362,8 @@ def read_image(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MA
                 raise
             except Exception as exc:
                 reason = _describe_exc(exc)
+                if c_notes:
+                    reason += f" (libtiff: {c_notes[-1][:160]})"
                 if isinstance(exc, EOFError) or "truncated" in reason.lower():
                     detail = reason.removeprefix("image file is truncated").strip(" ()")
                     reason = "file is truncated" + (f" ({detail})" if detail else "")
@@ -297,7 +374,7 @@ def read_image(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MA
                 warnings.append("EXIF block could not be parsed and was dropped")
 
             if wide:
-                arr = _orient(_read_16bit_colour(path), orientation)
+                arr = _orient(_read_16bit_colour(path, data), orientation)
                 if arr.shape[:2] != (im.height, im.width)[:: 1 if orientation < 5 else -1]:
                     raise ImageReadError(f"cannot read {path}: 16-bit decoder disagrees about the image size")
                 gray = wide_gray
@@ -308,12 +385,12 @@ def read_image(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MA
                     rgb=rgb.astype(np.float32) / np.float32(257.0),
                     alpha=None if alpha is None else alpha.astype(np.float32) / np.float32(65535.0),
                     gray=gray, bit_depth=16, icc_profile=icc, exif=exif, format=fmt, path=path,
-                    n_frames=n_frames, warnings=warnings,
+                    n_frames=n_frames, warnings=warnings + _notes(caught, logs, c_notes),
                 )
 
             rgb, alpha, gray, bit_depth, icc = _pillow_to_arrays(im, path, icc, warnings)
     return LoadedImage(rgb=rgb, alpha=alpha, gray=gray, bit_depth=bit_depth, icc_profile=icc, exif=exif,
-                       format=fmt, path=path, n_frames=n_frames, warnings=warnings)
+                       format=fmt, path=path, n_frames=n_frames, warnings=warnings + _notes(caught, logs, c_notes))
 
 
 def _pillow_to_arrays(
@@ -384,121 +461,58 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
-def _paeth_filter(rows: np.ndarray, prev: np.ndarray, bpp: int) -> np.ndarray:
-    """PNG Paeth filter of byte rows (n, stride) given the row above the first one."""
-    x = rows.astype(np.int16)
-    up = np.concatenate([prev[None, :], rows[:-1]]).astype(np.int16)
-    left = np.zeros_like(x)
-    left[:, bpp:] = x[:, :-bpp]
-    up_left = np.zeros_like(x)
-    up_left[:, bpp:] = up[:, :-bpp]
-    pa = np.abs(up - up_left)
-    pb = np.abs(left - up_left)
-    pc = np.abs(left + up - 2 * up_left)
-    pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, up_left))
-    return ((x - pred) & 0xFF).astype(np.uint8)
+def _splice_after_ihdr(png: bytes, chunks: bytes, ihdr: bytes | None = None) -> bytes:
+    """``png`` with ``chunks`` inserted right after IHDR (and IHDR's data replaced by ``ihdr``)."""
+    end = 8 + 8 + 13 + 4  # signature, then IHDR: length and type, 13 data bytes, CRC
+    assert png[12:16] == b"IHDR", "an encoder's PNG starts with IHDR"
+    head = png[:end] if ihdr is None else png[:8] + _png_chunk(b"IHDR", ihdr)
+    return head + chunks + png[end:]
 
 
 def _encode_png16(arr: np.ndarray, icc: bytes | None, exif: bytes | None) -> bytes:
     """Encode (H, W, C) uint16, C in 1..4 (gray, gray+alpha, RGB, RGBA), as a 16-bit PNG.
 
-    Pillow cannot write 16-bit colour or gray+alpha PNG and OpenCV cannot embed ICC/EXIF, so
-    this small encoder (Paeth filter, zlib level 6) does it.
+    OpenCV encodes the pixels; iCCP and eXIf chunks (which OpenCV does not write) are spliced in
+    after IHDR. OpenCV has no gray+alpha PNG: such an image is encoded as gray of twice the width
+    (the same bytes per row) with the Up filter only, which does not depend on the pixel size, and
+    IHDR is then relabelled as gray+alpha of the true width.
     """
+    import cv2  # local, as for reading: only 16-bit colour needs it
+
     h, w, c = arr.shape
-    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
-    stride, bpp = w * c * 2, c * 2
-    raw = np.ascontiguousarray(arr.astype(">u2")).view(np.uint8).reshape(h, stride)
-    out = [b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))]
+    params = [cv2.IMWRITE_PNG_COMPRESSION, 6]
+    ihdr = None
+    if c == 2:
+        img = arr.reshape(h, 2 * w)
+        params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
+        ihdr = struct.pack(">IIBBBBB", w, h, 16, 4, 0, 0, 0)
+    else:
+        img = arr[:, :, [2, 1, 0, 3][:c]] if c >= 3 else arr  # OpenCV's channel order is BGR(A)
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(img), params)
+    if not ok:
+        raise ValueError("OpenCV could not encode the PNG")
+    extra = b""
     if icc:
-        out.append(_png_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc)))
+        extra += _png_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc))
     if exif:
-        out.append(_png_chunk(b"eXIf", exif[len(_EXIF_HEADER):] if exif.startswith(_EXIF_HEADER) else exif))
-    comp = zlib.compressobj(6)
-    prev = np.zeros(stride, np.uint8)
-    step = max(1, (1 << 22) // max(stride, 1))
-    for top in range(0, h, step):
-        rows = raw[top:top + step]
-        filtered = np.concatenate([np.full((len(rows), 1), 4, np.uint8), _paeth_filter(rows, prev, bpp)], axis=1)
-        prev = rows[-1]
-        piece = comp.compress(filtered.tobytes())
-        if piece:
-            out.append(_png_chunk(b"IDAT", piece))
-    out.append(_png_chunk(b"IDAT", comp.flush()))
-    out.append(_png_chunk(b"IEND", b""))
-    return b"".join(out)
+        extra += _png_chunk(b"eXIf", exif[len(_EXIF_HEADER):] if exif.startswith(_EXIF_HEADER) else exif)
+    return _splice_after_ihdr(buf.tobytes(), extra, ihdr)
 
 
 def _encode_tiff16(arr: np.ndarray, icc: bytes | None) -> bytes:
-    """Encode (H, W, C) uint16 (gray, gray+alpha, RGB, RGBA) as a little-endian 16-bit TIFF.
+    """Encode (H, W, C) uint16 (gray, RGB, RGBA) as a 16-bit TIFF: tifffile, Deflate with the
+    horizontal predictor, strips of about 256 KiB, unassociated alpha, the ICC profile embedded."""
+    import tifffile
 
-    Deflate compression with horizontal predictor, strips of about 256 KiB. Pillow cannot write
-    16-bit colour TIFF and OpenCV cannot embed an ICC profile.
-    """
     h, w, c = arr.shape
-    rows_per_strip = max(1, (1 << 18) // (w * c * 2))
-    strips = []
-    for top in range(0, h, rows_per_strip):
-        block = arr[top:top + rows_per_strip].astype(np.int32).reshape(-1, w * c)
-        diff = block.copy()
-        diff[:, c:] -= block[:, :-c]  # horizontal differencing (Predictor 2)
-        strips.append(zlib.compress((diff & 0xFFFF).astype("<u2").tobytes(), 6))
-    # Layout: header | strips | out-of-line values | IFD.
-    data = bytearray(b"II*\x00\x00\x00\x00\x00")
-    offsets = []
-    for s in strips:
-        offsets.append(len(data))
-        data += s
-        if len(data) % 2:
-            data += b"\x00"
-
-    def put(blob: bytes) -> int:
-        if len(data) % 2:
-            data.extend(b"\x00")
-        pos = len(data)
-        data.extend(blob)
-        return pos
-
-    SHORT, LONG, UNDEFINED = 3, 4, 7
-    entries: list[tuple[int, int, int, bytes]] = []  # tag, type, count, packed values
-
-    def add(tag: int, typ: int, values: list[int] | bytes) -> None:
-        if typ == UNDEFINED:
-            packed, count = bytes(values), len(values)
-        else:
-            packed = struct.pack("<%d%s" % (len(values), "H" if typ == SHORT else "I"), *values)
-            count = len(values)
-        entries.append((tag, typ, count, packed))
-
-    add(256, LONG, [w])
-    add(257, LONG, [h])
-    add(258, SHORT, [16] * c)
-    add(259, SHORT, [8])  # Adobe Deflate
-    add(262, SHORT, [1 if c <= 2 else 2])  # BlackIsZero / RGB
-    add(273, LONG, offsets)
-    add(274, SHORT, [1])
-    add(277, SHORT, [c])
-    add(278, LONG, [rows_per_strip])
-    add(279, LONG, [len(s) for s in strips])
-    add(284, SHORT, [1])
-    add(317, SHORT, [2])
-    if c in (2, 4):
-        add(338, SHORT, [2])  # unassociated alpha
-    if icc:
-        add(34675, UNDEFINED, icc)
-    entries.sort()
-    fields = []
-    for tag, typ, count, packed in entries:
-        if len(packed) <= 4:
-            value = packed.ljust(4, b"\x00")
-        else:
-            value = struct.pack("<I", put(packed))
-        fields.append(struct.pack("<HHI", tag, typ, count) + value)
-    ifd = put(struct.pack("<H", len(fields)) + b"".join(fields) + b"\x00\x00\x00\x00")
-    if len(data) >= 1 << 32:
-        raise ValueError("result exceeds the 4 GiB limit of classic TIFF")
-    struct.pack_into("<I", data, 4, ifd)
-    return bytes(data)
+    buf = io.BytesIO()
+    tifffile.imwrite(
+        buf, arr[:, :, 0] if c == 1 else arr, photometric="minisblack" if c == 1 else "rgb",
+        compression="zlib", compressionargs={"level": 6}, predictor=True,
+        rowsperstrip=max(1, (1 << 18) // (w * c * 2)), extrasamples=["unassalpha"] if c == 4 else None,
+        iccprofile=icc or None, metadata=None,
+    )
+    return buf.getvalue()
 
 
 def _encode(
@@ -562,12 +576,39 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def _temp_path(path: Path, token: str) -> Path:
+    return path.parent / f".{path.name[:200]}.{token}.tmp"
+
+
+def temp_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Temporary files that interrupted :func:`write_image` calls of ``paths`` left behind.
+
+    Only a process killed outright (SIGKILL, power loss) leaves one; a batch engine whose
+    workers can be killed removes them once no worker writes those paths any more. Each
+    folder is listed once.
+    """
+    by_folder: dict[Path, set[str]] = {}
+    for p in map(Path, paths):
+        by_folder.setdefault(p.parent, set()).add(_temp_path(p, "").name[: -len(".tmp")])
+    found = []
+    for folder, heads in by_folder.items():
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for n in names:  # ".{name}.{8 hex}.tmp"
+            token = n[-12:-4]
+            if n.endswith(".tmp") and n[:-12] in heads and len(token) == 8 and all(c in "0123456789abcdef" for c in token):
+                found.append(folder / n)
+    return found
+
+
 def _atomic_write(path: Path, data: bytes, overwrite: bool) -> None:
     """Write ``data`` to ``path`` through a hidden temp file in the same directory."""
     parent = path.parent
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     for _ in range(100):
-        tmp = parent / f".{path.name[:200]}.{secrets.token_hex(4)}.tmp"
+        tmp = _temp_path(path, secrets.token_hex(4))
         try:
             fd = os.open(tmp, flags, 0o666)  # the umask applies, as for a normal file
             break
@@ -602,6 +643,59 @@ def _atomic_write(path: Path, data: bytes, overwrite: bool) -> None:
             raise ImageWriteError(f"cannot write {path}: {_describe_exc(exc)}") from exc
         raise
     _fsync_dir(parent)
+
+
+def _format_of(path: Path) -> str:
+    """Output format for ``path``'s extension; ImageWriteError listing the known ones otherwise."""
+    fmt = OUTPUT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        known = " ".join(sorted(OUTPUT_FORMATS))
+        raise ImageWriteError(f"cannot write {path}: unknown extension {path.suffix or '(none)'!r}; use one of {known}")
+    return fmt
+
+
+def encode_image(
+    path: str | os.PathLike[str],
+    rgb: np.ndarray,
+    *,
+    alpha: np.ndarray | None = None,
+    gray: bool = False,
+    bit_depth: int = 8,
+    icc_profile: bytes | None = None,
+    exif: bytes | None = None,
+    quality: int = 95,
+) -> tuple[bytes, list[str]]:
+    """The bytes :func:`write_image` would write to ``path`` (whose extension picks the format).
+
+    Nothing is written: this serves outputs that are not files (``-`` for stdout). Arguments,
+    warnings and errors are those of :func:`write_image`.
+    """
+    path = Path(path)
+    fmt = _format_of(path)
+    if bit_depth not in (8, 16):
+        raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
+    if not 1 <= int(quality) <= 100:
+        raise ValueError(f"quality must be in 1..100, got {quality}")
+    rgb = np.asarray(rgb)
+    if gray and rgb.ndim == 2:
+        rgb = rgb[:, :, None]
+    if rgb.ndim != 3 or rgb.shape[2] not in ((1, 3) if gray else (3,)) or rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ValueError(f"rgb must be a non-empty (H, W, 3) array, got shape {rgb.shape}")
+    if alpha is not None:
+        alpha = np.asarray(alpha)
+        if alpha.ndim == 3 and alpha.shape[2] == 1:
+            alpha = alpha[:, :, 0]
+        if alpha.shape != rgb.shape[:2]:
+            raise ValueError(f"alpha shape {alpha.shape} does not match image size {rgb.shape[:2]}")
+    colour = rgb if rgb.dtype == np.uint8 and bit_depth == 8 else rgb.astype(np.float32, copy=False)
+    if gray and colour.shape[2] == 3:
+        colour = colour.mean(axis=2, keepdims=True, dtype=np.float32)
+    warnings: list[str] = []
+    try:
+        data = _encode(fmt, colour, alpha, bit_depth, icc_profile, exif, int(quality), warnings)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ImageWriteError(f"cannot write {path}: {fmt} encoding failed ({_describe_exc(exc)})") from exc
+    return data, warnings
 
 
 def write_image(
@@ -645,26 +739,7 @@ def write_image(
         ValueError: inconsistent arguments (array shapes, ``bit_depth``, ``quality``).
     """
     path = Path(path)
-    fmt = OUTPUT_FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        known = " ".join(sorted(OUTPUT_FORMATS))
-        raise ImageWriteError(f"cannot write {path}: unknown extension {path.suffix or '(none)'!r}; use one of {known}")
-    if bit_depth not in (8, 16):
-        raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
-    if not 1 <= int(quality) <= 100:
-        raise ValueError(f"quality must be in 1..100, got {quality}")
-    rgb = np.asarray(rgb)
-    if gray and rgb.ndim == 2:
-        rgb = rgb[:, :, None]
-    if rgb.ndim != 3 or rgb.shape[2] not in ((1, 3) if gray else (3,)) or rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ValueError(f"rgb must be a non-empty (H, W, 3) array, got shape {rgb.shape}")
-    if alpha is not None:
-        alpha = np.asarray(alpha)
-        if alpha.ndim == 3 and alpha.shape[2] == 1:
-            alpha = alpha[:, :, 0]
-        if alpha.shape != rgb.shape[:2]:
-            raise ValueError(f"alpha shape {alpha.shape} does not match image size {rgb.shape[:2]}")
-
+    _format_of(path)
     parent = path.parent
     if not parent.exists():
         raise ImageWriteError(f"cannot write {path}: directory {parent} does not exist")
@@ -674,14 +749,7 @@ def write_image(
         raise ImageWriteError(f"cannot write {path}: it is a directory")
     if not overwrite and os.path.lexists(path):
         raise ImageWriteError(f"cannot write {path}: file exists (allow overwriting to replace it)")
-
-    colour = rgb if rgb.dtype == np.uint8 and bit_depth == 8 else rgb.astype(np.float32, copy=False)
-    if gray and colour.shape[2] == 3:
-        colour = colour.mean(axis=2, keepdims=True, dtype=np.float32)
-    warnings: list[str] = []
-    try:
-        data = _encode(fmt, colour, alpha, bit_depth, icc_profile, exif, int(quality), warnings)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ImageWriteError(f"cannot write {path}: {fmt} encoding failed ({_describe_exc(exc)})") from exc
+    data, warnings = encode_image(path, rgb, alpha=alpha, gray=gray, bit_depth=bit_depth, icc_profile=icc_profile,
+                                  exif=exif, quality=quality)
     _atomic_write(path, data, overwrite)
     return warnings

@@ -10,13 +10,26 @@ Two plans:
   ``patch - overlap``, last row/column extended to the border, each patch keeping its centre
   window (margin ``int(overlap / 2 * scale)`` HR px), no blending.
 
-No torch here: boxes are plain integers, (y0, y1, x0, x1) half-open.
+:class:`TilingConfig` says how an image is cut; :func:`plan_tiles` turns it into tiles. No torch
+here: boxes are plain integers, (y0, y1, x0, x1) half-open.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Tile", "plan_seamless", "plan_paper", "region_bounds", "starts"]
+__all__ = [
+    "Tile", "plan_seamless", "plan_paper", "region_bounds", "starts", "DEFAULT_SEAMLESS_TILE", "PAPER_PATCH", "PAPER_OVERLAP", "seamless_core",
+    "check_seamless_tile", "TilingConfig", "TILINGS", "plan_tiles",
+]
+
+#: Seamless core tile size (LR px) when none is given: big enough that context is cheap,
+#: small enough that x4 tail activations stay near 1 GB.
+DEFAULT_SEAMLESS_TILE = 384
+
+#: The paper's patch size (LR px): the official test patches and our default region for bits.
+PAPER_PATCH = 96
+#: Overlap of the official test patches (LR px): a step of 90.
+PAPER_OVERLAP = 6
 
 
 @dataclass(frozen=True)
@@ -53,14 +66,44 @@ def region_bounds(length: int, region: int) -> list[int]:
     return list(range(0, length, region)) + [length]
 
 
+def seamless_core(tile: int | None, region: int) -> int:
+    """Core size (LR px) of seamless tiles: ``tile`` rounded down to a multiple of ``region``.
+
+    The plan of :func:`plan_seamless` depends on ``tile`` only through this number.
+    """
+    return max(region, ((tile or DEFAULT_SEAMLESS_TILE) // region) * region)
+
+
+def check_seamless_tile(tile: int | None, region: int) -> None:
+    """Refuse, for quantized modes, a tile size whose seamless plan differs from the default one.
+
+    A region cut by the edge of a tile's input is seen in part: its per-region std (and so its
+    dynamic bits) changes, and the change spreads one region per layer, so no context margin
+    keeps the output equal across plans. Fixed bit widths depend on the plan too, less: a float
+    rounding difference between tile shapes can flip a quantization code. Quantized outputs are
+    therefore defined for the default plan only; fp32 and the paper tiling take any tile.
+
+    Raises:
+        ValueError: ``tile`` gives another core size than the default tile at this ``region``.
+    """
+    want = seamless_core(None, region)
+    if tile is None or seamless_core(tile, region) == want:
+        return
+    raise ValueError(
+        f"--tile {tile}: quantized outputs depend on where tiles cut the {region} px regions (their bits change), "
+        f"so they would change with the tile size; use --tile {want}..{want + region - 1} (the default plan at "
+        f"--region {region}), --tiling paper, or --mode fp32"
+    )
+
+
 def plan_seamless(h: int, w: int, scale: int, tile: int, context: int, region: int) -> list[Tile]:
     """Tiles of ``tile`` LR px (rounded down to a multiple of ``region``), with context.
 
-    An image no larger than ``tile + 2 * context`` on both sides is one tile without context.
+    An image no larger than ``core + 2 * context`` on both sides is one tile without context.
     """
-    if h <= tile + 2 * context and w <= tile + 2 * context:
+    core = seamless_core(tile, region)
+    if h <= core + 2 * context and w <= core + 2 * context:
         return [Tile((0, h, 0, w), (0, h * scale, 0, w * scale), 0, 0, (0, h, 0, w))]
-    core = max(region, (tile // region) * region)
     tiles = []
     for y0 in range(0, h, core):
         y1 = min(y0 + core, h)
@@ -91,7 +134,7 @@ def _keep(i: int, n: int, start_hr: int, end_hr: int, margin: int, step_hr: int,
     return start_hr + margin, start_hr + margin + step_hr, margin
 
 
-def plan_paper(h: int, w: int, scale: int, patch: int = 96, overlap: int = 6) -> list[Tile]:
+def plan_paper(h: int, w: int, scale: int, patch: int = PAPER_PATCH, overlap: int = PAPER_OVERLAP) -> list[Tile]:
     """The official patch-wise test geometry, patches in row-major order."""
     step = patch - overlap
     if step <= 0:
@@ -108,3 +151,57 @@ def plan_paper(h: int, w: int, scale: int, patch: int = 96, overlap: int = 6) ->
             core = (oy0 // scale, -(-oy1 // scale), ox0 // scale, -(-ox1 // scale))
             tiles.append(Tile((y, y1, x, x1), (oy0, oy1, ox0, ox1), sy, sx, core))
     return tiles
+
+
+TILINGS = ("seamless", "paper", "whole")
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """How an image is cut into network calls.
+
+    Attributes:
+        tiling: ``seamless`` (default), ``paper`` (official 96/90 patches) or ``whole``.
+        tile: seamless: core tile size in LR px (rounded down to a multiple of ``region``);
+            paper: patch size (default 96).
+        overlap: paper: overlap between patches in LR px (default 6, i.e. step 90).
+        region: seamless: bits are chosen per ``region`` x ``region`` LR px.
+        batch: tiles of equal shape run together in one forward, up to this many and up to
+            ``batch_pixels`` LR input pixels (big tiles gain nothing from batching and would
+            multiply the memory).
+        any_tile: accept a seamless ``tile`` whose plan differs from the default one in a
+            quantized mode (e.g. to save memory), although the bits and the output then depend on it
+            (see :func:`~cadyq_cli.tiling.check_seamless_tile`).
+    """
+
+    tiling: str = "seamless"
+    tile: int | None = None
+    overlap: int = PAPER_OVERLAP
+    region: int = PAPER_PATCH
+    batch: int = 8
+    batch_pixels: int = 1 << 17
+    any_tile: bool = False
+
+    def validate(self, quantized: bool = False) -> None:
+        """Raise ValueError for an impossible setting (``quantized``: also a tile-dependent plan)."""
+        if self.tiling not in TILINGS:
+            raise ValueError(f"unknown tiling {self.tiling!r}; choose one of {', '.join(TILINGS)}")
+        if self.tile is not None and self.tile < 1:
+            raise ValueError("--tile must be at least 1")
+        if self.region < 1:
+            raise ValueError("--region must be at least 1")
+        if self.overlap < 0 or (self.tiling == "paper" and self.overlap >= (self.tile or PAPER_PATCH)):
+            raise ValueError("--overlap must be >= 0 and smaller than --tile")
+        if self.batch < 1:
+            raise ValueError("batch must be at least 1")
+        if quantized and self.tiling == "seamless" and not self.any_tile:
+            check_seamless_tile(self.tile, self.region)
+
+
+def plan_tiles(h: int, w: int, scale: int, cfg: TilingConfig, receptive_radius: int) -> tuple[list[Tile], int | None]:
+    """The tiles of an h x w image under ``cfg`` and the region size (None: one region per tile)."""
+    if cfg.tiling == "paper":
+        return plan_paper(h, w, scale, cfg.tile or PAPER_PATCH, cfg.overlap), None
+    if cfg.tiling == "whole":
+        return [Tile((0, h, 0, w), (0, h * scale, 0, w * scale), 0, 0, (0, h, 0, w))], None
+    return plan_seamless(h, w, scale, cfg.tile or DEFAULT_SEAMLESS_TILE, receptive_radius, cfg.region), cfg.region

@@ -7,16 +7,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from .errors import CadyqError, CheckpointReadError, UnknownModelError
 
-from .checkpoint import load_model_file
-from .errors import CheckpointReadError, UnknownModelError
-from .models._base import SRModel
-from .quant.intconv import set_kernels
-from .quant.modes import set_quant_mode
+if TYPE_CHECKING:  # the manifest helpers (``cadyq models``) must not import torch
+    from .models._base import SRModel
 
-__all__ = ["WeightsCfg", "weights_dir", "list_weights", "resolve_weights", "load_model", "DEFAULT_MODEL"]
+__all__ = ["WeightsCfg", "weights_dir", "list_weights", "list_backbones", "resolve_weights", "shipped_path", "load_model", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "edsr-baseline"
 
@@ -38,6 +36,8 @@ class WeightsCfg:
     notes: str = ""
     act_grid: str = "signed"  # activation grid of the clips (see SRModel.set_act_grid)
     skip: str = "official"  # residual-skip semantics (see SRModel.set_skip)
+    recipe: str = ""  # the recipe that trains it (recipes/<recipe>.toml)
+    backbone: str = ""  # the shipped full-precision backbone its lineage starts from (see list_backbones)
 
     @property
     def path(self) -> Path:
@@ -58,14 +58,24 @@ def weights_dir() -> Path:
         return Path(__file__).resolve().parent.parent / "weights"
 
 
-def list_weights() -> list[WeightsCfg]:
-    """Entries of the weights manifest (empty when there is none)."""
+def _manifest(section: str) -> list[dict]:
+    """One list of the weights manifest (``models`` or ``backbones``; empty when there is none)."""
     manifest = weights_dir() / "manifest.json"
     if not manifest.is_file():
         return []
-    data = json.loads(manifest.read_text())
+    return json.loads(manifest.read_text()).get(section, [])
+
+
+def list_weights() -> list[WeightsCfg]:
+    """Shipped models: the ``models`` entries of the weights manifest."""
     known = set(WeightsCfg.__dataclass_fields__)
-    return [WeightsCfg(**{k: v for k, v in m.items() if k in known}) for m in data.get("models", [])]
+    return [WeightsCfg(**{k: v for k, v in m.items() if k in known}) for m in _manifest("models")]
+
+
+def list_backbones() -> dict[str, dict]:
+    """Shipped full-precision backbones (``weights/backbones/``, manifest ``backbones``) by name;
+    each entry's ``path`` is its file. A training lineage starts from one with ``--init``."""
+    return {b["name"]: {**b, "path": weights_dir() / b["file"]} for b in _manifest("backbones")}
 
 
 def resolve_weights(name: str, scale: int | None = None) -> WeightsCfg:
@@ -94,6 +104,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def shipped_path(cfg: WeightsCfg) -> Path:
+    """Path of a shipped weights file, checked against the manifest's sha256.
+
+    Raises:
+        CheckpointReadError: the file is missing or does not match the manifest.
+    """
+    if not cfg.path.is_file():
+        raise CheckpointReadError(f"shipped weights {cfg.file} are missing from {weights_dir()}")
+    if cfg.sha256 and _sha256(cfg.path) != cfg.sha256:
+        raise CheckpointReadError(f"{cfg.path}: checksum does not match the manifest; reinstall cadyq")
+    return cfg.path
+
+
 def load_model(
     model: str | None = None,
     weights: str | Path | None = None,
@@ -102,6 +125,7 @@ def load_model(
     mode: str = "dynamic",
     device: str = "cpu",
     kernels: str = "auto",
+    fp_layers: str = "fp32",
 ) -> SRModel:
     """Load a shipped model by name, or any checkpoint file (ours or official), ready to run.
 
@@ -111,27 +135,33 @@ def load_model(
         arch: architecture of ``weights`` (detected from the keys when omitted).
         scale: upscaling factor.
         mode: ``dynamic``, ``fp32``, ``w8a8``, ``w8a6`` or ``w8a4``.
-        device: ``cpu`` or ``cuda``.
+        device: ``cpu``, ``cuda`` or ``cuda:N`` (see :func:`cadyq_cli.devices.parse_device`).
         kernels: quantized convs on integer codes (``int8``), as fake-quantized float convs
             (``float``, the reference semantics op for op), or ``auto`` (int8 where the CPU
             supports exact int8 kernels); see :mod:`cadyq_cli.quant.intconv`.
+        fp_layers: precision of the full-precision upsampling tail, ``fp32`` (default) or
+            ``bf16`` (faster on CPUs with native bf16; see :meth:`SRModel.set_fp_layers`).
 
     Example:
         >>> m = load_model("edsr-baseline", scale=4, mode="dynamic")
     """
+    from .checkpoint import load_model_file
+    from .devices import parse_device
+    from .quant.intconv import set_kernels
+    from .quant.modules import set_quant_mode
+
+    device = parse_device(device)
     if weights is not None:
         net = load_model_file(weights, arch, scale)
     else:
         cfg = resolve_weights(model or DEFAULT_MODEL, scale)
-        if not cfg.path.is_file():
-            raise CheckpointReadError(f"shipped weights {cfg.file} are missing from {weights_dir()}")
-        if cfg.sha256 and _sha256(cfg.path) != cfg.sha256:
-            raise CheckpointReadError(f"{cfg.path}: checksum does not match the manifest; reinstall cadyq")
-        net = load_model_file(cfg.path, cfg.arch, cfg.scale)
+        net = load_model_file(shipped_path(cfg), cfg.arch, cfg.scale)
     set_quant_mode(net, mode)
+    try:
+        net.set_fp_layers(fp_layers)
+    except ValueError as e:
+        raise CadyqError(str(e)) from None
     if device != "cpu":
-        if device == "cuda" and not torch.cuda.is_available():
-            raise UnknownModelError("--device cuda: no CUDA device is available")
         net = net.to(device)
     net.eval()
     if device == "cpu":

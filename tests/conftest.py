@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from typer.testing import CliRunner, Result
 
 from cadyq_cli.checkpoint import save_weights
+from cadyq_cli.cli import app
 from cadyq_cli.models import create_model
 from cadyq_cli.models._base import SRModel
-from cadyq_cli.quant.modes import set_quant_mode
-from cadyq_cli.quant.modules import ActQuantizer
+from cadyq_cli.quant.modules import ActQuantizer, set_quant_mode
 
 
 def _randomize(model: SRModel, seed: int = 0) -> SRModel:
@@ -128,3 +129,60 @@ def make_image(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return make
+
+
+# --------------------------------------------------------------------------- the CLI, driven in-process
+
+
+@pytest.fixture()
+def cli(weights_x2: Path) -> Callable[..., Result]:
+    """``cli(*args, model=True)``: run the app; ``model`` appends the x2 checkpoint options."""
+    runner = CliRunner()
+
+    def run(*args: object, model: bool = True) -> Result:
+        argv = [str(a) for a in args]
+        if model:
+            argv += ["--weights", str(weights_x2), "--scale", "2", "--threads", "1"]
+        return runner.invoke(app, argv)
+
+    return run
+
+
+def _open(path: Path) -> Image.Image:
+    """Open and fully decode an image (raises on a truncated file)."""
+    with Image.open(path) as im:
+        im.load()
+    return im
+
+
+def _ok(res: Result) -> None:
+    assert res.exit_code == 0, f"exit {res.exit_code}\nstdout: {res.stdout}\nstderr: {res.stderr}\n{res.exception!r}"
+
+
+def _error_line(res: Result, *needles: str) -> str:
+    """The stderr line holding every needle; asserts there is one and no traceback."""
+    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout, res.stderr
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    lines = [ln for ln in res.stderr.splitlines() if all(n in ln for n in needles)]
+    assert lines, f"no stderr line with {needles}: {res.stderr!r}"
+    return lines[0]
+
+
+def _tmp_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """One local Ray cluster (2 CPUs, no dashboard) shared by every Ray test; yields its address.
+
+    Skips when Ray is not installed (it is the optional ``ray`` extra).
+    """
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    pytest.importorskip("ray.data", reason="the ray extra is not installed")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()

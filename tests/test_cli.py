@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import signal
 import subprocess
@@ -21,59 +20,19 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from PIL import Image, ImageCms
 from typer.testing import CliRunner, Result
 
 from cadyq_cli.cli import app
 from cadyq_cli.engine import TilingConfig, upscale_array
 from cadyq_cli.io import read_image
-from cadyq_cli.tiling import plan_seamless
+from conftest import _error_line, _ok, _open, _tmp_files
 
 
 CADYQ = Path(sys.executable).with_name("cadyq")
 N_SEL = 32
 JSON_KEYS = {"input", "output", "scale", "model", "mode", "fab", "bits_histogram", "bitops_g", "bitops_fp32_g",
              "seconds", "regions"}
-
-
-@pytest.fixture()
-def cli(weights_x2: Path) -> Callable[..., Result]:
-    """``cli(*args, model=True)``: run the app; ``model`` appends the x2 checkpoint options."""
-    runner = CliRunner()
-
-    def run(*args: object, model: bool = True) -> Result:
-        argv = [str(a) for a in args]
-        if model:
-            argv += ["--weights", str(weights_x2), "--scale", "2", "--threads", "1"]
-        return runner.invoke(app, argv)
-
-    return run
-
-
-def _open(path: Path) -> Image.Image:
-    """Open and fully decode an image (raises on a truncated file)."""
-    with Image.open(path) as im:
-        im.load()
-    return im
-
-
-def _ok(res: Result) -> None:
-    assert res.exit_code == 0, f"exit {res.exit_code}\nstdout: {res.stdout}\nstderr: {res.stderr}\n{res.exception!r}"
-
-
-def _error_line(res: Result, *needles: str) -> str:
-    """The stderr line holding every needle; asserts there is one and no traceback."""
-    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout, res.stderr
-    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
-    lines = [ln for ln in res.stderr.splitlines() if all(n in ln for n in needles)]
-    assert lines, f"no stderr line with {needles}: {res.stderr!r}"
-    return lines[0]
-
-
-def _tmp_files(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
 
 
 # --------------------------------------------------------------------------- file -> file, JSON
@@ -338,85 +297,6 @@ def test_missing_input_exit_2(cli: Callable[..., Result], tmp_path: Path) -> Non
     assert res.exit_code == 2
 
 
-# --------------------------------------------------------------------------- tiling: seamless == whole
-
-
-def test_seamless_tiles_equal_whole_image_fp32(cli: Callable[..., Result], make_image: Callable[..., Path],
-                                               load_x2: Callable[[str], object], tmp_path: Path) -> None:
-    w, h = 100, 6  # wider than tile + 2 * receptive radius: really several tiles
-    net = load_x2("fp32")
-    assert len(plan_seamless(h, w, 2, 16, net.receptive_radius, 8)) > 1  # type: ignore[attr-defined]
-    src = make_image("strip.png", w, h)
-    rgb = read_image(src).rgb
-    whole, _ = upscale_array(net, rgb, TilingConfig("whole"))  # type: ignore[arg-type]
-    tiled, rep = upscale_array(net, rgb, TilingConfig("seamless", tile=16, region=8))  # type: ignore[arg-type]
-    assert np.abs(tiled - whole).max() <= 1e-3
-    assert rep.grid == (1, 13)
-
-    res = cli("upscale", src, tmp_path / "out.png", "--mode", "fp32", "--tiling", "seamless", "--tile", "16",
-              "--region", "8", "--json", "-")
-    _ok(res)
-    rec = json.loads(res.stdout)
-    assert rec["mode"] == "fp32" and rec["fab"] == 32.0 and rec["bitops_g"] == rec["bitops_fp32_g"]
-    out = np.asarray(_open(tmp_path / "out.png")).astype(np.int64)
-    assert np.abs(out - np.rint(whole)).max() <= 1
-
-
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(h=st.integers(1, 70), w=st.integers(1, 70), tile=st.integers(6, 40), region=st.integers(2, 16),
-       seed=st.integers(0, 3))
-def test_seamless_property(pattern: Callable[..., np.ndarray], small_model: Callable[[str], object], h: int, w: int, tile: int, region: int,
-                           seed: int) -> None:
-    rgb = pattern(w, h, seed=seed).astype(np.float32)
-    net = small_model("fp32")
-    whole, _ = upscale_array(net, rgb, TilingConfig("whole"))  # type: ignore[arg-type]
-    tiled, _ = upscale_array(net, rgb, TilingConfig("seamless", tile=tile, region=region))  # type: ignore[arg-type]
-    assert tiled.shape == whole.shape == (2 * h, 2 * w, 3)
-    assert np.abs(tiled - whole).max() <= 1e-3
-    sr, rep = upscale_array(small_model("dynamic"), rgb, TilingConfig("seamless", tile=tile, region=region))  # type: ignore[arg-type]
-    assert sr.shape == (2 * h, 2 * w, 3)
-    assert rep.grid == (-(-h // region), -(-w // region))
-    cover = np.zeros((h, w), int)
-    for r in rep.regions:
-        x0, y0, x1, y1 = r.box
-        cover[y0:y1, x0:x1] += 1
-    assert (cover == 1).all()
-
-
-@pytest.mark.parametrize("tiling", [TilingConfig("seamless", tile=16, region=8), TilingConfig("paper", tile=24, overlap=4)])
-def test_uint8_canvas_is_the_rounded_float_canvas(pattern: Callable[..., np.ndarray], small_model: Callable[[str], object],
-                                                  tiling: TilingConfig) -> None:
-    rgb = pattern(45, 37, seed=2).astype(np.float32)
-    net = small_model("dynamic")
-    f32, rep_f = upscale_array(net, rgb, tiling)  # type: ignore[arg-type]
-    u8, rep_u = upscale_array(net, rgb, tiling, out_dtype="uint8")  # type: ignore[arg-type]
-    assert u8.dtype == np.uint8 and f32.dtype == np.float32 and u8.shape == f32.shape == (74, 90, 3)
-    assert u8.flags.c_contiguous and f32.flags.c_contiguous
-    assert np.array_equal(u8, np.rint(f32).astype(np.uint8))  # the same rounding write_image applies
-    assert rep_u.fab == rep_f.fab and rep_u.regions == rep_f.regions
-    with pytest.raises(ValueError, match="out_dtype"):
-        upscale_array(net, rgb, tiling, out_dtype="float16")  # type: ignore[arg-type]
-
-
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(h=st.integers(1, 70), w=st.integers(1, 70), tile=st.integers(8, 40), overlap=st.integers(0, 8),
-       mode=st.sampled_from(["fp32", "dynamic"]))
-def test_paper_tiling_property(pattern: Callable[..., np.ndarray], small_model: Callable[[str], object], h: int, w: int, tile: int, overlap: int,
-                               mode: str) -> None:
-    overlap = min(overlap, tile // 2)  # step >= 4: at most ~300 patches
-    rgb = pattern(w, h).astype(np.float32)
-    sr, rep = upscale_array(small_model(mode), rgb, TilingConfig("paper", tile=tile, overlap=overlap))  # type: ignore[arg-type]
-    assert sr.shape == (2 * h, 2 * w, 3) and np.isfinite(sr).all()
-    assert rep.width == w and rep.height == h
-
-
-def test_paper_tiling_cli_small_image(cli: Callable[..., Result], make_image: Callable[..., Path],
-                                      tmp_path: Path) -> None:
-    src = make_image("in.png", 13, 7)  # smaller than one 96 px patch
-    _ok(cli("upscale", src, tmp_path / "out.png", "--tiling", "paper", "-q"))
-    assert _open(tmp_path / "out.png").size == (26, 14)
-
-
 # --------------------------------------------------------------------------- determinism, limits
 
 
@@ -452,67 +332,6 @@ def test_decompression_bomb_refused(cli: Callable[..., Result], make_image: Call
     line = _error_line(res, "big.png", "400")
     assert "limit" in line
     assert not (tmp_path / "out.png").exists()
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-class _Evil:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return os.system, (f"touch {self.marker}",)
-
-
-@pytest.mark.parametrize("how", ["torch", "pickle"])
-def test_malicious_checkpoint_refused(cli: Callable[..., Result], make_image: Callable[..., Path], tmp_path: Path,
-                                      how: str) -> None:
-    marker = tmp_path / "pwned"
-    evil = tmp_path / "evil.pt"
-    if how == "torch":
-        torch.save({"state_dict": _Evil(marker)}, evil)
-    else:
-        evil.write_bytes(pickle.dumps(_Evil(marker)))
-    assert not marker.exists()
-    src = make_image("in.png", 12, 10)
-    res = CliRunner().invoke(app, ["upscale", str(src), str(tmp_path / "out.png"), "--weights", str(evil),
-                                   "--scale", "2", "--threads", "1"])
-    assert res.exit_code == 2
-    line = _error_line(res, "evil.pt", "refused")
-    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
-    assert "run code" in line
-    assert not marker.exists()
-    assert not (tmp_path / "out.png").exists()
-
-
-@pytest.mark.parametrize("kind", ["safetensors", "pt"])
-def test_truncated_checkpoint(make_image: Callable[..., Path], weights_x2: Path, tmp_path: Path, kind: str) -> None:
-    if kind == "pt":
-        full = tmp_path / "full.pt"
-        from safetensors.torch import load_file
-
-        torch.save(load_file(str(weights_x2)), full)
-    else:
-        full = weights_x2
-    data = full.read_bytes()
-    cut = tmp_path / f"cut.{kind}"
-    cut.write_bytes(data[: len(data) // 2])
-    src = make_image("in.png", 12, 10)
-    res = CliRunner().invoke(app, ["upscale", str(src), str(tmp_path / "out.png"), "--weights", str(cut),
-                                   "--scale", "2", "--threads", "1"])
-    assert res.exit_code == 2
-    line = _error_line(res, str(cut))
-    assert "truncated" in line or "corrupt" in line
-
-
-def test_checkpoint_scale_mismatch(make_image: Callable[..., Path], weights_x2: Path, tmp_path: Path) -> None:
-    src = make_image("in.png", 12, 10)
-    res = CliRunner().invoke(app, ["upscale", str(src), str(tmp_path / "out.png"), "--weights", str(weights_x2),
-                                   "--scale", "4", "--threads", "1"])
-    assert res.exit_code == 2
-    line = _error_line(res, "x2")
-    assert "x4" in line
 
 
 # --------------------------------------------------------------------------- signals (installed script)
@@ -689,19 +508,6 @@ def test_animated_gif_uses_first_frame_with_warning(pattern: Callable[..., np.nd
     assert "frame" in res.stderr.lower()
 
 
-def test_tile_batch_size_does_not_change_output(load_x2: Callable[[str], object], pattern: Callable[..., np.ndarray]) -> None:
-    from cadyq_cli.engine import TilingConfig, upscale_array
-
-    model = load_x2("dynamic")
-    rgb = pattern(70, 50).astype(np.float32)
-    outs = [upscale_array(model, rgb, TilingConfig("paper", tile=24, overlap=4, batch=b)) for b in (1, 3, 16)]
-    for sr, rep in outs[1:]:
-        assert np.array_equal(sr, outs[0][0])
-        assert [r.bits for r in rep.regions] == [r.bits for r in outs[0][1].regions]
-    outs = [upscale_array(model, rgb, TilingConfig("seamless", tile=16, region=16, batch=b)) for b in (1, 4)]
-    assert np.array_equal(outs[0][0], outs[1][0])
-
-
 def test_kernels_option(cli: Callable[..., Result], make_image: Callable[..., Path], tmp_path: Path) -> None:
     from cadyq_cli.quant.intconv import int8_available
 
@@ -721,13 +527,26 @@ def test_kernels_option(cli: Callable[..., Result], make_image: Callable[..., Pa
     assert not (tmp_path / "x.png").exists()
 
 
+def test_fp_layers_option(cli: Callable[..., Result], make_image: Callable[..., Path], tmp_path: Path) -> None:
+    src = make_image("f.png", 40, 30)
+    res = cli("upscale", src, tmp_path / "b.png", "--fp-layers", "bf16", "--json", "-", "--quiet")
+    _ok(res)
+    assert json.loads(res.stdout)["fp_layers"] == "bf16"
+    assert np.asarray(Image.open(tmp_path / "b.png")).shape == (60, 80, 3)
+    res = cli("upscale", src, tmp_path / "x.png", "--fp-layers", "fp16")
+    assert res.exit_code == 2
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_train_stopped_by_a_signal_exits_128_plus_signal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stage stopped by SIGTERM has saved its checkpoint, but a script must not go on to the
     next stage as if it had finished: the command exits 143, with one line saying so."""
     import cadyq_cli.train.loop as loop
+    from cadyq_cli.train.signals import TrainingStopped
 
     def stopped(cfg: object, log: object = None) -> Path:
-        raise loop.TrainingStopped(signal.SIGTERM, tmp_path / "last.pt")
+        raise TrainingStopped(signal.SIGTERM, tmp_path / "last.pt")
 
     monkeypatch.setattr(loop, "train_stage", stopped)
     res = CliRunner().invoke(app, ["train", "fp", "--data", str(tmp_path), "--run", str(tmp_path / "r"), "--bf16", "off"])

@@ -1,6 +1,7 @@
 """Tests for cadyq_cli.io: reading/writing images, metadata, 16 bits, errors, atomicity."""
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import zlib
@@ -446,3 +447,101 @@ def test_uint8_samples_and_floats_write_the_same_file(tmp_path: Path) -> None:
     assert (tmp_path / "f.png").read_bytes() == (tmp_path / "u.png").read_bytes()
     write_image(tmp_path / "u16.png", expect, bit_depth=16)  # uint8 samples widened, not passed through
     assert np.array_equal(read_image(tmp_path / "u16.png").rgb, expect.astype(np.float32))
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_16bit_png_is_valid_with_metadata_chunks_before_the_pixels(tmp_path: Path, channels: int) -> None:
+    """OpenCV encodes the pixels, iCCP and eXIf are spliced in after IHDR: every chunk's CRC holds,
+    IHDR says 16 bits of the right colour type, and the pixels decode unchanged."""
+    from cadyq_cli.io import encode_image
+
+    vals = RNG.integers(0, 65536, (7, 9, channels), dtype=np.uint16)
+    colour, alpha = (vals, None) if channels in (1, 3) else (vals[..., :-1], vals[..., -1] / 65535.0)
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB" if channels >= 3 else "LAB")).tobytes()
+    data, _ = encode_image("x.png", colour.astype(np.float32) / 257.0, alpha=alpha, gray=channels <= 2, bit_depth=16,
+                           icc_profile=icc if channels >= 3 else None, exif=_exif(1))
+    pos, kinds = 8, []
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body, crc = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n], data[pos + 8 + n:pos + 12 + n]
+        assert struct.unpack(">I", crc)[0] == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
+        kinds.append(kind)
+        if kind == b"IHDR":
+            w, h, depth, ctype = struct.unpack(">IIBB", body[:10])
+            assert (w, h, depth, ctype) == (9, 7, 16, {1: 0, 2: 4, 3: 2, 4: 6}[channels])
+        pos += 12 + n
+    expect = [b"IHDR"] + ([b"iCCP"] if channels >= 3 else []) + [b"eXIf"]
+    assert kinds[:len(expect)] == expect and kinds[-1] == b"IEND" and b"IDAT" in kinds
+    p = tmp_path / "x.png"
+    p.write_bytes(data)
+    img = read_image(p)
+    assert img.bit_depth == 16
+    got = np.rint(img.rgb * 257).astype(np.uint16)
+    assert np.array_equal(got[..., :1] if channels <= 2 else got, vals[..., :1] if channels <= 2 else vals[..., :3])
+    if alpha is not None:
+        assert np.array_equal(np.rint(img.alpha * 65535).astype(np.uint16), vals[..., -1])
+
+
+# --------------------------------------------------------------------------- decoder diagnostics (found by tests/test_fuzz.py)
+
+
+def _tiff_tag(data: bytearray, tag: int, value: int) -> bytearray:
+    """Set the value/offset field of ``tag`` in the first IFD of a little-endian TIFF."""
+    (ifd,) = struct.unpack("<I", data[4:8])
+    (n,) = struct.unpack("<H", data[ifd:ifd + 2])
+    for k in range(n):
+        e = ifd + 2 + 12 * k
+        if struct.unpack("<H", data[e:e + 2])[0] == tag:
+            data[e + 8:e + 12] = struct.pack("<I", value)
+            return data
+    raise KeyError(tag)
+
+
+def test_corrupt_exif_is_a_one_line_warning_not_a_python_warning(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    exif = Image.Exif()
+    exif[0x010E] = "a description long enough to live outside the IFD"
+    raw = bytearray(exif.tobytes())
+    start = 6 if raw[:4] == b"Exif" else 0
+    order = "<" if raw[start:start + 2] == b"II" else ">"
+    (count,) = struct.unpack(order + "H", raw[start + 8:start + 10])
+    raw[start + 8:start + 10] = struct.pack(order + "H", count + 5)  # more IFD entries than the block holds
+    path = tmp_path / "exif.jpg"
+    Image.fromarray(_smooth_rgb(12, 16)).save(path, exif=bytes(raw))
+    img = read_image(path)
+    assert img.width == 16
+    notes = [w for w in img.warnings if w.startswith("decoder: ")]
+    assert notes and "Corrupt EXIF" in notes[0] and all("\n" not in w for w in img.warnings)
+    assert not [w for w in recwarn if "PIL" in w.filename]
+
+
+def test_libtiff_messages_go_into_the_error_not_onto_stderr(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "lzw.tif"
+    Image.fromarray(_smooth_rgb(12, 16)).save(path, compression="tiff_lzw")
+    path.write_bytes(_tiff_tag(bytearray(path.read_bytes()), 279, 5000))  # StripByteCounts beyond the file
+    capfd.readouterr()
+    with pytest.raises(ImageReadError) as exc:
+        read_image(path)
+    msg = str(exc.value)
+    assert "libtiff: TIFFFillStrip" in msg and "\n" not in msg
+    assert "TIFF" not in capfd.readouterr().err
+
+
+def test_temp_files_finds_only_our_leftovers(tmp_path: Path) -> None:
+    target = tmp_path / "out.png"
+    ours = [tmp_path / ".out.png.0123abcd.tmp", tmp_path / ".out.png.ffffffff.tmp"]
+    others = [tmp_path / ".out.png.tmp", tmp_path / ".out.png.0123ABCD.tmp", tmp_path / ".other.png.0123abcd.tmp",
+              tmp_path / "out.png.0123abcd.tmp", tmp_path / ".out.png.0123abcde.tmp"]
+    for p in ours + others:
+        p.write_bytes(b"x")
+    assert sorted(cio.temp_files([target, tmp_path / "missing" / "x.png"])) == sorted(ours)
+
+
+def test_pillow_log_errors_stay_out_of_stderr(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "spp.tif"
+    Image.fromarray(_smooth_rgb(12, 16)).save(path)
+    path.write_bytes(_tiff_tag(bytearray(path.read_bytes()), 277, 65407))  # SamplesPerPixel: Pillow logs an error
+    with caplog.at_level(logging.DEBUG), pytest.raises(ImageReadError) as exc:
+        read_image(path)
+    _assert_one_line(exc.value, path)
+    assert not [r for r in caplog.records if r.name.startswith("PIL") and r.levelno >= logging.WARNING]
+    assert logging.getLogger("PIL").propagate  # restored after the read

@@ -1,6 +1,8 @@
 """What every backbone shares: input convention, gradient feature, mean shift, forward contract."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Callable, ClassVar
 
 import torch
@@ -9,14 +11,19 @@ from torch import nn
 
 from ..errors import UnsupportedScaleError
 from ..quant.modes import MODES, QuantMode
-from ..quant.modules import BitSelector, QuantContext, RegionGrid, region_mean
+from ..quant.modules import BitSelector, QuantContext
+from ..quant.regions import RegionGrid, region_mean
 
-__all__ = ["SRModel", "MeanShift", "PixelShuffle", "grad_feature", "DIV2K_RGB_MEAN", "ACT_GRIDS"]
+__all__ = ["SRModel", "MeanShift", "PixelShuffle", "grad_feature", "DIV2K_RGB_MEAN", "ACT_GRIDS", "FP_LAYERS"]
 
 #: Activation grids: ``signed`` (official: every quantizer on a signed symmetric grid) or
 #: ``relu-unsigned`` (selectors whose input is a ReLU output use the unsigned grid, so a b-bit code
 #: spends all 2**b levels on the values that occur; costs are unchanged).
 ACT_GRIDS = ("signed", "relu-unsigned")
+
+#: Precisions of the full-precision upsampling tail at inference: ``fp32`` (default, the reference)
+#: or ``bf16`` (opt-in, for CPUs with native bf16: the tail's convs run under bf16 autocast).
+FP_LAYERS = ("fp32", "bf16")
 
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
@@ -81,6 +88,16 @@ class MeanShift(nn.Conv2d):
             p.requires_grad_(False)
 
 
+def _bf16(tail: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``tail`` run under bf16 autocast, returning float32."""
+
+    def run(t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(t.device.type, dtype=torch.bfloat16):
+            return tail(t).float()
+
+    return run
+
+
 class SRModel(nn.Module):
     """Base of the four backbones.
 
@@ -89,6 +106,10 @@ class SRModel(nn.Module):
     sr (N, 3, sH, sW) on the 0..255 scale, not clamped; bits (N, n_selectors) float, the bits
     each selector chose in forward order, or (N, n_selectors, nh, nw) when a region grid is
     given. In ``fp32`` mode bits has zero columns.
+
+    After each forward, :attr:`last_context` holds its :class:`~cadyq_cli.quant.modules.QuantContext`
+    (the last chunk's when an inference batch ran in chunks); :meth:`soft_bits` reads the
+    expected bits a training forward's selectors chose (the bit loss).
     """
 
     arch: ClassVar[str] = ""
@@ -109,6 +130,59 @@ class SRModel(nn.Module):
         self.mode: QuantMode = MODES["dynamic"]
         self.act_grid = "signed"
         self.skip = "official"
+        self.fp_layers = "fp32"
+        self.bit_bias = 0.0
+        self._bits_only = False
+        self.last_context: QuantContext | None = None
+
+    def soft_bits(self) -> torch.Tensor:
+        """Expected bits per sample and selector of the last training forward, (N, n_selectors),
+        differentiable (the selectors' soft choice); empty columns when no selector ran soft."""
+        ctx = self.last_context
+        if ctx is None:
+            raise RuntimeError("soft_bits() needs a forward first")
+        if not ctx.soft_bits:
+            return ctx.grad.new_zeros((ctx.grad.shape[0], 0))
+        return torch.stack(ctx.soft_bits, dim=1)
+
+    def set_bit_bias(self, bias: float) -> None:
+        """The compute dial: ``bias`` is added to every selector's 4-bit logit and subtracted from
+        its 8-bit logit at inference, so ``bias > 0`` picks fewer bits and ``bias < 0`` more;
+        0 is the model as trained (bit for bit). Training ignores it."""
+        bias = float(bias)
+        if bias != bias or abs(bias) == float("inf"):
+            raise ValueError(f"the bit bias must be a finite number, not {bias}")
+        for sel in self.selectors:
+            sel.bit_bias = bias
+        self.bit_bias = bias
+
+    @contextmanager
+    def bits_only(self) -> Iterator[None]:
+        """Inside, an inference forward chooses every selector's bits but skips the upsampling tail
+        (its ``sr`` is a placeholder): the cheap probe behind a FAB target."""
+        old, self._bits_only = self._bits_only, True
+        try:
+            yield
+        finally:
+            self._bits_only = old
+
+    def set_fp_layers(self, precision: str) -> None:
+        """Precision of the upsampling tail at inference (one of :data:`FP_LAYERS`).
+
+        ``bf16`` runs the tail (upsampler and last conv, the bulk of the full-precision work)
+        under CPU bf16 autocast and returns float32; bits and every quantized layer are
+        unchanged. Training always runs the tail as configured by the training loop.
+        """
+        if precision not in FP_LAYERS:
+            raise ValueError(f"unknown full-precision layer type {precision!r}; choose one of {', '.join(FP_LAYERS)}")
+        self.fp_layers = precision
+
+    def fp_precision(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``fn`` (a full-precision tail) as it runs here: under bf16 autocast with ``fp_layers == "bf16"``
+        at inference, else unchanged."""
+        if self._bits_only and not self.training:
+            return lambda t: t.new_zeros((t.shape[0], 3, 1, 1))
+        return _bf16(fn) if self.fp_layers == "bf16" and not self.training else fn
 
     def set_skip(self, skip: str) -> None:
         """Residual-skip semantics: ``official``, or ``fp`` (EDSR: the block skip adds the
@@ -158,6 +232,9 @@ class SRModel(nn.Module):
         two alive at a time) stay under :attr:`tail_budget_bytes`. Each output pixel is
         computed from the same inputs as without strips.
         """
+        tail = self.fp_precision(tail)
+        if self._bits_only and not self.training:
+            return tail(feat)
         n, _, h, w = feat.shape
         per_row = 8 * channels * self.scale * self.scale * n * w
         rows = max(8, self.tail_budget_bytes // max(per_row, 1))
@@ -226,5 +303,5 @@ class SRModel(nn.Module):
         bits = torch.stack(ctx.bits, dim=1) if ctx.bits else x.new_zeros((n, 0, nh, nw))
         if grid is None:
             bits = bits.reshape(n, -1)
-        self._last_soft_bits = ctx.soft_bits
+        self.last_context = ctx
         return sr, bits

@@ -131,7 +131,7 @@ class IDN(SRModel):
         r = self.fblock(x)
         for blk in self.dblocks:
             r = blk(r, ctx)
-        return bic + self.deconv(r, output_size=list(size))
+        return bic + self.fp_precision(lambda t: self.deconv(t, output_size=list(size)))(r)
 
 
 def is_pams_state_dict(sd: dict[str, torch.Tensor]) -> bool:

@@ -1,0 +1,133 @@
+"""The batch layer: run planned jobs one by one, yield what happened to each, stop cleanly on signals.
+
+Both ``cadyq upscale`` and ``cadyq bitmap`` (and library users) go through :func:`run_jobs`: it
+skips existing outputs when asked, turns a failing image into a ``failed`` :class:`Outcome` and
+goes on, and leaves the rest (printing, JSON lines, exit codes) to the caller. :func:`stop_on_signals`
+turns SIGINT/SIGTERM into :class:`Interrupted`, so that whatever runs finishes its cleanup (temporary
+files, open sinks) and the caller can report and exit with ``128 + signal``.
+"""
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING
+
+from .errors import CadyqError
+from .paths import Job
+
+if TYPE_CHECKING:
+    from .tiling import TilingConfig
+    from .models._base import SRModel
+    from .report import ImageReport
+
+__all__ = ["Outcome", "Interrupted", "stop_on_signals", "run_job", "run_jobs", "upscale_work", "upscale_jobs", "bitmap_jobs"]
+
+#: ``work(job, tile_progress)`` -> (report, warnings): what is done to one job.
+Work = Callable[[Job, "Callable[[int, int], None] | None"], "tuple[ImageReport, list[str]]"]
+
+
+@dataclass
+class Outcome:
+    """What became of one job: skipped, done (``report`` and ``warnings``), or failed (``error``, one line).
+
+    Both engines (this process, :func:`run_jobs`; a Ray cluster, :mod:`cadyq_cli.batch_ray`) yield
+    these, so the CLI reports, writes JSON lines and lists failures the same way for either.
+    """
+
+    job: Job
+    report: ImageReport | None = None
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+    skipped: bool = False
+
+    @property
+    def status(self) -> str:
+        """``done``, ``skipped`` or ``failed``."""
+        return "skipped" if self.skipped else "failed" if self.error is not None else "done"
+
+
+class Interrupted(BaseException):  # not Exception: library code that catches Exception must not swallow it
+    """A signal stopped the batch; ``code`` is the exit status it calls for (130 SIGINT, 143 SIGTERM)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    raise Interrupted(128 + signum)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Inside, SIGINT and SIGTERM raise :class:`Interrupted`; the previous handlers come back after."""
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def run_job(job: Job, work: Work, *, skip_existing: bool = False,
+            tile_progress: Callable[[int, int], None] | None = None, raise_errors: bool = False) -> Outcome:
+    """Do ``work`` to one job: an existing output is skipped with ``skip_existing``; a
+    :class:`~cadyq_cli.errors.CadyqError` becomes ``Outcome.error`` (``raise_errors`` re-raises it, for debugging)."""
+    if skip_existing and job.stdout_ext is None and job.dst.exists():
+        return Outcome(job, skipped=True)
+    try:
+        report, warnings = work(job, tile_progress)
+    except CadyqError as e:
+        if raise_errors:
+            raise
+        return Outcome(job, error=str(e))
+    return Outcome(job, report, warnings)
+
+
+def run_jobs(jobs: Iterable[Job], work: Work, *, skip_existing: bool = False,
+             on_start: Callable[[Job], None] | None = None,
+             tile_progress: Callable[[int, int], None] | None = None,
+             raise_errors: bool = False) -> Iterator[Outcome]:
+    """The local engine: :func:`run_job` on each job in turn, in this process; yields the outcomes in order."""
+    for job in jobs:
+        if on_start is not None and not (skip_existing and job.stdout_ext is None and job.dst.exists()):
+            on_start(job)
+        yield run_job(job, work, skip_existing=skip_existing, tile_progress=tile_progress, raise_errors=raise_errors)
+
+
+def _upscale(model: SRModel, cfg: TilingConfig, overwrite: bool, max_pixels: int | None, target_fab: float | None,
+             job: Job, tile_progress: Callable[[int, int], None] | None) -> tuple[ImageReport, list[str]]:
+    from .pipeline import upscale_file
+
+    return upscale_file(model, job, cfg, overwrite, max_pixels, tile_progress, target_fab)
+
+
+def upscale_work(model: SRModel, cfg: TilingConfig, overwrite: bool = False, max_pixels: int | None = None,
+                 target_fab: float | None = None) -> Work:
+    """The work of an upscale job (:func:`~cadyq_cli.pipeline.upscale_file` with these settings)."""
+    return partial(_upscale, model, cfg, overwrite, max_pixels, target_fab)
+
+
+def upscale_jobs(model: SRModel, jobs: Iterable[Job], cfg: TilingConfig, *, overwrite: bool = False,
+                 skip_existing: bool = False, max_pixels: int | None = None, target_fab: float | None = None,
+                 **kw: object) -> Iterator[Outcome]:
+    """:func:`run_jobs` upscaling each job."""
+    return run_jobs(jobs, upscale_work(model, cfg, overwrite, max_pixels, target_fab), skip_existing=skip_existing,
+                    **kw)  # type: ignore[arg-type]
+
+
+def _bitmap(model: SRModel, cfg: TilingConfig, layer: int | None, overwrite: bool, max_pixels: int | None,
+            job: Job, tile_progress: Callable[[int, int], None] | None) -> tuple[ImageReport, list[str]]:
+    from .pipeline import bitmap_file
+
+    return bitmap_file(model, job, cfg, layer, overwrite, max_pixels, tile_progress)
+
+
+def bitmap_jobs(model: SRModel, jobs: Iterable[Job], cfg: TilingConfig, *, layer: int | None = None,
+                overwrite: bool = False, max_pixels: int | None = None, **kw: object) -> Iterator[Outcome]:
+    """:func:`run_jobs` drawing each job's bit-allocation heatmap (:func:`~cadyq_cli.pipeline.bitmap_file`)."""
+    work = partial(_bitmap, model, cfg, layer, overwrite, max_pixels)
+    return run_jobs(jobs, work, **kw)  # type: ignore[arg-type]

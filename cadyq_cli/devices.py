@@ -1,0 +1,49 @@
+"""``--device`` strings: parsed and checked before any model is loaded.
+
+Accepted: ``cpu`` and ``cuda`` / ``cuda:N`` (any letter case). Anything else, or a CUDA device
+this machine does not have, is a :class:`DeviceError` whose one-line message names the valid
+spellings and what is available here.
+"""
+from __future__ import annotations
+
+import re
+
+from .errors import CadyqError
+
+__all__ = ["DeviceError", "available_devices", "parse_device"]
+
+_CUDA = re.compile(r"cuda(?::(\d+))?")
+
+
+class DeviceError(CadyqError, ValueError):
+    """A ``--device`` string names no device this machine has (a usage error)."""
+
+
+def _cuda_count() -> int:
+    import torch  # local: listing models must not import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def available_devices() -> list[str]:
+    """Devices usable here: ``cpu``, then ``cuda:0`` .. ``cuda:N-1``."""
+    return ["cpu", *(f"cuda:{i}" for i in range(_cuda_count()))]
+
+
+def parse_device(text: str) -> str:
+    """Normalize a device string (``CPU`` -> ``cpu``, ``cuda`` -> ``cuda:0``) and check it exists.
+
+    Raises:
+        DeviceError: unknown spelling, or a CUDA device that is not available here.
+    """
+    name = text.strip().lower()
+    if name == "cpu":
+        return "cpu"
+    here = f"available here: {', '.join(available_devices())}"
+    m = _CUDA.fullmatch(name)
+    if m is None:
+        raise DeviceError(f"--device {text}: unknown device; use cpu, cuda or cuda:N ({here})")
+    index = int(m.group(1) or 0)
+    if index >= _cuda_count():
+        raise DeviceError(f"--device {text}: no such CUDA device ({here})")
+    return f"cuda:{index}"

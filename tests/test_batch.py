@@ -1,0 +1,68 @@
+"""The batch layer under the CLI: outcomes per job, skipping, failures that do not stop the batch, signals."""
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from cadyq_cli.batch import Interrupted, Outcome, bitmap_jobs, run_jobs, stop_on_signals, upscale_jobs
+from cadyq_cli.engine import TilingConfig
+from cadyq_cli.errors import ImageReadError
+from cadyq_cli.paths import Job, plan_jobs
+
+
+def test_upscale_jobs_yields_every_outcome(load_x2: Callable[[str], object], make_image: Callable[..., Path],
+                                           tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        make_image(name, 20, 16, folder=src)
+    (src / "bad.png").write_bytes(b"not a png")
+    jobs = plan_jobs(src, tmp_path / "out", scale=2)
+    (tmp_path / "out").mkdir()
+    jobs[1].dst.write_bytes(b"x")  # b's output exists already
+    model = load_x2("dynamic")
+    outs = list(upscale_jobs(model, jobs, TilingConfig(region=16), skip_existing=True))
+    assert [o.job.src.name for o in outs] == ["a.png", "b.png", "bad.png", "c.png"]
+    assert [o.status for o in outs] == ["done", "skipped", "failed", "done"]
+    assert outs[0].report is not None and outs[0].report.scale == 2 and outs[0].job.dst.exists()
+    assert "bad.png" in (outs[2].error or "") and not outs[2].job.dst.exists()
+    assert jobs[1].dst.read_bytes() == b"x"  # skipped: untouched
+
+
+def test_bitmap_jobs_draws_the_heatmap(load_x2: Callable[[str], object], make_image: Callable[..., Path],
+                                       tmp_path: Path) -> None:
+    src = make_image("m.png", 40, 30)
+    (out,) = bitmap_jobs(load_x2("dynamic"), [Job(src, tmp_path / "map.png")], TilingConfig(region=16), layer=2)
+    assert out.status == "done" and out.report.n_selectors == 32 and (tmp_path / "map.png").stat().st_size > 0
+
+
+def test_run_jobs_raise_errors_and_progress(tmp_path: Path) -> None:
+    jobs = [Job(tmp_path / f"{i}.png", tmp_path / f"{i}_x2.png") for i in range(3)]
+    started: list[str] = []
+
+    def work(job: Job, tile_progress: object) -> tuple[object, list[str]]:
+        if job.src.name == "1.png":
+            raise ImageReadError(f"{job.src}: broken")
+        return object(), ["w"]
+
+    outs = list(run_jobs(jobs, work, on_start=lambda j: started.append(j.src.name)))
+    assert [o.status for o in outs] == ["done", "failed", "done"] and outs[0].warnings == ["w"]
+    assert started == ["0.png", "1.png", "2.png"] and isinstance(outs[1], Outcome)
+    with pytest.raises(ImageReadError):
+        list(run_jobs(jobs, work, raise_errors=True))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signals_become_interrupted_and_handlers_come_back(sig: signal.Signals, code: int) -> None:
+    before = signal.getsignal(sig)
+    with pytest.raises(Interrupted) as info:
+        with stop_on_signals():
+            os.kill(os.getpid(), sig)
+            signal.sigtimedwait([], 0.1) if hasattr(signal, "sigtimedwait") else None
+    assert info.value.code == code
+    assert signal.getsignal(sig) is before
