@@ -66,8 +66,9 @@ def main() -> None:
     import torch
 
     from cadyq_cli.batch_ray import RayOptions, run_ray
-    from cadyq_cli.engine import TilingConfig
-    from cadyq_cli.pipeline import plan_jobs, run_local
+    from cadyq_cli.batch import upscale_jobs
+    from cadyq_cli.paths import plan_jobs
+    from cadyq_cli.tiling import TilingConfig
     from cadyq_cli.weights import load_model
 
     w, h = (int(v) for v in a.size.split("x"))
@@ -87,7 +88,7 @@ def main() -> None:
             return plan_jobs(src, out)
 
         def local() -> tuple[float, float, int]:
-            return _timed(run_local(net, jobs("local"), cfg))
+            return _timed(upscale_jobs(net, jobs("local"), cfg))
 
         def on_ray(workers: int) -> tuple[float, float, int]:
             opts = RayOptions(load={"scale": a.scale}, cfg=cfg, workers=workers, threads=1)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from .models._base import SRModel
     from .report import ImageReport
 
-__all__ = ["Outcome", "Interrupted", "stop_on_signals", "run_job", "run_jobs", "upscale_work", "upscale_jobs", "bitmap_jobs"]
+__all__ = ["Outcome", "Interrupted", "stop_on_signals", "skips", "run_job", "run_jobs", "upscale_work", "upscale_jobs", "bitmap_jobs"]
 
 #: ``work(job, tile_progress)`` -> (report, warnings): what is done to one job.
 Work = Callable[[Job, "Callable[[int, int], None] | None"], "tuple[ImageReport, list[str]]"]
@@ -72,11 +72,18 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(s, h)
 
 
+def skips(job: Job, skip_existing: bool) -> bool:
+    """True when ``skip_existing`` leaves this job alone (its output file exists)."""
+    return skip_existing and job.stdout_ext is None and job.dst.exists()
+
+
 def run_job(job: Job, work: Work, *, skip_existing: bool = False,
             tile_progress: Callable[[int, int], None] | None = None, raise_errors: bool = False) -> Outcome:
     """Do ``work`` to one job: an existing output is skipped with ``skip_existing``; a
-    :class:`~cadyq_cli.errors.CadyqError` becomes ``Outcome.error`` (``raise_errors`` re-raises it, for debugging)."""
-    if skip_existing and job.stdout_ext is None and job.dst.exists():
+    :class:`~cadyq_cli.errors.CadyqError` becomes ``Outcome.error``, and so does any other exception
+    (as a one-line internal error: a bug on one image must not sink the batch); ``raise_errors``
+    re-raises instead, for debugging."""
+    if skips(job, skip_existing):
         return Outcome(job, skipped=True)
     try:
         report, warnings = work(job, tile_progress)
@@ -84,6 +91,10 @@ def run_job(job: Job, work: Work, *, skip_existing: bool = False,
         if raise_errors:
             raise
         return Outcome(job, error=str(e))
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        if raise_errors:
+            raise
+        return Outcome(job, error=f"{job.src}: internal error ({type(e).__name__}: {' '.join(str(e).split())})")
     return Outcome(job, report, warnings)
 
 
@@ -93,7 +104,7 @@ def run_jobs(jobs: Iterable[Job], work: Work, *, skip_existing: bool = False,
              raise_errors: bool = False) -> Iterator[Outcome]:
     """The local engine: :func:`run_job` on each job in turn, in this process; yields the outcomes in order."""
     for job in jobs:
-        if on_start is not None and not (skip_existing and job.stdout_ext is None and job.dst.exists()):
+        if on_start is not None and not skips(job, skip_existing):
             on_start(job)
         yield run_job(job, work, skip_existing=skip_existing, tile_progress=tile_progress, raise_errors=raise_errors)
 

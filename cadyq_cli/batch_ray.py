@@ -34,7 +34,7 @@ import numpy as np
 from .tiling import TilingConfig
 from .errors import CadyqError
 from .io import DEFAULT_MAX_PIXELS, temp_files
-from .batch import Outcome, run_job, upscale_work
+from .batch import Outcome, run_job, skips, upscale_work
 from .paths import Job
 
 __all__ = ["RayOptions", "run_ray", "INSTALL_HINT"]
@@ -69,6 +69,11 @@ class RayOptions:
     overwrite: bool = False
     skip_existing: bool = False
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+
+
+def require_ray() -> None:
+    """Raise CadyqError (one line: how to install it) unless Ray Data can be imported."""
+    _import_ray()
 
 
 def _import_ray() -> Any:  # noqa: ANN401
@@ -107,12 +112,8 @@ class _Upscaler:
             if self.net is None:
                 outs.append(pickle.dumps(Outcome(job, error=f"{job.src}: {self.broken}")))
                 continue
-            try:
-                work = upscale_work(self.net, self.cfg, bool(overwrite), self.max_pixels, self.target_fab)
-                out = run_job(job, work, skip_existing=bool(skip))
-            except Exception as e:  # noqa: BLE001 - a bug on one image must not sink the whole dataset
-                out = Outcome(job, error=f"{job.src}: internal error ({type(e).__name__}: {' '.join(str(e).split())})")
-            outs.append(pickle.dumps(out))
+            work = upscale_work(self.net, self.cfg, bool(overwrite), self.max_pixels, self.target_fab)
+            outs.append(pickle.dumps(run_job(job, work, skip_existing=bool(skip))))
         return {"index": batch["index"], "outcome": np.array(outs, dtype=object)}
 
 
@@ -243,7 +244,7 @@ def run_ray(jobs: Sequence[Job], opts: RayOptions) -> Iterator[Outcome]:
     jobs = list(jobs)
     if any(getattr(job, "stdin", False) or getattr(job, "stdout_ext", None) for job in jobs):
         raise CadyqError("--engine ray reads and writes files that every worker sees; for - (stdin/stdout) use --engine local")
-    skipped = {i for i, job in enumerate(jobs) if opts.skip_existing and job.dst.exists()}
+    skipped = {i for i, job in enumerate(jobs) if skips(job, opts.skip_existing)}
     # An output absent now and unique in the batch can only exist later because a worker wrote
     # it: a retried job (its worker killed after the rename) may then replace it, same bytes.
     rows, seen = [], set()

@@ -132,13 +132,14 @@ MaxPxOpt = Annotated[int, typer.Option("--max-pixels", help="refuse inputs large
 
 
 def _load(model: str | None, weights: Path | None, arch: str | None, scale: int, mode: str, device: str, threads: int,  # noqa: ANN202
-          kernels: str = "auto", fp_layers: str = "fp32", bit_bias: float = 0.0, openvino: bool = False):
+          kernels: str = "auto", fp_layers: str = "fp32", bit_bias: float = 0.0, openvino: bool = False,
+          target_fab: float | None = None):
     if kernels == "openvino":  # the torch-free runtime (cadyq_cli.runtime)
         if not openvino:
             raise CadyqError("--kernels openvino is for `cadyq upscale` only")
-        if device.lower() != "cpu" or arch is not None or FpLayers(fp_layers) != FpLayers.fp32 or bit_bias:
+        if device.lower() != "cpu" or arch is not None or FpLayers(fp_layers) != FpLayers.fp32 or bit_bias or target_fab:
             raise CadyqError("--kernels openvino runs shipped EDSR-baseline models (or their .safetensors) on the CPU, "
-                             "without --fp-layers bf16 or --bit-bias")
+                             "without --fp-layers bf16, --bit-bias or --target-fab")
         from .runtime.engine import load_openvino_model
 
         return load_openvino_model(model, weights, scale, mode, threads)
@@ -185,7 +186,8 @@ def _print_report(rec: dict, fab_map: list[list[float]]) -> None:
     elif rec.get("bit_bias"):
         t.add_row("dial", f"bit bias {rec['bit_bias']:+.3g}")
     if rec["mode"] != "fp32":
-        t.add_row("kernels", "int8 (integer convolutions)" if rec["kernels"] == "int8" else "float (fake-quantized)")
+        t.add_row("kernels", {"int8": "int8 (integer convolutions)", "openvino": "openvino (int8 convolutions, no PyTorch)"}
+                  .get(rec["kernels"], "float (fake-quantized)"))
     if rec.get("fp_layers", "fp32") != "fp32":
         t.add_row("fp layers", f"{rec['fp_layers']} (upsampling tail)")
     t.add_row("bits", "  ".join(f"{b}-bit {100 * hist[b] / n:.0f}%" for b in ("4", "6", "8")))
@@ -270,15 +272,12 @@ def upscale(
             raise CadyqError(f"{input}: no images found" + ("" if recursive else " (use --recursive for sub-folders)"))
         if len(jobs) == 1 and not skip_existing and not Path(input).is_dir():
             check_output(jobs[0], overwrite)
-        net = _load(model, weights, arch, scale, mode.value, device, threads, kernels, fp_layers, bit_bias, openvino=True)
-        if engine is EngineKind.ray:  # the model loaded above checked the options; each worker loads its own
-            from .batch_ray import RayOptions, run_ray
+        if engine is EngineKind.ray:
+            from .batch_ray import RayOptions, require_ray, run_ray
 
-            outcomes = run_ray(jobs, RayOptions(
-                load=dict(model=model, weights=weights, arch=arch, scale=scale, mode=mode.value, device=device, kernels=kernels,
-                          fp_layers=fp_layers.value), bit_bias=bit_bias, target_fab=target_fab,
-                cfg=cfg, address=ray_address, workers=workers, threads=threads, overwrite=overwrite,
-                skip_existing=skip_existing, max_pixels=max_pixels or None))
+            require_ray()  # before anything is created: without Ray, one line and nothing written
+        net = _load(model, weights, arch, scale, mode.value, device, threads, kernels, fp_layers, bit_bias, openvino=True,
+                    target_fab=target_fab)
         if not jobs[0].stdin and Path(input).is_dir():
             out_dir = output_folder(input, output, scale)
             try:
@@ -290,7 +289,13 @@ def upscale(
             sink = (sys.stderr if to_stdout else sys.stdout) if json_out == "-" else (open(json_out, "a") if json_out else None)
         except OSError as e:
             raise CadyqError(f"--json {json_out}: cannot open ({(e.strerror or str(e)).lower()})") from None
-    except (CadyqError, ValueError) as e:
+        if engine is EngineKind.ray:  # the model loaded above checked the options; each worker loads its own
+            outcomes = run_ray(jobs, RayOptions(
+                load=dict(model=model, weights=weights, arch=arch, scale=scale, mode=mode.value, device=device, kernels=kernels,
+                          fp_layers=fp_layers.value), bit_bias=bit_bias, target_fab=target_fab,
+                cfg=cfg, address=ray_address, workers=workers, threads=threads, overwrite=overwrite,
+                skip_existing=skip_existing, max_pixels=max_pixels or None))
+    except (CadyqError, ValueError, OSError) as e:
         if debug:
             raise
         raise _fail_on(e) from None
@@ -354,7 +359,7 @@ def upscale(
         if code:
             summary += " — interrupted"
         err.print(summary)
-    for src, msg in failures:  # failures are listed even with --quiet
+    for _, msg in failures:  # failures are listed even with --quiet
         err.print(f"  [red]✗[/red] {escape(msg)}", soft_wrap=True)
     if code:
         raise typer.Exit(code)
@@ -393,7 +398,7 @@ def bitmap(
         with stop_on_signals():
             out = next(bitmap_jobs(net, [job], cfg, layer=layer, overwrite=overwrite, max_pixels=max_pixels or None,
                                    raise_errors=True))
-    except (CadyqError, ValueError) as e:
+    except (CadyqError, ValueError, OSError) as e:
         if debug:
             raise
         raise _fail_on(e) from None
@@ -452,7 +457,7 @@ def eval_cmd(
     quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Benchmark protocol: PSNR/SSIM on Y (MATLAB bicubic LR, shave = scale), FAB and BitOPs per dataset."""
-    from .curve import DEFAULT_BIASES, curve_modes, curve_rows, plot_curve, write_curve_csv
+    from .curve import DEFAULT_BIASES, curve_modes, curve_rows, plot_curve, require_matplotlib, write_curve_csv
     from .evaluate import evaluate, results_to_json, write_csv
 
     mode_list = [m.strip() for m in (modes or "fp32,w8a8,dynamic").split(",") if m.strip()]
@@ -469,6 +474,8 @@ def eval_cmd(
                         console=err, transient=True, redirect_stdout=False, redirect_stderr=False,
                         disable=quiet or not err.is_terminal)  # off a terminal rich would leave a blank line
     try:
+        if curve is not None:
+            require_matplotlib()  # before a long evaluation, not after it
         net = None if bicubic_only else _load(model, weights, arch, scale, "fp32", device, threads, kernels, fp_layers, bit_bias)
         with progress:
             task = progress.add_task("eval", total=None)

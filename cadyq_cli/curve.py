@@ -13,7 +13,7 @@ from pathlib import Path
 from .errors import CadyqError
 from .evaluate import EvalResult, split_mode
 
-__all__ = ["DEFAULT_BIASES", "curve_modes", "curve_rows", "write_curve_csv", "read_curve_csv", "plot_curve"]
+__all__ = ["DEFAULT_BIASES", "curve_modes", "curve_rows", "write_curve_csv", "read_curve_csv", "require_matplotlib", "plot_curve"]
 
 #: Bit biases of the dynamic points (logit units; > 0 fewer bits).
 DEFAULT_BIASES = (-16.0, -4.0, -1.0, 0.0, 1.0, 4.0, 16.0)
@@ -58,9 +58,8 @@ def read_curve_csv(path: str | Path) -> list[dict]:
                 for row in csv.DictReader(f)]
 
 
-def plot_curve(rows: list[dict], path: str | Path, title: str) -> None:
-    """PSNR vs FAB (left) and vs BitOPs (right), one colour per dataset; the dynamic points as a
-    line (labelled with their bias), fp32/w8a8/w8a4 as markers. Needs matplotlib."""
+def require_matplotlib() -> object:
+    """``matplotlib.pyplot`` on the Agg backend; CadyqError (how to install it) without matplotlib."""
     try:
         import matplotlib
 
@@ -68,6 +67,13 @@ def plot_curve(rows: list[dict], path: str | Path, title: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise CadyqError("--curve needs matplotlib: pip install 'cadyq[plot]'") from None
+    return plt
+
+
+def plot_curve(rows: list[dict], path: str | Path, title: str) -> None:
+    """PSNR vs FAB (left) and vs BitOPs (right), one colour per dataset; the dynamic points as a
+    line (labelled with their bias), fp32/w8a8/w8a4 as markers. Needs matplotlib."""
+    plt = require_matplotlib()
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     fig, axes = plt.subplots(len(datasets), 2, figsize=(10, 3.6 * len(datasets)), squeeze=False)
     fixed = {"w8a8": ("s", "tab:red"), "w8a4": ("v", "tab:green")}
@@ -94,6 +100,9 @@ def plot_curve(rows: list[dict], path: str | Path, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     tmp = Path(path).with_name(Path(path).name + ".tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)  # never a half-written figure
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)  # never a half-written figure
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)

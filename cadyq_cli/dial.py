@@ -56,9 +56,12 @@ def fit_bit_bias(model: SRModel, rgb: np.ndarray, cfg: TilingConfig, target: flo
         sign = 1.0 if f > target else -1.0  # the direction that brings FAB towards the target
         lo, hi, step = 0.0, None, 1.0
         while abs(f - target) > tol and hi is None and len(tried) < max_probes:
+            before = f
             f = probe(sign * step)
             if (f - target) * sign <= 0:
                 hi = sign * step
+            elif f == before and step >= 16:  # every selector already at the end of the dial: out of reach
+                break
             else:
                 lo, step = sign * step, step * 4
         while hi is not None and abs(f - target) > tol and len(tried) < max_probes:

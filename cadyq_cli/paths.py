@@ -129,7 +129,15 @@ def plan_jobs(
         files = [p for p in files if dst_res not in p.resolve().parents]
     except OSError:
         pass
-    return [Job(p, out_dir / _renamed(p.relative_to(src_path), suffix, dot_ext)) for p in files]
+    jobs, seen = [], {}
+    for p in files:  # an input format we cannot write (GIF) becomes PNG
+        rel = p.relative_to(src_path)
+        dst = out_dir / _renamed(rel, suffix, dot_ext or (None if rel.suffix.lower() in OUTPUT_FORMATS else ".png"))
+        if dst in seen:
+            raise CadyqError(f"{seen[dst]} and {p} would both be written to {dst}; use --suffix, or leave out --ext")
+        seen[dst] = p
+        jobs.append(Job(p, dst))
+    return jobs
 
 
 def output_folder(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None, scale: int = 4) -> Path:

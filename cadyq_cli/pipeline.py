@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import CadyqError, ImageWriteError
 from .io import DEFAULT_MAX_PIXELS, LoadedImage, encode_image, read_image, write_image
-from .paths import INPUT_EXTS, STDIO, Job, check_output, plan_jobs
+from .paths import STDIO, Job, check_output
 from .report import ImageReport, bit_heatmap
 from .tiling import TilingConfig
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # annotations only: the OpenVINO runtime runs without PyTorch
     from .models._base import SRModel
     from .runtime.engine import OVModel
 
-__all__ = ["Job", "plan_jobs", "upscale_file", "bitmap_file", "INPUT_EXTS"]
+__all__ = ["upscale_file", "bitmap_file"]
 
 
 def _read(job: Job, max_pixels: int | None) -> LoadedImage:

@@ -47,10 +47,13 @@ def test_run_jobs_raise_errors_and_progress(tmp_path: Path) -> None:
     def work(job: Job, tile_progress: object) -> tuple[object, list[str]]:
         if job.src.name == "1.png":
             raise ImageReadError(f"{job.src}: broken")
+        if job.src.name == "2.png":
+            raise RuntimeError("out of memory\nat line 2")  # a bug or a resource: fails its image only
         return object(), ["w"]
 
     outs = list(run_jobs(jobs, work, on_start=lambda j: started.append(j.src.name)))
-    assert [o.status for o in outs] == ["done", "failed", "done"] and outs[0].warnings == ["w"]
+    assert [o.status for o in outs] == ["done", "failed", "failed"] and outs[0].warnings == ["w"]
+    assert outs[2].error.endswith("2.png: internal error (RuntimeError: out of memory at line 2)")
     assert started == ["0.png", "1.png", "2.png"] and isinstance(outs[1], Outcome)
     with pytest.raises(ImageReadError):
         list(run_jobs(jobs, work, raise_errors=True))

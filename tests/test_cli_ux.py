@@ -306,3 +306,17 @@ def test_progress_shows_an_eta(cli: Callable[..., Result], make_image: Callable[
     res = cli("upscale", src, tmp_path / "q.png", "--quiet")
     _ok(res)
     assert res.stderr == ""
+
+
+def test_folder_gif_becomes_png_and_colliding_outputs_are_refused(tmp_path: Path) -> None:
+    from cadyq_cli.errors import CadyqError
+    from cadyq_cli.paths import plan_jobs
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.gif", "b.jpg", "b.png"):
+        (src / name).write_bytes(b"x")
+    jobs = plan_jobs(src, tmp_path / "out", scale=2)
+    assert sorted(j.dst.name for j in jobs) == ["a.png", "b.jpg", "b.png"]
+    with pytest.raises(CadyqError, match="would both be written"):
+        plan_jobs(src, tmp_path / "out", ext="png", scale=2)

@@ -40,7 +40,7 @@ _ZP = 128  # uint8 zero point: codes -127..127 are stored as 1..255
 @dataclass
 class QCodes:
     """Integer codes of a quantized activation, attached to its float tensor as ``_cadyq_codes``
-    for the integer kernels (:mod:`cadyq_cli.quant.kernels`).
+    for :func:`qconv2d`.
 
     Attributes:
         i8: the codes, channels-last (N, C, H, W): int8 on the signed grid (-127..127), uint8

@@ -9,6 +9,7 @@ instead of building and compiling the graph again.
 from __future__ import annotations
 
 import hashlib
+from contextlib import suppress
 import os
 import time
 from pathlib import Path
@@ -103,8 +104,9 @@ class OVModel:
                     cm.export_model(buf)
                     tmp.write_bytes(buf.getvalue())
                     os.replace(tmp, path)
-                except OSError:
-                    pass  # no cache: the next process compiles again
+                except Exception:  # noqa: BLE001 - export_model raises RuntimeError too: no cache, not a failure
+                    with suppress(OSError):  # no cache: the next process compiles again
+                        tmp.unlink()
         self._compiled[geo] = cm
         self.prepare_log[geo] = (time.perf_counter() - t0, how)
         return cm

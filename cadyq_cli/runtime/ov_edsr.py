@@ -174,10 +174,6 @@ class _Builder:
         """An NCHW tensor as a body tensor."""
         return self.nhwc(x) if self.cl else x
 
-    def chan(self, v: np.ndarray) -> object:
-        """A per-channel constant broadcast over a body tensor."""
-        return self.c(v.reshape((1, 1, 1, -1) if self.cl else (1, -1, 1, 1)))
-
     def region_mean(self, x: object, nhwc: bool = False) -> object:
         """Mean of x over each region, padding excluded: AvgPool over the lattice.
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from ..checkpoint import load_model_file, save_state_dict, save_weights
@@ -89,7 +90,7 @@ def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json
             entry[key] = value or old[key]
     manifest["models"] = [m for m in manifest["models"] if m["name"] != name] + [entry]
     manifest["models"].sort(key=lambda m: m["name"])
-    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    _write_manifest(manifest_path, manifest)
     return entry
 
 
@@ -115,7 +116,7 @@ def export_backbone(ckpt: Path, name: str, weights_dir: Path) -> dict:
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"models": []}
     manifest["backbones"] = sorted([b for b in manifest.get("backbones", []) if b["name"] != name] + [entry],
                                    key=lambda b: b["name"])
-    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    _write_manifest(manifest_path, manifest)
     return entry
 
 
@@ -141,3 +142,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    """Write the manifest atomically (temporary file, then rename): never a half-written manifest."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, path)

@@ -372,8 +372,9 @@ def run_recipe(recipe: Recipe, run_dir: Path, minutes: float = 60.0, data: list[
         run = run_dir / seg.run
         if seg.cont is not None and not (run / "last.pt").exists():
             run.mkdir(parents=True, exist_ok=True)
-            for f in ("last.pt", "log.jsonl"):
-                shutil.copyfile(run_dir / seg.cont / f, run / f)
+            shutil.copyfile(run_dir / seg.cont / "log.jsonl", run / "log.jsonl")  # the log first: last.pt marks it done
+            shutil.copyfile(run_dir / seg.cont / "last.pt", run / "last.pt.tmp")
+            os.replace(run / "last.pt.tmp", run / "last.pt")
         settings = dict(seg.settings)
         settings["bf16"] = use_bf16(settings.get("bf16", "auto"))
         cfg = TrainConfig(**settings, run_dir=str(run), data=folders, minutes=left / 60, threads=threads, device=device,
