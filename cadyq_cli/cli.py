@@ -512,6 +512,7 @@ def eval_cmd(
 
 @app.command()
 def train(
+    ctx: typer.Context,
     stage: Annotated[Optional[str], typer.Argument(help="fp, pams or cadyq (or --recipe)")] = None,
     data: Annotated[Optional[list[Path]], typer.Option("--data", help="HR image folder (repeatable; with --recipe: replaces the recipe's)")] = None,
     run_dir: Annotated[Optional[Path], typer.Option("--run", "--run-dir", help="run folder; resumes from its last.pt (--recipe: default runs/<name>)")] = None,
@@ -554,6 +555,11 @@ def train(
     except CadyqError as e:
         raise _fail(str(e)) from None
     if recipe is not None:
+        # the recipe says every stage's settings: a stage option given with it would be ignored
+        ignored = [f"--{n.replace('_', '-')}" for n in ctx.params
+                   if n not in _RECIPE_OPTIONS and getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"]
+        if ignored:
+            raise _fail(f"--recipe sets every stage's settings; leave out {', '.join(ignored)} (or edit the recipe)")
         return _train_recipe(recipe, stage, data, run_dir, minutes, bf16, threads, device)
     if stage is None or not data or run_dir is None:
         raise _fail("cadyq train needs a STAGE with --data and --run, or --recipe FILE")
@@ -582,6 +588,10 @@ def train(
         raise
     except CadyqError as e:  # e.g. an --init checkpoint that cannot be read
         raise _fail(str(e).splitlines()[0], 1) from None
+
+
+#: ``cadyq train`` options that go with ``--recipe`` (the recipe sets every other one).
+_RECIPE_OPTIONS = {"stage", "data", "run_dir", "recipe", "minutes", "bf16", "threads", "device"}
 
 
 def _train_recipe(spec: str, stage: Optional[str], data: Optional[list[Path]], run_dir: Optional[Path], minutes: float,

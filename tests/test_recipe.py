@@ -215,6 +215,9 @@ def test_recipe_cli_refuses_a_stage_beside_it_and_an_edited_recipe(root: Path, t
     assert r.exit_code == 2 and "not both" in r.output
     r = CliRunner().invoke(app, ["train"])
     assert r.exit_code == 2 and "--recipe" in r.output
+    r = CliRunner().invoke(app, ["train", "--recipe", str(path), "--steps", "5", "--init", "x.pt", "--threads", "1"])
+    assert r.exit_code == 2 and "leave out" in r.output and "--init" in r.output and "--steps" in r.output  # not ignored
+    assert not (tmp_path / "run").exists()
     edited = tmp_path / "tiny.toml"
     edited.write_text(path.read_text().replace("max_gap = 100.0", "max_gap = 99.0"))
     r = CliRunner().invoke(app, ["train", "--recipe", str(edited), "--run-dir", str(run_dir), "--threads", "1"])
