@@ -14,7 +14,7 @@ from .errors import CadyqError, CheckpointReadError, UnknownModelError
 if TYPE_CHECKING:  # the manifest helpers (``cadyq models``) must not import torch
     from .models._base import SRModel
 
-__all__ = ["WeightsCfg", "weights_dir", "list_weights", "list_backbones", "resolve_weights", "shipped_path", "load_model", "DEFAULT_MODEL"]
+__all__ = ["WeightsCfg", "weights_dir", "list_weights", "list_backbones", "resolve_weights", "shipped_path", "file_sha256", "load_model", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "edsr-baseline"
 
@@ -96,7 +96,8 @@ def resolve_weights(name: str, scale: int | None = None) -> WeightsCfg:
     raise UnknownModelError(f"no shipped model {what}{hint} (see `cadyq models`)")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 (hex) of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -112,7 +113,7 @@ def shipped_path(cfg: WeightsCfg) -> Path:
     """
     if not cfg.path.is_file():
         raise CheckpointReadError(f"shipped weights {cfg.file} are missing from {weights_dir()}")
-    if cfg.sha256 and _sha256(cfg.path) != cfg.sha256:
+    if cfg.sha256 and file_sha256(cfg.path) != cfg.sha256:
         raise CheckpointReadError(f"{cfg.path}: checksum does not match the manifest; reinstall cadyq")
     return cfg.path
 

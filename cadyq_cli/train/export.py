@@ -13,12 +13,12 @@ the measured benchmark metrics (from ``cadyq eval --json`` output).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 from pathlib import Path
 
 from ..checkpoint import load_model_file, save_state_dict, save_weights
+from ..weights import file_sha256
 from .state import load_state
 
 __all__ = ["export", "export_backbone"]
@@ -70,7 +70,7 @@ def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json
     weights_dir.mkdir(parents=True, exist_ok=True)
     out = weights_dir / f"{name}.safetensors"
     save_weights(model, out, {"name": name})
-    sha = hashlib.sha256(out.read_bytes()).hexdigest()
+    sha = file_sha256(out)
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     manifest_path = weights_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"models": []}
@@ -111,7 +111,7 @@ def export_backbone(ckpt: Path, name: str, weights_dir: Path) -> dict:
     save_state_dict(st["model"], out, {"name": name, "arch": cfg["arch"], "scale": str(cfg["scale"]), "stage": "fp",
                                        "source": f"{run} step {int(st['step'])}"})
     entry = {"name": name, "file": f"backbones/{out.name}", "arch": cfg["arch"], "scale": cfg["scale"],
-             "sha256": hashlib.sha256(out.read_bytes()).hexdigest(), **_stage_info(Path(ckpt).parent), "run": run}
+             "sha256": file_sha256(out), **_stage_info(Path(ckpt).parent), "run": run}
     manifest_path = weights_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"models": []}
     manifest["backbones"] = sorted([b for b in manifest.get("backbones", []) if b["name"] != name] + [entry],
