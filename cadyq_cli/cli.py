@@ -6,6 +6,7 @@ Stdout carries machine output only (``--json -``); messages, progress and tables
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from enum import Enum
@@ -124,16 +125,42 @@ ThreadsOpt = Annotated[int, typer.Option("--threads", help="CPU threads (0: torc
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress or report on stderr")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks")]
-KernelsOpt = Annotated[str, typer.Option("--kernels", help="quantized convs: auto (int8 where exact), int8, float (reference), "
-                                        "or openvino (upscale only: EDSR-baseline on OpenVINO, no PyTorch)")]
+KernelsOpt = Annotated[str, typer.Option("--kernels", help="quantized convs: auto (upscale: OpenVINO for shipped EDSR-baseline "
+                                        "models where it serves, else int8 where exact), int8, float (reference), or openvino "
+                                        "(upscale only: EDSR-baseline on OpenVINO, no PyTorch)")]
 FpLayersOpt = Annotated[FpLayers, typer.Option("--fp-layers", help="full-precision upsampling tail: fp32 (default) or bf16 (faster on CPUs with bf16)")]
 BitBiasOpt = Annotated[float, typer.Option("--bit-bias", help="compute dial: > 0 fewer bits, < 0 more, 0 as trained (dynamic mode)")]
 MaxPxOpt = Annotated[int, typer.Option("--max-pixels", help="refuse inputs larger than this many pixels (0: no limit)")]
 
 
+def _openvino_serves(model: str | None, weights: Path | None, arch: str | None, scale: int, mode: str, device: str,
+                     fp_layers: str, bit_bias: float, target_fab: float | None) -> bool:
+    """Whether ``--kernels auto`` runs this upscale on the OpenVINO runtime: a shipped EDSR-baseline model in
+    dynamic or fp32 mode on the CPU, with none of the options only the PyTorch engine has, openvino installed,
+    and a CPU with an int8 dot product (exact int8 convolutions). ``CADYQ_KERNELS=torch`` opts out."""
+    if os.environ.get("CADYQ_KERNELS", "").lower() == "torch":
+        return False
+    if weights is not None or arch is not None or device.lower() != "cpu" or mode not in ("dynamic", "fp32"):
+        return False
+    if FpLayers(fp_layers) != FpLayers.fp32 or bit_bias or target_fab is not None:
+        return False
+    from .devices import cpu_has_int8_dot
+    from .runtime.engine import openvino_available
+    from .weights import DEFAULT_MODEL, resolve_weights
+
+    try:
+        cfg = resolve_weights(model or DEFAULT_MODEL, scale)
+    except CadyqError:
+        return False  # the PyTorch loader says what is wrong
+    return cfg.arch == "edsr_baseline" and cpu_has_int8_dot() and openvino_available()
+
+
 def _load(model: str | None, weights: Path | None, arch: str | None, scale: int, mode: str, device: str, threads: int,  # noqa: ANN202
           kernels: str = "auto", fp_layers: str = "fp32", bit_bias: float = 0.0, openvino: bool = False,
           target_fab: float | None = None):
+    if kernels == "auto" and openvino and _openvino_serves(model, weights, arch, scale, mode, device, fp_layers, bit_bias,
+                                                           target_fab):
+        kernels = "openvino"
     if kernels == "openvino":  # the torch-free runtime (cadyq_cli.runtime)
         if not openvino:
             raise CadyqError("--kernels openvino is for `cadyq upscale` only")
@@ -276,7 +303,8 @@ def upscale(
             from .batch_ray import RayOptions, require_ray, run_ray
 
             require_ray()  # before anything is created: without Ray, one line and nothing written
-        net = _load(model, weights, arch, scale, mode.value, device, threads, kernels, fp_layers, bit_bias, openvino=True,
+        net = _load(model, weights, arch, scale, mode.value, device, threads, kernels, fp_layers, bit_bias,
+                    openvino=engine is EngineKind.local,
                     target_fab=target_fab)
         if not jobs[0].stdin and Path(input).is_dir():
             out_dir = output_folder(input, output, scale)

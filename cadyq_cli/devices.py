@@ -6,11 +6,12 @@ spellings and what is available here.
 """
 from __future__ import annotations
 
+import os
 import re
 
 from .errors import CadyqError
 
-__all__ = ["DeviceError", "available_devices", "parse_device"]
+__all__ = ["DeviceError", "available_devices", "parse_device", "cpu_has_int8_dot"]
 
 _CUDA = re.compile(r"cuda(?::(\d+))?")
 
@@ -47,3 +48,17 @@ def parse_device(text: str) -> str:
     if index >= _cuda_count():
         raise DeviceError(f"--device {text}: no such CUDA device ({here})")
     return f"cuda:{index}"
+
+
+def cpu_has_int8_dot() -> bool:
+    """True when this CPU has an int8 dot-product instruction (AVX-512 VNNI, AVX-VNNI or AMX), which
+    makes int8 convolutions exact (32-bit sums); without one, x86 int8 kernels may saturate 16-bit
+    intermediate sums. ``CADYQ_INT8=0`` answers False (forces the float kernels). No torch import."""
+    if os.environ.get("CADYQ_INT8", "") == "0":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))

@@ -23,13 +23,13 @@ sums and are not exact). Elsewhere the float path runs, which gives the same res
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from ..devices import cpu_has_int8_dot
 from .regions import RegionGrid
 
 __all__ = ["QCodes", "ConvGeometry", "conv_geometry", "int8_available", "pack_weight", "qconv2d"]
@@ -82,22 +82,11 @@ def conv_geometry(conv: nn.Conv2d) -> ConvGeometry:
     return ConvGeometry(conv.out_channels, list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
 
 
-def _cpu_has_vnni() -> bool:
-    if os.environ.get("CADYQ_INT8", "") == "0":
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
-
-
 @functools.lru_cache(maxsize=None)
 def int8_available() -> bool:
     """True when exact int8 convolutions can run here (op present, VNNI/AMX, self-test passes)."""
     op = getattr(getattr(torch.ops, "onednn", None), "qconv2d_pointwise", None)
-    if op is None or not _cpu_has_vnni():
+    if op is None or not cpu_has_int8_dot():
         return False
     try:
         g = torch.Generator().manual_seed(0)

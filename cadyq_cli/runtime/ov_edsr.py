@@ -33,7 +33,7 @@ __all__ = ["EdsrWeights", "Geometry", "read_edsr", "build_graph", "edsr_blocks",
 CANDIDATE_BITS = (4, 6, 8)
 GRAD_MULTIPLIER = 1000.0
 #: bump whenever the graph this module builds changes: compiled graphs cached on disk are keyed by it
-GRAPH_VERSION = 2
+GRAPH_VERSION = 3
 _F = np.float32
 
 
@@ -230,22 +230,18 @@ class _Builder:
         std = op.multiply(op.sqrt(op.maximum(var, self.c(0.0))), self.c((cnt > 1).astype(_F)))
         if self.cl:
             z = op.concat([self.gradf5, std], 4)
-            logits = op.add(op.matmul(z, self.c(np.ascontiguousarray(wl.T)), False, False), self.c(bl))
-            lg = op.split(logits, self.c_i64(4), 3)
+            logits, axis = op.add(op.matmul(z, self.c(np.ascontiguousarray(wl.T)), False, False), self.c(bl)), 4
         else:
             z = op.concat([self.gradf, std], 1)
-            lg = op.split(self.conv(z, wl[:, :, None, None], bl, (0, 0)), self.c_i64(1), 3)
-        l0, l1, l2 = lg.output(0), lg.output(1), lg.output(2)
-        first = op.logical_and(op.greater_equal(l0, l1), op.greater_equal(l0, l2))  # the first maximum wins
-        second = op.logical_and(op.logical_not(first), op.greater_equal(l1, l2))
-        third = op.logical_not(op.logical_or(first, second))
-        idx = op.add(op.convert(second, np.float32), op.multiply(op.convert(third, np.float32), self.c(2.0)))
-        self.bits.append(idx)  # candidate index per region: (1, 1, nh, nw[, 1])
+            logits, axis = self.conv(z, wl[:, :, None, None], bl, (0, 0)), 1
+        # the first maximum wins (as torch.argmax): a stable TopK of one, i32 index (1, 1, nh, nw[, 1])
+        idx = op.topk(logits, self.c_i64(1), axis, "max", "value", "i32", True).output(1)
+        self.bits.append(idx)
         alphas = [_F(sd[f"{prefix}.quant_bit{k + 1}.alpha"].reshape(())) for k in range(3)]
         qmaxes = [_F(_qmax(b, signed)) for b in CANDIDATE_BITS]
         steps = np.array([a / q for a, q in zip(alphas, qmaxes)], _F)
         table = np.stack([alphas, qmaxes, steps, np.arange(3, dtype=_F)], axis=1).astype(_F)  # (3, 4)
-        idx3 = op.reshape(op.convert(idx, np.int64), self.c_i64([1, self.nh, self.nw]), False)
+        idx3 = op.reshape(idx, self.c_i64([1, self.nh, self.nw]), False)
         per_region = op.gather(self.c(table), idx3, self.c_i64(0))  # (1, nh, nw, 4)
         maps = op.split(self.expand(per_region, False), self.c_i64(1), 4)  # (1, 1, H, W) each
         a_px, q_px, s_px, i_px = (maps.output(k) for k in range(4))
@@ -353,7 +349,7 @@ class _Builder:
             idx = op.concat(self.bits, 4 if self.cl else 1)
             if self.cl:
                 idx = op.reshape(op.transpose(idx, self.c_i64([0, 4, 2, 3, 1])), self.c_i64([1, -1, self.nh, self.nw]), False)
-            outs.append(op.result(op.add(op.multiply(idx, self.c(2.0)), self.c(4.0)), name="bits"))
+            outs.append(op.result(op.add(op.multiply(op.convert(idx, np.float32), self.c(2.0)), self.c(4.0)), name="bits"))
         return ov.Model(outs, [x], "edsr_cadyq" if self.quantized else "edsr_fp32")
 
 
