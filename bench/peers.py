@@ -6,14 +6,15 @@
         (a) OpenVINO FP32 plain EDSR-baseline of the same weights (bench/peer_openvino_fp32.py),
         (b) `cadyq upscale` (default kernels), (c) `cadyq upscale --kernels openvino`,
         (e) `cadyq upscale --fp-layers bf16` (default kernels, bf16 upsampling tail),
-        (d) ONNX Runtime FP32 once bench/peer_onnxruntime_fp32.py exists (not written yet) and
-        onnxruntime + onnx import.
+        (d) ONNX Runtime FP32 plain EDSR-baseline of the same weights (bench/peer_onnxruntime_fp32.py,
+        when onnxruntime + onnx import: `pip install cadyq[bench]`).
         Prints seconds and ratios to (a).
 
     python bench/peers.py forward IN.png [--scale 4] [--runs 5] [--profile]
         In one process: graph sizes, compile/import times, then interleaved forward medians of the
-        OpenVINO FP32 graph, the CADyQ OpenVINO graph and (without --no-torch) the PyTorch default
-        engine; --profile adds the CADyQ graph's time by node type (OpenVINO PERF_COUNT).
+        OpenVINO FP32 graph, the CADyQ OpenVINO graph, the ONNX Runtime FP32 session (when onnxruntime
+        + onnx import) and (without --no-torch) the PyTorch default engine; --profile adds the CADyQ
+        graph's time by node type (OpenVINO PERF_COUNT).
 
 The machine may be shared with other jobs: only ratios measured in the same run mean anything.
 """
@@ -48,9 +49,7 @@ def _weights(scale: int) -> Path:
 
 
 def _has_ort() -> bool:
-    """ONNX Runtime row: not written yet (bench/peer_onnxruntime_fp32.py); runs once that script exists."""
-    if not (ROOT / "bench/peer_onnxruntime_fp32.py").is_file():
-        return False
+    """ONNX Runtime row (bench/peer_onnxruntime_fp32.py): when onnxruntime and onnx import."""
     code = "import onnxruntime, onnx"
     return subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True).returncode == 0
 
@@ -142,6 +141,22 @@ def forward(args: argparse.Namespace) -> None:
           f"({len(buf.getvalue()) / 1e6:.1f} MB)")
     rq, rf = q.create_infer_request(), fp.create_infer_request()
     variants = {"openvino_fp32": lambda: rf.infer([xin]), "openvino_cadyq": lambda: rq.infer([xin])}
+    try:
+        import onnx  # noqa: F401  (builds the .onnx when it is not cached)
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        print("  (no ONNX Runtime row: pip install cadyq[bench])")
+    else:
+        from peer_onnxruntime_fp32 import onnx_file, session
+
+        t = time.perf_counter()
+        onnx_file(_weights(args.scale))
+        t_onnx = time.perf_counter() - t
+        t = time.perf_counter()
+        sess = session(_weights(args.scale), args.threads)
+        t_sess = time.perf_counter() - t
+        print(f"  ONNX Runtime FP32: .onnx from the cache or built {t_onnx:.2f} s, session {t_sess:.2f} s")
+        variants["onnxruntime_fp32"] = lambda: sess.run(["sr"], {"x": xin})
     for fn in variants.values():  # first inference apart (allocations)
         t = time.perf_counter()
         fn()
