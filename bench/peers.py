@@ -4,8 +4,9 @@
         Whole processes (read PNG, upscale, write PNG), interleaved, medians of --runs after one
         warm-up round each (which also fills the compiled-graph cache):
         (a) OpenVINO FP32 plain EDSR-baseline of the same weights (bench/peer_openvino_fp32.py),
-        (b) `cadyq upscale` (default kernels), (c) `cadyq upscale --kernels openvino`,
-        (e) `cadyq upscale --fp-layers bf16` (default kernels, bf16 upsampling tail),
+        (b) `cadyq upscale` (default: the OpenVINO runtime for a shipped EDSR-baseline model),
+        (c) `CADYQ_KERNELS=torch cadyq upscale` (the PyTorch engine, int8 kernels),
+        (e) `cadyq upscale --fp-layers bf16` (PyTorch engine, bf16 upsampling tail),
         (d) ONNX Runtime FP32 plain EDSR-baseline of the same weights (bench/peer_onnxruntime_fp32.py,
         when onnxruntime + onnx import: `pip install cadyq[bench]`).
         Prints seconds and ratios to (a).
@@ -65,8 +66,8 @@ def compare(args: argparse.Namespace) -> None:
             "openvino_fp32": [py, str(ROOT / "bench/peer_openvino_fp32.py"), wts, inp, str(out / "a.png"), *thr],
             "cadyq_default": [py, "-m", "cadyq_cli", "upscale", inp, str(out / "b.png"), "--scale", str(args.scale),
                               "--overwrite", "-q", *thr],
-            "cadyq_openvino": [py, "-m", "cadyq_cli", "upscale", inp, str(out / "c.png"), "--scale", str(args.scale),
-                               "--overwrite", "-q", "--kernels", "openvino", *thr],
+            "cadyq_torch": ["env", "CADYQ_KERNELS=torch", py, "-m", "cadyq_cli", "upscale", inp, str(out / "c.png"),
+                            "--scale", str(args.scale), "--overwrite", "-q", *thr],
             "cadyq_bf16_tail": [py, "-m", "cadyq_cli", "upscale", inp, str(out / "e.png"), "--scale", str(args.scale),
                                 "--overwrite", "-q", "--fp-layers", "bf16", *thr],
         }
@@ -98,18 +99,21 @@ def forward(args: argparse.Namespace) -> None:
     import openvino as ov
     from PIL import Image
 
-    from cadyq_cli.runtime.engine import OVModel
+    from cadyq_cli.runtime.engine import GRAPH_CONFIG, OVModel
     from cadyq_cli.runtime.ov_edsr import Geometry, build_graph, read_edsr
 
     x = np.asarray(Image.open(args.inputs[0]).convert("RGB"), dtype=np.float32)
     h, w = x.shape[:2]
     xin = x.transpose(2, 0, 1)[None].copy()
     wts = read_edsr(_weights(args.scale))
+    # the FP32 peer as bench/peer_openvino_fp32.py compiles it; the CADyQ graph as the runtime does
     config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
-    if args.threads:
-        config["INFERENCE_NUM_THREADS"] = args.threads
-    if args.profile:
-        config["PERF_COUNT"] = True
+    qconfig: dict[str, object] = dict(GRAPH_CONFIG)
+    for c in (config, qconfig):
+        if args.threads:
+            c["INFERENCE_NUM_THREADS"] = args.threads
+        if args.profile:
+            c["PERF_COUNT"] = True
     core = ov.Core()
     geo = Geometry(h, w, 96, 0, 0) if max(h, w) <= 384 + 80 else None
     if geo is None:
@@ -124,14 +128,14 @@ def forward(args: argparse.Namespace) -> None:
     fp = core.compile_model(fp_model, "CPU", config)
     t_fp = time.perf_counter() - t
     t = time.perf_counter()
-    q = core.compile_model(q_model, "CPU", config)
+    q = core.compile_model(q_model, "CPU", qconfig)
     t_q = time.perf_counter() - t
     import io
 
     buf = io.BytesIO()
     q.export_model(buf)
     t = time.perf_counter()
-    core.import_model(buf.getvalue(), "CPU", config)
+    core.import_model(buf.getvalue(), "CPU", qconfig)
     t_imp = time.perf_counter() - t
     print(f"{Path(args.inputs[0]).name} {w}x{h} x{args.scale}")
     print(f"  FP32 graph : {len(fp_model.get_ops())} ops, {len(fp.get_runtime_model().get_ops())} exec nodes, "

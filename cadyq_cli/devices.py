@@ -53,8 +53,13 @@ def parse_device(text: str) -> str:
 def cpu_has_int8_dot() -> bool:
     """True when this CPU has an int8 dot-product instruction (AVX-512 VNNI, AVX-VNNI or AMX), which
     makes int8 convolutions exact (32-bit sums); without one, x86 int8 kernels may saturate 16-bit
-    intermediate sums. ``CADYQ_INT8=0`` answers False (forces the float kernels). No torch import."""
+    intermediate sums. ``CADYQ_INT8=0`` answers False (forces the float kernels), and so does oneDNN's
+    ISA cap (``ONEDNN_MAX_CPU_ISA``, e.g. ``AVX2``) where it excludes those instructions: both PyTorch's
+    and OpenVINO's int8 kernels obey it. No torch import."""
     if os.environ.get("CADYQ_INT8", "") == "0":
+        return False
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    if cap not in ("", "ALL", "DEFAULT") and not any(t in cap for t in ("VNNI", "BF16", "FP16", "AMX", "AVX10")):
         return False
     try:
         with open("/proc/cpuinfo") as f:

@@ -175,6 +175,41 @@ def test_cli_upscale_runs_without_importing_torch(tmp_path: Path) -> None:
     assert Image.open(dst).size == (64, 48)
 
 
+@pytest.mark.parametrize("extra, env, kernels", [
+    ([], {}, "openvino"),                                  # the default: OpenVINO, no torch import
+    (["--mode", "w8a4"], {}, "torch"),                     # a mode only the PyTorch engine has
+    (["--fp-layers", "bf16"], {}, "torch"),                # an option only the PyTorch engine has
+    ([], {"CADYQ_KERNELS": "torch"}, "torch"),             # the opt-out
+    ([], {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "torch"),         # no int8 dot product: OpenVINO's int8 convs saturate
+])
+def test_default_upscale_runs_on_openvino_where_it_serves(tmp_path: Path, extra: list[str], env: dict[str, str],
+                                                         kernels: str) -> None:
+    from PIL import Image
+
+    from cadyq_cli.devices import cpu_has_int8_dot
+
+    if kernels == "openvino" and not cpu_has_int8_dot():
+        pytest.skip("this CPU has no int8 dot product: the default is the PyTorch engine")
+    src, dst = tmp_path / "in.png", tmp_path / "out.png"
+    Image.fromarray(_image(24, 32).astype(np.uint8)).save(src)
+    code = (
+        "import sys, runpy\n"
+        f"sys.argv = ['cadyq', 'upscale', {str(src)!r}, {str(dst)!r}, '--scale', '2', '-q', '--json', '-', *{extra!r}]\n"
+        "try:\n    runpy.run_module('cadyq_cli', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('TORCH', 'torch' in sys.modules)\n"
+    )
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, cwd=tmp_path, timeout=600)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    rec = json.loads(lines[0])
+    if kernels == "openvino":
+        assert rec["kernels"] == "openvino" and lines[-1] == "TORCH False"
+    else:
+        assert rec["kernels"] in ("int8", "float") and lines[-1] == "TORCH True"
+    assert Image.open(dst).size == (64, 48)
+
+
 def test_unsupported_requests_are_one_line_errors() -> None:
     from cadyq_cli.errors import CadyqError
 

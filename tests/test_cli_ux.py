@@ -320,3 +320,19 @@ def test_folder_gif_becomes_png_and_colliding_outputs_are_refused(tmp_path: Path
     assert sorted(j.dst.name for j in jobs) == ["a.png", "b.jpg", "b.png"]
     with pytest.raises(CadyqError, match="would both be written"):
         plan_jobs(src, tmp_path / "out", ext="png", scale=2)
+
+
+def test_int8_dot_product_check_obeys_the_isa_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cadyq_cli.devices import cpu_has_int8_dot
+
+    for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "CADYQ_INT8"):
+        monkeypatch.delenv(var, raising=False)
+    here = cpu_has_int8_dot()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")
+    assert cpu_has_int8_dot() == here  # a cap that keeps VNNI changes nothing
+    for cap in ("AVX2", "avx512_core", "SSE41"):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert not cpu_has_int8_dot()
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("CADYQ_INT8", "0")
+    assert not cpu_has_int8_dot()

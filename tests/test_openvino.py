@@ -24,6 +24,7 @@ CHECKS = [
     "test_outputs_are_deterministic_across_runs_and_thread_counts",
     "test_a_second_model_imports_the_exported_graph",
     "test_cli_upscale_runs_without_importing_torch",
+    "test_default_upscale_runs_on_openvino_where_it_serves",
     "test_unsupported_requests_are_one_line_errors",
 ]
 
