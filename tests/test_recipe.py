@@ -197,6 +197,8 @@ def test_starting_from_the_backbone_file_gives_the_same_export(root: Path, whole
     (lambda t: t.replace("max_gap = 100.0", ""), "missing 'max_gap'"),
     (lambda t: t.replace('arch = "edsr_baseline"', 'arch = "edsr_basline"'), "unknown architecture 'edsr_basline'"),
     (lambda t: t.replace('run = "fp"\nstage = "fp"', 'run = "fp"'), "missing 'stage'"),
+    (lambda t: t.replace("steps = 6\nlr = 1e-3", "steps = 6\nlr = 1e-3\nema = 1.0"), "ema = 1.0 must be a decay in [0, 1)"),
+    (lambda t: t.replace("steps = 6\nlr = 1e-3", 'steps = 6\nlr = 1e-3\nema = "0.9"'), "ema = '0.9' must be int or float"),
 ])
 def test_bad_recipes_are_refused_in_one_line(root: Path, tmp_path: Path, edit, message: str) -> None:
     path = tmp_path / "bad.toml"
@@ -206,6 +208,12 @@ def test_bad_recipes_are_refused_in_one_line(root: Path, tmp_path: Path, edit, m
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and message in lines[0], r.output
     assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_stage_may_set_ema(root: Path, tmp_path: Path) -> None:
+    path = tmp_path / "ema.toml"
+    path.write_text(TINY.format(root=root, start="", backbone="").replace("steps = 6\nlr = 1e-3", "steps = 6\nlr = 1e-3\nema = 0.999"))
+    assert [s.settings.get("ema") for s in load_recipe(path).segments][:2] == [0.999, None]
 
 
 def test_recipe_cli_refuses_a_stage_beside_it_and_an_edited_recipe(root: Path, tmp_path: Path, whole) -> None:

@@ -27,6 +27,9 @@ class TrainConfig:
     lr_patch: int = 48
     lr: float = 2e-4
     lr_min: float = 1e-6
+    # decay of the weights' exponential moving average (e.g. 0.999; 0: off): validation, the checkpoint's
+    # model and so export use the average, training goes on with the raw weights (train/ema.py)
+    ema: float = 0.0
     selector_lr: float = 1e-3
     bit_weight_max: float = 0.5  # cadyq: weight of the bit loss reached at bit_ramp_steps
     bit_ramp_steps: int = 100
@@ -56,12 +59,14 @@ class TrainConfig:
 
 
 def check_config(cfg: TrainConfig) -> None:
-    """Refuse, in one line (``SystemExit``), an unknown stage or a count below 1."""
+    """Refuse, in one line (``SystemExit``), an unknown stage, a count below 1 or an EMA decay outside [0, 1)."""
     if cfg.stage not in STAGES:
         raise SystemExit(f"unknown stage {cfg.stage!r}; choose from {', '.join(STAGES)}")
     for k in ("val_every", "steps", "batch"):
         if getattr(cfg, k) < 1:
             raise SystemExit(f"--{k.replace('_', '-')} must be at least 1, not {getattr(cfg, k)}")
+    if not 0.0 <= cfg.ema < 1.0:
+        raise SystemExit(f"--ema must be a decay in [0, 1) (e.g. 0.999; 0: off), not {cfg.ema}")
 
 
 #: settings a resumed run must share with its checkpoint (they fix what the saved state means)
@@ -83,12 +88,15 @@ def check_resume(saved: dict, cfg: TrainConfig, ckpt: object) -> None:
 # The training images are compared by their fingerprint (``data_id``), not by their folder paths.
 _RUNTIME_KEYS = ("minutes", "stop_at", "threads", "run_dir", "data", "val_every", "keep_val", "save_every", "log_every",
                  "device")
+#: what a setting missing from an older checkpoint's config meant (others: compared only where recorded)
+_ABSENT = {"ema": 0.0}
 
 
 def config_changes(saved: dict, cfg: TrainConfig) -> dict:
     """Training settings that differ between a checkpoint's config and a resuming one: {key: [old, new]}."""
     now = asdict(cfg)
-    return {k: [saved.get(k), v] for k, v in now.items() if k not in _RUNTIME_KEYS and saved.get(k, v) != v}
+    old = {**_ABSENT, **saved}
+    return {k: [old.get(k), v] for k, v in now.items() if k not in _RUNTIME_KEYS and old.get(k, v) != v}
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:

@@ -31,6 +31,8 @@ def _stage_info(run: Path) -> dict:
             "batch": cfg["batch"], "lr_patch": cfg["lr_patch"], "lr": cfg["lr"], "seed": cfg["seed"], "bf16": cfg["bf16"]}
     if cfg.get("init"):
         info["init"] = cfg["init"]  # previous stage, or (fp) the warm-start checkpoint
+    if cfg.get("ema"):
+        info["ema"] = cfg["ema"]  # the checkpoint's model (what is exported) is the weights' moving average
     if cfg["stage"] == "cadyq":
         info |= {k: cfg[k] for k in ("bit_weight_max", "bit_ramp_steps", "selector_lr", "selector_norm", "clip_init")
                  if k in cfg}

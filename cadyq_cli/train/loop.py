@@ -3,6 +3,8 @@
 Every stage writes ``<run>/last.pt`` (model, optimizer, step, RNG, config) at intervals and
 when its time budget (``minutes``) runs out, and appends one JSON line per log interval and per
 validation to ``<run>/log.jsonl``. Starting a stage again with the same run folder resumes it exactly.
+With ``ema`` the weights' moving average is validated and saved as the checkpoint's model
+(train/ema.py).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from ..quant.modules import ActQuantizer
 from .calibrate import calibrate, init_selectors
 from .config import TrainConfig, check_config, check_resume, config_changes, lr_at
 from .data import SRPairs, data_fingerprint, list_images, split_pairs
+from .ema import WeightEMA
 from .losses import AttentionTaps, stage_loss
 from .prepare import prepare_models, resolve_variants
 from .signals import StopSignals, TrainingStopped
@@ -45,8 +48,8 @@ def _device(cfg: TrainConfig) -> torch.device:
 
 
 def _read_init(cfg: TrainConfig, resume: dict | None, ckpt: Path) -> dict | None:
-    """Check the run's sources (resumed checkpoint ``ckpt``, --init, --teacher) and read --init
-    once: the checkpoint a fresh pams/cadyq stage starts from (``None`` otherwise)."""
+    """Check the run's sources (resumed checkpoint ``ckpt``, --init, --teacher) and read
+    --init once: the checkpoint a fresh pams/cadyq stage starts from (``None`` otherwise)."""
     if resume is not None:
         check_resume(resume["config"], cfg, ckpt)
     elif cfg.stage != "fp" and cfg.init is None:
@@ -81,6 +84,24 @@ def _optimizer(model: SRModel, cfg: TrainConfig) -> torch.optim.Adam:
     return torch.optim.Adam(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
 
 
+def _start_ema(cfg: TrainConfig, model: SRModel, resume: dict | None) -> WeightEMA | None:
+    """The weight average (``None`` when off): the resumed one, else a copy of the weights as they are now."""
+    if cfg.ema <= 0:
+        return None
+    ema = WeightEMA(model, cfg.ema)
+    if resume is not None and resume.get("ema") is not None:
+        ema.load_state_dict(resume["ema"])
+    return ema
+
+
+def _validate(model: SRModel, val: SRPairs, bf16: bool, ema: WeightEMA | None) -> dict:
+    """:func:`validate` on the weight average when there is one (recorded as ``val_weights``)."""
+    if ema is None:
+        return validate(model, val, bf16)
+    with ema.applied(model):
+        return {**validate(model, val, bf16), "val_weights": "ema"}
+
+
 def _train_step(cfg: TrainConfig, step: int, model: SRModel, teacher: SRModel | None, opt: torch.optim.Optimizer,
                 data: SRPairs, np_rng: np.random.Generator, dev: torch.device,
                 taps: AttentionTaps | None) -> tuple[float, dict[str, torch.Tensor]]:
@@ -109,6 +130,12 @@ def _train_step(cfg: TrainConfig, step: int, model: SRModel, teacher: SRModel | 
                 if isinstance(q, ActQuantizer):
                     q.alpha.clamp_(min=1e-3)
     return lr_now, parts
+
+
+def _save(ckpt: Path, model: SRModel, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig,
+          np_rng: np.random.Generator, elapsed_s: float, ema: WeightEMA | None) -> None:
+    """Save the run's checkpoint."""
+    save_state(ckpt, model, opt, step, cfg, np_rng, elapsed_s, ema)
 
 
 def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -> Path:
@@ -151,6 +178,7 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
         calibrate(model, data, np_rng, cfg)
     elif cfg.stage == "cadyq":
         init_selectors(model, data, np_rng, cfg, log)
+    ema = _start_ema(cfg, model, resume)
     model.train()
     taps = AttentionTaps(model, teacher) if cfg.stage == "cadyq" and teacher is not None and cfg.at_weight > 0 else None
 
@@ -172,6 +200,8 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
         while step < min(cfg.steps, cfg.stop_at or cfg.steps) and time.time() - start < budget_s and not stop.signum:
             lr_now, parts = _train_step(cfg, step, model, teacher, opt, data, np_rng, dev, taps)
             step += 1
+            if ema is not None:
+                ema.update(model, step)
             for k, v in parts.items():
                 acc[k] = acc[k] + v if k in acc else v
             n_acc += 1
@@ -181,24 +211,24 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
                 rec = {"step": step, "min": round(now / 60, 2), "lr": lr_now, **{k: float(v) / n_acc for k, v in acc.items()}}
                 acc, n_acc = {}, 0
                 if val_now:
-                    rec.update(validate(model, val, val_bf16))
+                    rec.update(_validate(model, val, val_bf16, ema))
                     if cfg.keep_val:
-                        save_state(run / f"step{step:05d}.pt", model, opt, step, cfg, np_rng, now)
+                        save_state(run / f"step{step:05d}.pt", model, opt, step, cfg, np_rng, now, ema)
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
                 log(json.dumps(rec))
             if step % cfg.save_every == 0:
-                save_state(ckpt, model, opt, step, cfg, np_rng, now)
+                _save(ckpt, model, opt, step, cfg, np_rng, now, ema)
     finally:
         stop.restore()
         if taps is not None:
             taps.remove()
         now = elapsed + time.time() - start
-        save_state(ckpt, model, opt, step, cfg, np_rng, now)
+        _save(ckpt, model, opt, step, cfg, np_rng, now, ema)
         logf.close()
-    rec = {"step": step, "min": round(now / 60, 2), "final": True, **validate(model, val, val_bf16)}
+    rec = {"step": step, "min": round(now / 60, 2), "final": True, **_validate(model, val, val_bf16, ema)}
     if cfg.keep_val:
-        save_state(run / f"step{step:05d}.pt", model, opt, step, cfg, np_rng, now)
+        save_state(run / f"step{step:05d}.pt", model, opt, step, cfg, np_rng, now, ema)
     with open(run / "log.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")
     log(json.dumps(rec))

@@ -119,7 +119,7 @@ def resolve_recipe(spec: str | Path) -> Path:
 
 
 def _check_type(where: str, key: str, value: object) -> None:
-    """Refuse a TrainConfig setting whose value has the wrong type."""
+    """Refuse a TrainConfig setting whose value has the wrong type (or an EMA decay outside [0, 1))."""
     f = {f.name: f for f in dataclasses.fields(TrainConfig)}[key]
     default = f.default if f.default is not dataclasses.MISSING else None
     want: tuple = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(type(default), ())
@@ -133,6 +133,8 @@ def _check_type(where: str, key: str, value: object) -> None:
         raise SystemExit(f"{where}: {key} = {value!r} must be {' or '.join(t.__name__ for t in want)}")
     if key == "bf16" and isinstance(value, str) and value not in ("auto", "on", "off"):
         raise SystemExit(f"{where}: bf16 = {value!r} must be true, false, \"auto\", \"on\" or \"off\"")
+    if key == "ema" and not 0 <= value < 1:  # type: ignore[operator]
+        raise SystemExit(f"{where}: ema = {value!r} must be a decay in [0, 1) (e.g. 0.999; 0: off)")
 
 
 def _unknown(where: str, table: dict, allowed: set) -> None:

@@ -1,5 +1,10 @@
 """Training checkpoints (``<run>/last.pt``): model, optimizer, step, RNG and config, written
-atomically and restored exactly; read through :func:`cadyq_cli.checkpoint.read_checkpoint`."""
+atomically and restored exactly; read through :func:`cadyq_cli.checkpoint.read_checkpoint`.
+
+With a weight average (``--ema``) a checkpoint's ``model`` is the averaged model (what every reader
+of the file takes: export, select, eval, a later ``--init``); the raw weights training goes on
+with are ``raw_model`` and the average in its training layout ``ema``, both for an exact resume.
+"""
 from __future__ import annotations
 
 import os
@@ -13,22 +18,35 @@ import torch
 from ..checkpoint import TRAIN_FORMAT, read_checkpoint
 from ..models._base import SRModel
 from .config import TrainConfig
+from .ema import WeightEMA
 
-__all__ = ["save_state", "load_state", "restore_state"]
+__all__ = ["save_state", "load_state", "restore_state", "weights_state", "restore_weights"]
+
+
+def weights_state(model: SRModel, ema: WeightEMA | None = None) -> dict:
+    """A checkpoint's weights, on the CPU: ``model`` (selectors folded) and ``selector_train`` (their
+    standardized form); with ``ema`` also ``raw_model`` and ``ema``, ``model`` being the average."""
+    sd, sel_train = _folded_state(model)
+    if ema is None:
+        return {"model": _to_cpu(sd), "selector_train": _to_cpu(sel_train)}
+    # copies: on the CPU these tensors share the parameters' memory, which the average takes for a moment
+    out = {"raw_model": _to_cpu(_clone(sd)), "selector_train": _to_cpu(_clone(sel_train)),
+           "ema": _to_cpu(_clone(ema.state_dict()))}
+    with ema.applied(model):
+        out["model"] = _to_cpu(_clone(_folded_state(model)[0]))
+    return out
 
 
 def save_state(path: Path, model: SRModel, opt: torch.optim.Optimizer | None, step: int, cfg: TrainConfig,
-               np_rng: np.random.Generator, elapsed_s: float) -> None:
-    """Write a resumable checkpoint atomically."""
-    sd, sel_train = _folded_state(model)
+               np_rng: np.random.Generator, elapsed_s: float, ema: WeightEMA | None = None) -> None:
+    """Write a resumable checkpoint atomically (with the weight average ``ema`` when on)."""
     dev = next(model.parameters()).device
     state = {
         "format": TRAIN_FORMAT,
         "config": asdict(cfg),
         "step": step,
         "elapsed_s": elapsed_s,
-        "model": _to_cpu(sd),
-        "selector_train": _to_cpu(sel_train),
+        **weights_state(model, ema),
         "optimizer": _to_cpu(opt.state_dict()) if opt is not None else None,
         "torch_rng": torch.get_rng_state(),
         "numpy_rng": np_rng.bit_generator.state,
@@ -51,12 +69,17 @@ def load_state(path: str | Path) -> dict:
     return read_checkpoint(path)
 
 
+def restore_weights(state: dict, model: SRModel) -> None:
+    """Put the raw weights of :func:`weights_state` back (the average, ``state["ema"]``, is the caller's)."""
+    model.load_state_dict(state.get("raw_model", state["model"]), strict=True)
+    _restore_selector_train(model, state.get("selector_train") or {})
+
+
 def restore_state(state: dict, model: SRModel, opt: torch.optim.Optimizer, np_rng: np.random.Generator,
                   dev: torch.device) -> tuple[int, float]:
-    """Put a checkpoint's model, optimizer and RNG states back (an exact resume); return its step
+    """Put a checkpoint's raw model, optimizer and RNG states back (an exact resume); return its step
     and the seconds trained so far."""
-    model.load_state_dict(state["model"], strict=True)
-    _restore_selector_train(model, state.get("selector_train") or {})
+    restore_weights(state, model)
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     np_rng.bit_generator.state = state["numpy_rng"]
@@ -75,6 +98,11 @@ def _to_cpu(obj: object) -> object:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
+
+
+def _clone(obj: dict) -> dict:
+    """``obj`` (a dict of tensors, or of dicts of them) with every tensor copied."""
+    return {k: _clone(v) if isinstance(v, dict) else v.detach().clone() for k, v in obj.items()}
 
 
 def _folded_state(model: SRModel) -> tuple[dict, dict]:

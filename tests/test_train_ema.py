@@ -1,0 +1,147 @@
+"""The weights' moving average (``--ema``, train/ema.py).
+
+Tiny runs on the generated images of test_train.py (16 px LR patches, batch 2, one thread).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from cadyq_cli.checkpoint import load_model_file
+from cadyq_cli.cli import app
+from cadyq_cli.models import create_model
+from cadyq_cli.quant.modules import set_quant_mode
+from cadyq_cli.train.ema import WeightEMA, ema_decay
+from cadyq_cli.train.loop import train_stage
+from cadyq_cli.train.state import load_state
+from cadyq_cli.train.validate import validate
+from tests.test_train import _cfg, _log, _val, data_dir  # noqa: F401  (data_dir: the fixture)
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+        self.register_buffer("clip", torch.tensor([4.0]))
+        self.register_buffer("count", torch.tensor(7))  # an integer buffer is not averaged
+
+
+def test_ema_update_is_the_moving_average_of_params_and_float_buffers() -> None:
+    torch.manual_seed(0)
+    m = _Toy()
+    ema = WeightEMA(m, 0.9)
+    start = {k: v.clone() for k, v in m.state_dict().items()}
+    assert set(ema.state_dict()) == {"lin.weight", "lin.bias", "clip"}
+    with torch.no_grad():
+        m.lin.weight.add_(1.0)
+        m.clip.fill_(6.0)
+        m.count.fill_(9)
+    ema.update(m, 1)
+    d = ema_decay(0.9, 1)
+    assert d == pytest.approx(2 / 11)  # warm-up: min(decay, (1 + n) / (10 + n))
+    assert ema_decay(0.9, 1000) == 0.9
+    assert torch.allclose(ema.state_dict()["lin.weight"], d * start["lin.weight"] + (1 - d) * m.lin.weight)
+    assert torch.allclose(ema.state_dict()["lin.bias"], start["lin.bias"])  # unchanged weights stay
+    assert float(ema.state_dict()["clip"]) == pytest.approx(d * 4.0 + (1 - d) * 6.0)
+    raw = {k: v.clone() for k, v in m.state_dict().items()}
+    with ema.applied(m):
+        assert torch.equal(m.lin.weight, ema.state_dict()["lin.weight"]) and torch.equal(m.clip, ema.state_dict()["clip"])
+        assert int(m.count) == 9
+    assert all(torch.equal(v, raw[k]) for k, v in m.state_dict().items())  # the raw weights come back
+
+
+@pytest.mark.parametrize("decay", ["1.0", "-0.1", "nan"])
+def test_ema_out_of_range_is_refused_in_one_line(tmp_path: Path, decay: str) -> None:
+    (tmp_path / "data").mkdir()
+    res = CliRunner().invoke(app, ["train", "fp", "--data", str(tmp_path / "data"), "--run", str(tmp_path / "r"),
+                                   "--ema", decay, "--bf16", "off"])
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    errs = [ln for ln in res.stderr.splitlines() if "ema" in ln]
+    assert len(errs) == 1 and "--ema must be a decay in [0, 1)" in errs[0] and decay in errs[0], res.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_is_exact_with_ema_and_a_changed_decay_is_logged(data_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    kw = dict(ema=0.9, val_every=2)
+    train_stage(_cfg(data_dir, tmp_path / "a", **kw))
+    train_stage(_cfg(data_dir, tmp_path / "b", **kw, stop_at=3))
+    train_stage(_cfg(data_dir, tmp_path / "b", **kw))
+    a, b = load_state(tmp_path / "a" / "last.pt"), load_state(tmp_path / "b" / "last.pt")
+    assert a["step"] == b["step"] == 6
+    for part in ("model", "raw_model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    # the checkpoint's model is the average (fp: no selectors, the same layout), not the raw weights
+    assert all(torch.equal(a["model"][k], a["ema"][k]) for k in a["ema"])
+    assert not torch.equal(a["model"]["head.0.weight"], a["raw_model"]["head.0.weight"])
+    la, lb = _log(tmp_path / "a"), _log(tmp_path / "b")
+    assert [r["l1"] for r in la if "l1" in r] == [r["l1"] for r in lb if "l1" in r]
+    vals = [r for r in la if "val_psnr" in r]
+    assert [r["step"] for r in vals] == [2, 4, 6, 6] and all(r["val_weights"] == "ema" for r in vals)
+    # the same numbers (b also validated at its stop, step 3)
+    assert [r["val_psnr"] for r in vals] == [r["val_psnr"] for r in lb if "val_psnr" in r and r["step"] != 3]
+    train_stage(_cfg(data_dir, tmp_path / "b", ema=0.99, steps=7))
+    train_stage(_cfg(data_dir, tmp_path / "b", ema=0.0, steps=8))  # off again: the checkpoint is the raw model
+    changes = [r for r in _log(tmp_path / "b") if "config_change" in r]
+    assert changes == [{"step": 6, "config_change": {"ema": [0.9, 0.99], "steps": [6, 7]}},
+                       {"step": 7, "config_change": {"ema": [0.99, 0.0], "steps": [7, 8]}}]
+    c = load_state(tmp_path / "b" / "last.pt")
+    assert "raw_model" not in c and "ema" not in c
+    assert "val_weights" not in _log(tmp_path / "b")[-1]
+    # a run from before --ema existed: the missing setting meant off, so turning it on is a change
+    st = load_state(tmp_path / "b" / "last.pt")
+    del st["config"]["ema"]
+    torch.save(st, tmp_path / "b" / "last.pt")
+    train_stage(_cfg(data_dir, tmp_path / "b", ema=0.5, steps=8))
+    assert [r for r in _log(tmp_path / "b") if "config_change" in r][-1] == {"step": 8, "config_change": {"ema": [0.0, 0.5]}}
+    d = load_state(tmp_path / "b" / "last.pt")  # no step since: the average starts as a copy of the weights
+    assert all(torch.equal(d["ema"][k], c["model"][k]) for k in d["ema"])
+
+
+def test_validation_pick_and_export_use_the_ema_weights(data_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """pams and cadyq (standardized selectors, folded on save) with --ema: the validated numbers are
+    those of the checkpoint's model, which is the average, and export writes exactly its tensors."""
+    from cadyq_cli.train.export import _stage_info, export
+    from cadyq_cli.train.select import validate_checkpoint
+
+    fp = tmp_path / "fp"
+    train_stage(_cfg(data_dir, fp, steps=2))
+    pams = tmp_path / "pams"
+    train_stage(_cfg(data_dir, pams, stage="pams", init=str(fp / "last.pt"), steps=3, ema=0.5))
+    st = load_state(pams / "last.pt")
+    assert st["config"]["ema"] == 0.5
+    alphas = [k for k in st["ema"] if k.endswith(".alpha")]
+    assert alphas and any(not torch.equal(st["model"][k], st["raw_model"][k]) for k in alphas)  # clips averaged too
+    model = load_model_file(pams / "last.pt")
+    set_quant_mode(model, "w8a8")
+    final = _log(pams)[-1]
+    assert final["final"] and final["val_weights"] == "ema"
+    assert validate(model, _val(data_dir), False)["val_psnr"] == final["val_psnr"]
+    raw = create_model("edsr_baseline", 2)
+    raw.load_state_dict(st["raw_model"])
+    set_quant_mode(raw, "w8a8")
+    assert validate(raw, _val(data_dir), False)["val_psnr"] != final["val_psnr"]
+
+    entry = export(pams / "last.pt", "ema-x2", tmp_path / "w", [pams], [], "generated", "")
+    assert entry["stages"][0]["ema"] == 0.5 and _stage_info(pams)["ema"] == 0.5
+    out = load_file(str(tmp_path / "w" / "ema-x2.safetensors"))
+    assert out.keys() == st["model"].keys()
+    assert all(torch.equal(out[k], st["model"][k]) for k in out)
+    assert not all(torch.equal(out[k], st["raw_model"][k]) for k in out)
+
+    cq = tmp_path / "cq"
+    train_stage(_cfg(data_dir, cq, stage="cadyq", init=str(pams / "last.pt"), steps=2, ema=0.5, val_every=2,
+                     keep_val=True))
+    recs = [r for r in _log(cq) if "val_psnr" in r]
+    assert all(r["val_weights"] == "ema" for r in recs)
+    kept = validate_checkpoint(cq / "step00002.pt")  # select validates (and picks) the kept average
+    assert kept == {k: recs[0][k] for k in ("val_psnr", "val_fab", "val_psnr_w8a8")}
+    cst = load_state(cq / "last.pt")
+    sel = "body.0.bitsel1.net_small.0.weight"
+    assert not torch.equal(cst["model"][sel], cst["raw_model"][sel]) and cst["selector_train"]
