@@ -199,6 +199,7 @@ def test_starting_from_the_backbone_file_gives_the_same_export(root: Path, whole
     (lambda t: t.replace('run = "fp"\nstage = "fp"', 'run = "fp"'), "missing 'stage'"),
     (lambda t: t.replace("steps = 6\nlr = 1e-3", "steps = 6\nlr = 1e-3\nema = 1.0"), "ema = 1.0 must be a decay in [0, 1)"),
     (lambda t: t.replace("steps = 6\nlr = 1e-3", 'steps = 6\nlr = 1e-3\nema = "0.9"'), "ema = '0.9' must be int or float"),
+    (lambda t: t.replace("steps = 6\nlr = 1e-3", 'steps = 6\nlr = 1e-3\nwip = "w.safetensors"'), "unknown key 'wip'"),
 ])
 def test_bad_recipes_are_refused_in_one_line(root: Path, tmp_path: Path, edit, message: str) -> None:
     path = tmp_path / "bad.toml"

@@ -1,24 +1,29 @@
-"""The weights' moving average (``--ema``, train/ema.py).
+"""The weights' moving average (``--ema``, train/ema.py) and the one-file run (``--wip``, train/wip.py).
 
 Tiny runs on the generated images of test_train.py (16 px LR patches, batch 2, one thread).
 """
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, safe_open
 from typer.testing import CliRunner
 
-from cadyq_cli.checkpoint import load_model_file
+from cadyq_cli.checkpoint import load_model_file, save_weights
 from cadyq_cli.cli import app
+from cadyq_cli.errors import CheckpointReadError
 from cadyq_cli.models import create_model
 from cadyq_cli.quant.modules import set_quant_mode
+from cadyq_cli.train.config import TrainConfig
 from cadyq_cli.train.ema import WeightEMA, ema_decay
 from cadyq_cli.train.loop import train_stage
-from cadyq_cli.train.state import load_state
+from cadyq_cli.train.state import load_state, restore_weights
 from cadyq_cli.train.validate import validate
+from cadyq_cli.train.wip import read_wip, save_wip
 from tests.test_train import _cfg, _log, _val, data_dir  # noqa: F401  (data_dir: the fixture)
 
 
@@ -145,3 +150,68 @@ def test_validation_pick_and_export_use_the_ema_weights(data_dir: Path, tmp_path
     cst = load_state(cq / "last.pt")
     sel = "body.0.bitsel1.net_small.0.weight"
     assert not torch.equal(cst["model"][sel], cst["raw_model"][sel]) and cst["selector_train"]
+
+
+def test_wip_file_continues_a_run_whose_folder_is_gone(data_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    wip = tmp_path / "weights" / "wip" / "x2.safetensors"
+    run = tmp_path / "run"
+    kw = dict(steps=5, ema=0.9, wip=str(wip))
+    train_stage(_cfg(data_dir, run, stop_at=3, **kw))
+    assert [p.name for p in wip.parent.iterdir()] == ["x2.safetensors"]  # one file, replaced in place
+    w = read_wip(wip)
+    assert w["step"] == 3 and w["config"]["ema"] == 0.9 and w["config"]["stop_at"] == 3
+    st = load_state(run / "last.pt")
+    for part, saved in (("model", st["raw_model"]), ("ema", st["ema"])):
+        assert w[part].keys() == saved.keys() and all(torch.equal(w[part][k], saved[k]) for k in saved)
+    assert wip.stat().st_size < 3 * sum(v.numel() * 4 for v in st["model"].values())  # weights and average, no Adam
+
+    shutil.rmtree(run)
+    train_stage(_cfg(data_dir, run, stop_at=3, **kw))  # nothing to train: the loaded state is saved as is
+    st = load_state(run / "last.pt")
+    assert st["step"] == 3 and all(torch.equal(w["ema"][k], st["ema"][k]) for k in st["ema"])
+    assert all(torch.equal(w["model"][k], st["raw_model"][k]) for k in st["raw_model"])
+
+    shutil.rmtree(run)
+    logs: list[str] = []
+    train_stage(_cfg(data_dir, run, **kw), log=logs.append)
+    log = _log(run)
+    assert log[0] == {"step": 3, "resumed_from_wip": str(wip)}
+    assert [r["step"] for r in log if "l1" in r] == [4, 5] and log[-1]["final"]
+    assert any("Adam restarts" in s for s in logs)
+    assert load_state(run / "last.pt")["step"] == read_wip(wip)["step"] == 5
+    assert [p.name for p in wip.parent.iterdir()] == ["x2.safetensors"]
+    # the file fixes what it continues: another batch is refused in one line, before anything is written
+    with pytest.raises(SystemExit, match="x2.safetensors was trained with batch=2, not 4"):
+        train_stage(_cfg(data_dir, tmp_path / "other", batch=4, **kw))
+    assert not (tmp_path / "other").exists()
+
+
+def test_wip_keeps_standardized_selectors(tmp_path: Path) -> None:
+    """A cadyq model's selectors trained on standardized features come back in that form."""
+    torch.manual_seed(3)
+    model = create_model("edsr_baseline", 2)
+    sel = model.selectors[0]
+    n = sel.net_small[0].weight.shape[1]
+    sel.znorm = (torch.rand(n) + 1, torch.rand(n) + 0.5)
+    torch.nn.init.normal_(sel.net_small[0].weight)
+    cfg = TrainConfig(stage="cadyq", scale=2, act_grid="signed", skip="official", seed=4)
+    save_wip(tmp_path / "w.safetensors", model, None, 11, cfg, 60.0)
+    w = read_wip(tmp_path / "w.safetensors")
+    assert (w["step"], w["elapsed_s"], w["ema"], w["config"]["seed"]) == (11, 60.0, None, 4)
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert {k: meta[k] for k in ("stage", "arch", "scale", "step", "steps", "act_grid", "skip")} == {
+        "stage": "cadyq", "arch": "edsr_baseline", "scale": "2", "step": "11", "steps": "300000", "act_grid": "signed",
+        "skip": "official"}
+    assert json.loads(meta["config"])["seed"] == 4
+    other = create_model("edsr_baseline", 2)
+    restore_weights(w, other)
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in model.state_dict().items())
+    assert torch.equal(other.selectors[0].znorm[0], sel.znorm[0])
+    (tmp_path / "bad.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes()[:100])
+    with pytest.raises(CheckpointReadError, match="bad.safetensors"):
+        read_wip(tmp_path / "bad.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "w.safetensors"]  # no temporary file left
+    save_weights(model, tmp_path / "m.safetensors")  # a weights file is not a --wip file
+    with pytest.raises(SystemExit, match="not a file written by cadyq train --wip"):
+        read_wip(tmp_path / "m.safetensors")

@@ -53,6 +53,7 @@ class TrainConfig:
     val_every: int = 250
     keep_val: bool = False  # also keep <run>/step<N>.pt at every validation (for picking a step on val)
     save_every: int = 100
+    wip: str | None = None  # also keep the run as this one small file at every save, and continue from it (train/wip.py)
     log_every: int = 20
     calib_batches: int = 4
     data_id: str | None = None  # set by train_stage: fingerprint of the training image list (names, sizes)
@@ -87,7 +88,7 @@ def check_resume(saved: dict, cfg: TrainConfig, ckpt: object) -> None:
 # Settings that only say how (or how long) this invocation runs, not what it trains.
 # The training images are compared by their fingerprint (``data_id``), not by their folder paths.
 _RUNTIME_KEYS = ("minutes", "stop_at", "threads", "run_dir", "data", "val_every", "keep_val", "save_every", "log_every",
-                 "device")
+                 "device", "wip")
 #: what a setting missing from an older checkpoint's config meant (others: compared only where recorded)
 _ABSENT = {"ema": 0.0}
 

@@ -4,7 +4,8 @@ Every stage writes ``<run>/last.pt`` (model, optimizer, step, RNG, config) at in
 when its time budget (``minutes``) runs out, and appends one JSON line per log interval and per
 validation to ``<run>/log.jsonl``. Starting a stage again with the same run folder resumes it exactly.
 With ``ema`` the weights' moving average is validated and saved as the checkpoint's model
-(train/ema.py).
+(train/ema.py); with ``wip`` the run is also kept as one small file, and continued from it where
+the run folder is gone (train/wip.py).
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ from .ema import WeightEMA
 from .losses import AttentionTaps, stage_loss
 from .prepare import prepare_models, resolve_variants
 from .signals import StopSignals, TrainingStopped
-from .state import load_state, restore_state, save_state
+from .state import load_state, restore_state, restore_weights, save_state
 from .validate import validate
+from .wip import read_wip, save_wip
 
 __all__ = ["train_stage"]
 
@@ -48,7 +50,7 @@ def _device(cfg: TrainConfig) -> torch.device:
 
 
 def _read_init(cfg: TrainConfig, resume: dict | None, ckpt: Path) -> dict | None:
-    """Check the run's sources (resumed checkpoint ``ckpt``, --init, --teacher) and read
+    """Check the run's sources (resumed checkpoint or --wip file ``ckpt``, --init, --teacher) and read
     --init once: the checkpoint a fresh pams/cadyq stage starts from (``None`` otherwise)."""
     if resume is not None:
         check_resume(resume["config"], cfg, ckpt)
@@ -134,8 +136,10 @@ def _train_step(cfg: TrainConfig, step: int, model: SRModel, teacher: SRModel | 
 
 def _save(ckpt: Path, model: SRModel, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig,
           np_rng: np.random.Generator, elapsed_s: float, ema: WeightEMA | None) -> None:
-    """Save the run's checkpoint."""
+    """Save the run's checkpoint, and the --wip file with it when one is named."""
     save_state(ckpt, model, opt, step, cfg, np_rng, elapsed_s, ema)
+    if cfg.wip:
+        save_wip(cfg.wip, model, ema, step, cfg, elapsed_s)
 
 
 def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -> Path:
@@ -147,7 +151,12 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
     run = Path(cfg.run_dir)
     ckpt = run / "last.pt"
     resume = load_state(ckpt) if ckpt.exists() else None
-    init = _read_init(cfg, resume, ckpt)
+    if cfg.wip is not None and Path(cfg.wip).is_dir():
+        raise SystemExit(f"--wip {cfg.wip} is a folder, not a file")
+    from_wip = resume is None and cfg.wip is not None and Path(cfg.wip).is_file()
+    if from_wip:  # the run folder is gone (another session): continue from the --wip file
+        resume = read_wip(cfg.wip)
+    init = _read_init(cfg, resume, Path(cfg.wip) if from_wip else ckpt)
     resolve_variants(cfg, resume, init)
     paths = _training_images(cfg)
     changes = config_changes(resume["config"], cfg) if resume is not None else {}
@@ -171,7 +180,14 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
         teacher.to(dev)
     opt = _optimizer(model, cfg)
     step, elapsed = 0, 0.0
-    if resume is not None:
+    if from_wip:  # weights only: a fresh optimizer (as at --init), the RNGs reseeded for this step
+        restore_weights(resume, model)
+        step, elapsed = resume["step"], resume["elapsed_s"]
+        torch.manual_seed(cfg.seed + step)
+        random.seed(cfg.seed + step)
+        np_rng = np.random.default_rng(cfg.seed + step)
+        log(f"resumed from --wip {cfg.wip} at step {step} ({elapsed / 60:.1f} min trained; Adam restarts)")
+    elif resume is not None:
         step, elapsed = restore_state(resume, model, opt, np_rng, dev)
         log(f"resumed {ckpt} at step {step} ({elapsed / 60:.1f} min trained)")
     elif cfg.stage == "pams":
@@ -189,6 +205,9 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
     start = time.time()
     budget_s = cfg.minutes * 60
     logf = open(run / "log.jsonl", "a")
+    if from_wip:
+        logf.write(json.dumps({"step": step, "resumed_from_wip": str(cfg.wip)}) + "\n")
+        logf.flush()
     if changes:  # the run's lineage: what changed at this step (flushed: it must survive a crash)
         logf.write(json.dumps({"step": step, "config_change": changes}) + "\n")
         logf.flush()

@@ -1,0 +1,63 @@
+"""A run kept between sessions as one small file (``cadyq train --wip FILE``, under ``weights/wip/``).
+
+At every save of ``<run>/last.pt`` the stage also writes FILE (atomically, replaced in place): a
+safetensors file holding the weights training goes on with (``model/<key>``, selectors folded as
+in a checkpoint; ``selector_train/<selector>/<field>``, their standardized form), the weight average
+when ``--ema`` is on (``ema/<key>``), and in its metadata the stage, step, schedule length, scale,
+arch, grid, skip, seconds trained and the whole config. No optimizer state and no RNG state: a
+stage that finds no ``last.pt`` but FILE continues from it with a fresh Adam (its moments restart,
+as at ``--init``) and its RNGs reseeded from ``seed + step``, so it is not bit-identical to an
+uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from ..checkpoint import read_state_dict, save_state_dict
+from ..models._base import SRModel
+from .config import TrainConfig
+from .ema import WeightEMA
+from .state import weights_state
+
+__all__ = ["WIP_FORMAT", "save_wip", "read_wip"]
+
+#: format tag in a --wip file's metadata
+WIP_FORMAT = "cadyq-wip-1"
+
+
+def save_wip(path: str | Path, model: SRModel, ema: WeightEMA | None, step: int, cfg: TrainConfig,
+             elapsed_s: float) -> None:
+    """Write the --wip file ``path`` (atomically: a temporary file, then a rename)."""
+    w = weights_state(model, ema)
+    tensors = {f"model/{k}": v for k, v in w.get("raw_model", w["model"]).items()}
+    tensors |= {f"selector_train/{name}/{f}": v for name, t in w["selector_train"].items() for f, v in t.items()}
+    tensors |= {f"ema/{k}": v for k, v in (w.get("ema") or {}).items()}
+    meta = {"format": WIP_FORMAT, "stage": cfg.stage, "arch": cfg.arch, "scale": str(cfg.scale), "step": str(step),
+            "steps": str(cfg.steps), "act_grid": cfg.act_grid or "signed", "skip": cfg.skip or "official",
+            "elapsed_s": repr(float(elapsed_s)), "config": json.dumps(asdict(cfg))}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_state_dict(tensors, path, meta)
+
+
+def read_wip(path: str | Path) -> dict:
+    """A --wip file as a training state without optimizer and RNG: ``config``, ``step``,
+    ``elapsed_s``, ``model`` (the raw weights), ``selector_train`` and ``ema`` (``None`` when off).
+    Refused in one line where the file is no --wip file."""
+    tensors, meta = read_state_dict(path)
+    if meta.get("format") != WIP_FORMAT or "config" not in meta:
+        raise SystemExit(f"--wip {path}: not a file written by cadyq train --wip")
+    state: dict = {"config": json.loads(meta["config"]), "step": int(meta["step"]),
+                   "elapsed_s": float(meta["elapsed_s"]), "model": {}, "selector_train": {}, "ema": {}}
+    for key, v in tensors.items():
+        part, _, rest = key.partition("/")
+        if part == "selector_train":
+            name, _, field = rest.rpartition("/")
+            state["selector_train"].setdefault(name, {})[field] = v
+        elif part in ("model", "ema"):
+            state[part][rest] = v
+        else:
+            raise SystemExit(f"--wip {path}: unexpected tensor {key!r}")
+    state["ema"] = state["ema"] or None
+    return state
