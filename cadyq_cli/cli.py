@@ -142,7 +142,7 @@ def _openvino_serves(model: str | None, weights: Path | None, arch: str | None, 
         return False
     if weights is not None or arch is not None or device.lower() != "cpu" or mode not in ("dynamic", "fp32"):
         return False
-    if FpLayers(fp_layers) != FpLayers.fp32 or bit_bias or target_fab is not None:
+    if bit_bias or target_fab is not None:
         return False
     from .devices import cpu_has_int8_dot
     from .runtime.engine import openvino_available
@@ -164,12 +164,12 @@ def _load(model: str | None, weights: Path | None, arch: str | None, scale: int,
     if kernels == "openvino":  # the torch-free runtime (cadyq_cli.runtime)
         if not openvino:
             raise CadyqError("--kernels openvino is for `cadyq upscale` only")
-        if device.lower() != "cpu" or arch is not None or FpLayers(fp_layers) != FpLayers.fp32 or bit_bias or target_fab:
+        if device.lower() != "cpu" or arch is not None or bit_bias or target_fab:
             raise CadyqError("--kernels openvino runs shipped EDSR-baseline models (or their .safetensors) on the CPU, "
-                             "without --fp-layers bf16, --bit-bias or --target-fab")
+                             "without --bit-bias or --target-fab")
         from .runtime.engine import load_openvino_model
 
-        return load_openvino_model(model, weights, scale, mode, threads)
+        return load_openvino_model(model, weights, scale, mode, threads, fp_layers=FpLayers(fp_layers).value)
     import torch
 
     from .weights import load_model

@@ -178,7 +178,8 @@ def test_cli_upscale_runs_without_importing_torch(tmp_path: Path) -> None:
 @pytest.mark.parametrize("extra, env, kernels", [
     ([], {}, "openvino"),                                  # the default: OpenVINO, no torch import
     (["--mode", "w8a4"], {}, "torch"),                     # a mode only the PyTorch engine has
-    (["--fp-layers", "bf16"], {}, "torch"),                # an option only the PyTorch engine has
+    (["--bit-bias", "1"], {}, "torch"),                    # an option only the PyTorch engine has
+    (["--fp-layers", "bf16"], {}, "openvino"),             # the bf16 tail runs on OpenVINO too
     ([], {"CADYQ_KERNELS": "torch"}, "torch"),             # the opt-out
     ([], {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "torch"),         # no int8 dot product: OpenVINO's int8 convs saturate
 ])
@@ -208,6 +209,16 @@ def test_default_upscale_runs_on_openvino_where_it_serves(tmp_path: Path, extra:
     else:
         assert rec["kernels"] in ("int8", "float") and lines[-1] == "TORCH True"
     assert Image.open(dst).size == (64, 48)
+
+
+def test_bf16_tail_keeps_bits_and_stays_close() -> None:
+    img = _image(80, 112, seed=3)
+    a, ra = load_openvino_model(scale=2).upscale_array(img)
+    b, rb = load_openvino_model(scale=2, fp_layers="bf16").upscale_array(img)
+    _same_report(ra, rb)  # the tail comes after every selector: bits, FAB and BitOPs are the fp32 ones
+    assert rb.fp_layers == "bf16" and ra.fp_layers == "fp32"
+    err = np.abs(a - b)
+    assert 0 < err.mean() < 0.5 and err.max() < 4.0  # bf16 rounding of the tail, nothing more
 
 
 def test_unsupported_requests_are_one_line_errors() -> None:

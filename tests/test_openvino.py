@@ -25,6 +25,7 @@ CHECKS = [
     "test_a_second_model_imports_the_exported_graph",
     "test_cli_upscale_runs_without_importing_torch",
     "test_default_upscale_runs_on_openvino_where_it_serves",
+    "test_bf16_tail_keeps_bits_and_stays_close",
     "test_unsupported_requests_are_one_line_errors",
 ]
 

@@ -21,7 +21,7 @@ from ..accounting import edsr_cost_table
 from ..errors import CadyqError
 from ..report import ImageReport, RegionBits, build_report
 from ..tiling import TilingConfig, plan_tiles
-from .ov_edsr import EdsrWeights, Geometry, build_graph, describe, read_edsr
+from .ov_edsr import FP_LAYERS, EdsrWeights, Geometry, build_graph, describe, read_edsr
 
 __all__ = ["OVModel", "load_openvino_model", "openvino_available", "cache_dir", "RECEPTIVE_RADIUS"]
 
@@ -56,18 +56,22 @@ class OVModel:
     Args:
         wts: the weights.
         mode: ``dynamic`` or ``fp32``.
+        fp_layers: ``fp32`` (default) or ``bf16`` (the upsampling tail in bf16, as ``--fp-layers bf16``).
         threads: CPU threads for inference (0: OpenVINO's default).
         cache: export compiled graphs to :func:`cache_dir` and import them from there.
     """
 
     receptive_radius = RECEPTIVE_RADIUS
 
-    def __init__(self, wts: EdsrWeights, mode: str = "dynamic", threads: int = 0, cache: bool = True) -> None:
+    def __init__(self, wts: EdsrWeights, mode: str = "dynamic", threads: int = 0, cache: bool = True,
+                 fp_layers: str = "fp32") -> None:
         import openvino as ov
 
         if mode not in MODES:
             raise CadyqError(f"--kernels openvino runs --mode dynamic or fp32, not {mode}")
-        self.wts, self.mode, self.cache = wts, mode, cache
+        if fp_layers not in FP_LAYERS:
+            raise CadyqError(f"--fp-layers takes {' or '.join(FP_LAYERS)}, not {fp_layers}")
+        self.wts, self.mode, self.cache, self.fp_layers = wts, mode, cache, fp_layers
         self.scale = wts.scale
         self.n_selectors = 2 * wts.n_blocks if mode == "dynamic" else 0
         self.core = ov.Core()
@@ -80,8 +84,9 @@ class OVModel:
         self.prepare_log: dict[Geometry, tuple[float, str]] = {}
 
     def _blob_path(self, geo: Geometry) -> Path:
-        key = f"{describe(self.wts)}|{geo.key()}|{self.mode}|{self.version}|{sorted(self.config.items())}"
-        return cache_dir() / f"edsr-x{self.scale}-{self.mode}-{geo.key()}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.blob"
+        key = f"{describe(self.wts)}|{geo.key()}|{self.mode}|{self.fp_layers}|{self.version}|{sorted(self.config.items())}"
+        return cache_dir() / (f"edsr-x{self.scale}-{self.mode}-{self.fp_layers}-{geo.key()}-"
+                              f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.blob")
 
     def compiled(self, geo: Geometry) -> object:
         """The compiled graph for ``geo`` (imported from the cache, or built, compiled and exported)."""
@@ -97,7 +102,7 @@ class OVModel:
             except Exception:  # noqa: BLE001 - a stale or damaged blob: compile again
                 cm = None
         if cm is None:
-            cm = self.core.compile_model(build_graph(self.wts, geo, self.mode == "dynamic"), "CPU", self.config)
+            cm = self.core.compile_model(build_graph(self.wts, geo, self.mode == "dynamic", self.fp_layers), "CPU", self.config)
             how = "compiled"
             if self.cache:
                 try:
@@ -151,12 +156,13 @@ class OVModel:
                 progress(i + 1, len(tiles))
         table = edsr_cost_table(s, self.wts.n_blocks, self.wts.n_feats)
         report = build_report(regions, self.n_selectors, s, table, self.mode, self.mode == "dynamic", None, cfg.tiling,
-                              time.perf_counter() - t0, kernels="openvino" if self.mode == "dynamic" else "float")
+                              time.perf_counter() - t0, kernels="openvino" if self.mode == "dynamic" else "float",
+                              fp_layers=self.fp_layers)
         return out, report
 
 
 def load_openvino_model(model: str | None = None, weights: str | Path | None = None, scale: int | None = 4,
-                        mode: str = "dynamic", threads: int = 0, cache: bool = True) -> OVModel:
+                        mode: str = "dynamic", threads: int = 0, cache: bool = True, fp_layers: str = "fp32") -> OVModel:
     """Load a shipped EDSR-baseline model (or an EDSR-baseline safetensors file) for the OpenVINO runtime.
 
     Raises:
@@ -181,4 +187,4 @@ def load_openvino_model(model: str | None = None, weights: str | Path | None = N
         raise CadyqError(f"{path}: cannot run on OpenVINO ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if scale is not None and wts.scale != scale:
         raise CadyqError(f"{path}: the weights are for x{wts.scale}, not x{scale}")
-    return OVModel(wts, mode, threads, cache)
+    return OVModel(wts, mode, threads, cache, fp_layers)

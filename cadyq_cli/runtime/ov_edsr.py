@@ -31,9 +31,11 @@ import numpy as np
 __all__ = ["EdsrWeights", "Geometry", "read_edsr", "build_graph", "edsr_blocks", "CANDIDATE_BITS"]
 
 CANDIDATE_BITS = (4, 6, 8)
+#: precisions of the full-precision upsampling tail (as :data:`cadyq_cli.models._base.FP_LAYERS`)
+FP_LAYERS = ("fp32", "bf16")
 GRAD_MULTIPLIER = 1000.0
 #: bump whenever the graph this module builds changes: compiled graphs cached on disk are keyed by it
-GRAPH_VERSION = 3
+GRAPH_VERSION = 5
 _F = np.float32
 
 
@@ -121,10 +123,12 @@ class Geometry:
 class _Builder:
     """Builds the graph; one instance per graph."""
 
-    def __init__(self, wts: EdsrWeights, geo: Geometry, quantized: bool) -> None:
+    def __init__(self, wts: EdsrWeights, geo: Geometry, quantized: bool, fp_layers: str = "fp32") -> None:
         import openvino.opset13 as op
 
-        self.op, self.w, self.geo, self.quantized = op, wts, geo, quantized
+        if fp_layers not in FP_LAYERS:
+            raise ValueError(f"fp_layers must be one of {', '.join(FP_LAYERS)}, not {fp_layers!r}")
+        self.op, self.w, self.geo, self.quantized, self.fp_layers = op, wts, geo, quantized, fp_layers
         self.ry, self.rb = geo.axis(geo.h, geo.pt)
         self.cx, self.cb = geo.axis(geo.w, geo.pl)
         self.nh, self.nw = int(self.ry[-1]) + 1, int(self.cx[-1]) + 1
@@ -155,10 +159,16 @@ class _Builder:
             self._consts[key] = self.op.constant(arr)
         return self._consts[key]
 
-    def conv(self, x: object, weight: np.ndarray, bias: np.ndarray | None, pad: tuple[int, int] = (1, 1)) -> object:
-        """FP32 conv on an NCHW tensor."""
-        y = self.op.convolution(x, self.c(weight), [1, 1], list(pad), list(pad), [1, 1])
-        return y if bias is None else self.op.add(y, self.c(bias.reshape(1, -1, 1, 1)))
+    def conv(self, x: object, weight: np.ndarray, bias: np.ndarray | None, pad: tuple[int, int] = (1, 1),
+             bf16: bool = False) -> object:
+        """FP32 conv on an NCHW tensor; with ``bf16``, x is a bf16 tensor and the conv (weights, bias, output)
+        runs in bf16, as PyTorch's CPU autocast runs it."""
+        w = self.c(weight) if not bf16 else self.op.convert(self.c(weight), "bf16")
+        y = self.op.convolution(x, w, [1, 1], list(pad), list(pad), [1, 1])
+        if bias is None:
+            return y
+        b = self.c(bias.reshape(1, -1, 1, 1))
+        return self.op.add(y, b if not bf16 else self.op.convert(b, "bf16"))
 
     def nchw(self, x: object) -> object:
         return self.op.transpose(x, self.c_i64([0, 3, 1, 2]))
@@ -174,19 +184,32 @@ class _Builder:
         """An NCHW tensor as a body tensor."""
         return self.nhwc(x) if self.cl else x
 
-    def region_mean(self, x: object, nhwc: bool = False) -> object:
-        """Mean of x over each region, padding excluded: AvgPool over the lattice.
-
-        NCHW x -> (1, C, nh, nw); with ``nhwc``, x is (1, 1, H, W, C) (a view of an NHWC tensor), pooled
-        with an (r, r, 1) kernel -> (1, 1, nh, nw, C): no transpose of x."""
+    def region_mean(self, x: object) -> object:
+        """Mean of NCHW x over each region, padding excluded: AvgPool over the lattice -> (1, C, nh, nw)."""
         g, op = self.geo, self.op
         if g.region is None:
             return op.reduce_mean(x, self.c_i64([2, 3]), True)
         r = g.region
         pe = (self.nh * r - g.h - g.pt, self.nw * r - g.w - g.pl)
-        if not nhwc:
-            return op.avg_pool(x, [r, r], [g.pt, g.pl], [pe[0], pe[1]], [r, r], True, "floor")
-        return op.avg_pool(x, [r, r, 1], [g.pt, g.pl, 0], [pe[0], pe[1], 0], [r, r, 1], True, "floor")
+        return op.avg_pool(x, [r, r], [g.pt, g.pl], [pe[0], pe[1]], [r, r], True, "floor")
+
+    def region_sums_nhwc(self, x: object) -> tuple[object, object]:
+        """Sums of x and of x*x over each region of an NHWC body tensor x (1, H, W, C): two (1, 1, nh, nw, C).
+
+        Two matrix products with the 0/1 region-membership matrices (rows, then columns) on x seen as
+        (H, W*C): 2.7x faster than region pooling of the 5-D view on this CPU, and sums, as the
+        reference computes them (no mean times count)."""
+        op, g = self.op, self.geo
+        oh = (self.ry[None, :] == np.arange(self.nh)[:, None]).astype(_F)  # (nh, H)
+        ow = (self.cx[None, :] == np.arange(self.nw)[:, None]).astype(_F)  # (nw, W)
+        c = int(self.w.n_feats)
+        x2 = op.reshape(x, self.c_i64([g.h, g.w * c]), False)
+
+        def rsum(t: object) -> object:
+            rows = op.reshape(op.matmul(self.c(oh), t, False, False), self.c_i64([self.nh, g.w, c]), False)
+            return op.reshape(op.matmul(self.c(ow), rows, False, False), self.c_i64([1, 1, self.nh, self.nw, c]), False)
+
+        return rsum(x2), rsum(op.multiply(x2, x2))
 
     def expand(self, m: object, nhwc: bool) -> object:
         """Per-region map (1, nh, nw, k) -> per-pixel (1, H, W, k), or (1, k, H, W) when not ``nhwc``."""
@@ -217,15 +240,15 @@ class _Builder:
         steps); maps are (1, 1, H, W), or (1, H, W, 1) in a channels-last body (except the step map)."""
         op, sd = self.op, self.w.sd
         wl, bl = sd[f"{prefix}.net_small.0.weight"], sd[f"{prefix}.net_small.0.bias"]
-        if self.cl:  # statistics as (1, 1, nh, nw, C): pooled from the NHWC body without a transpose
-            x5 = op.unsqueeze(x, self.c_i64([1]))
-            m1, m2 = self.region_mean(x5, True), self.region_mean(op.multiply(x5, x5), True)
+        if self.cl:  # statistics as (1, 1, nh, nw, C), summed from the NHWC body without a transpose
+            s1, s2 = self.region_sums_nhwc(x)
             cnt = self.count.reshape(1, 1, self.nh, self.nw, 1)
+            n = self.c(cnt)
         else:
             m1, m2 = self.region_mean(x), self.region_mean(op.multiply(x, x))
             cnt = self.count
-        n = self.c(cnt)
-        s1, s2 = op.multiply(m1, n), op.multiply(m2, n)
+            n = self.c(cnt)
+            s1, s2 = op.multiply(m1, n), op.multiply(m2, n)
         var = op.divide(op.subtract(s2, op.divide(op.multiply(s1, s1), n)), self.c(np.maximum(cnt - 1, 1)))
         std = op.multiply(op.sqrt(op.maximum(var, self.c(0.0))), self.c((cnt > 1).astype(_F)))
         if self.cl:
@@ -338,12 +361,19 @@ class _Builder:
             r = op.add(t, r if wts.skip == "fp" else value)
         n = wts.n_blocks
         r = op.add(self.conv(self.as_nchw(r), sd[f"body.{n}.weight"], sd[f"body.{n}.bias"]), head)
+        bf16 = self.fp_layers == "bf16"  # the upsampling tail (upsampler convs, pixel shuffles, last conv) in bf16
+        if bf16:
+            r = op.convert(r, "bf16")
         if wts.scale == 3:
-            r = op.depth_to_space(self.conv(r, sd["tail.0.0.weight"], sd["tail.0.0.bias"]), "depth_first", 3)
+            r = op.depth_to_space(self.conv(r, sd["tail.0.0.weight"], sd["tail.0.0.bias"], bf16=bf16), "depth_first", 3)
         else:
             for j in range(wts.scale // 2):
-                r = op.depth_to_space(self.conv(r, sd[f"tail.0.{2 * j}.weight"], sd[f"tail.0.{2 * j}.bias"]), "depth_first", 2)
-        sr = op.add(self.conv(r, sd["tail.1.weight"], sd["tail.1.bias"]), self.c(sd["add_mean.bias"].reshape(1, 3, 1, 1)))
+                r = op.depth_to_space(self.conv(r, sd[f"tail.0.{2 * j}.weight"], sd[f"tail.0.{2 * j}.bias"], bf16=bf16),
+                                      "depth_first", 2)
+        r = self.conv(r, sd["tail.1.weight"], sd["tail.1.bias"], bf16=bf16)
+        if bf16:
+            r = op.convert(r, np.float32)
+        sr = op.add(r, self.c(sd["add_mean.bias"].reshape(1, 3, 1, 1)))
         outs = [op.result(sr, name="sr")]
         if self.quantized:  # bits = 4 + 2 * candidate index, (1, n_sel, nh, nw)
             idx = op.concat(self.bits, 4 if self.cl else 1)
@@ -353,9 +383,10 @@ class _Builder:
         return ov.Model(outs, [x], "edsr_cadyq" if self.quantized else "edsr_fp32")
 
 
-def build_graph(wts: EdsrWeights, geo: Geometry, quantized: bool = True) -> object:
-    """The ``openvino.Model`` of ``wts`` for one tile geometry (``quantized=False``: plain FP32 EDSR)."""
-    return _Builder(wts, geo, quantized).build()
+def build_graph(wts: EdsrWeights, geo: Geometry, quantized: bool = True, fp_layers: str = "fp32") -> object:
+    """The ``openvino.Model`` of ``wts`` for one tile geometry (``quantized=False``: plain FP32 EDSR;
+    ``fp_layers="bf16"``: the upsampling tail in bf16)."""
+    return _Builder(wts, geo, quantized, fp_layers).build()
 
 
 def describe(wts: EdsrWeights) -> str:
