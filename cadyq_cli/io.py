@@ -198,9 +198,24 @@ def _fd2_captured(active: bool = True) -> Iterator[list[str]]:
         os.close(saved)
 
 
-def _allowed_formats() -> list[str]:
+def _allowed_formats(head: bytes = b"") -> list[str]:
+    """Formats Pillow may open: a PNG (by its signature ``head``) needs only the PNG plugin, which
+    spares loading all of Pillow's plugins (about 20 ms) for the most common input."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return ["PNG"]
     Image.init()
     return [f for f in _INPUT_FORMATS if f in Image.OPEN]
+
+
+def _head(path: Path, data: bytes | None) -> bytes:
+    """The first bytes of the file (b"" when they cannot be read: the open then says why)."""
+    if data is not None:
+        return data[:8]
+    try:
+        with open(path, "rb") as f:
+            return f.read(8)
+    except OSError:
+        return b""
 
 
 def _reset_exif_orientation(raw: bytes) -> bytes | None:
@@ -325,7 +340,7 @@ def read_image(
     c_notes: list[str] = []
     with _pillow_settings() as (caught, logs):
         try:
-            im = Image.open(path if data is None else io.BytesIO(data), formats=_allowed_formats())
+            im = Image.open(path if data is None else io.BytesIO(data), formats=_allowed_formats(_head(path, data)))
         except Image.UnidentifiedImageError as exc:
             raise ImageReadError(f"cannot read {path}: not an image in a supported format") from exc
         except Exception as exc:  # Pillow plugins raise many types on malformed headers

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-import cv2
 import numpy as np
 
 from .errors import CadyqError, ImageWriteError
@@ -68,6 +67,8 @@ def upscale_file(
     alpha = None
     if img.alpha is not None:
         s = model.scale
+        import cv2  # local: only an alpha channel needs it
+
         alpha = cv2.resize(img.alpha.astype(np.float32), (img.width * s, img.height * s), interpolation=cv2.INTER_CUBIC)
         alpha = np.clip(alpha, 0.0, 1.0)
     meta = dict(alpha=alpha, gray=img.gray, bit_depth=img.bit_depth, icc_profile=img.icc_profile, exif=img.exif)

@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import cv2
 import numpy as np
 
 from .accounting import ConvCost, bitops, fab
@@ -171,6 +170,8 @@ def bit_heatmap(rgb: np.ndarray, report: ImageReport, layer: int | None = None, 
     Returns:
         (H', W', 3) uint8 RGB picture.
     """
+    import cv2  # local: only the heatmap needs it (keeps cv2 out of the upscale start-up)
+
     h, w = rgb.shape[:2]
     k = max(1, int(np.ceil(min_width / max(w, 1))))
     base = cv2.resize(np.clip(rgb, 0, 255).astype(np.uint8), (w * k, h * k), interpolation=cv2.INTER_NEAREST)

@@ -221,6 +221,34 @@ def test_bf16_tail_keeps_bits_and_stays_close() -> None:
     assert 0 < err.mean() < 0.5 and err.max() < 4.0  # bf16 rounding of the tail, nothing more
 
 
+@pytest.mark.parametrize("scale", [3, 4])
+def test_tail_in_strips_equals_the_tail_in_one_piece(monkeypatch: pytest.MonkeyPatch, scale: int) -> None:
+    from cadyq_cli.runtime import ov_edsr
+
+    img = _image(60, 76, seed=5)
+    one, r1 = load_openvino_model(scale=scale, cache=False).upscale_array(img)
+    monkeypatch.setattr(ov_edsr, "TAIL_BUDGET_BYTES", 1)  # strips of 8 LR rows: 8 strips, every cut inside the tile
+    strips, r2 = load_openvino_model(scale=scale, cache=False).upscale_array(img)
+    _same_report(r1, r2)
+    assert np.abs(one - strips).max() < 1e-3  # the halo covers the tail's receptive field: only float rounding
+
+
+def test_a_big_image_keeps_few_graphs_alive() -> None:
+    from cadyq_cli.runtime import engine
+
+    m = load_openvino_model(scale=2, cache=False)
+    img = _image(40, 300, seed=6)
+    cfg = TilingConfig(region=24, tile=96, any_tile=True)  # small tiles: several geometries in a small image
+    out, rep = m.upscale_array(img, cfg)
+    assert len(m.prepare_log) >= 3  # several tile geometries (first, inner, last)
+    assert len(m._compiled) <= engine.MAX_COMPILED
+    net = load_model(scale=2)
+    set_kernels(net, "float")
+    ref, rep_ref = upscale_array(net, img, cfg)
+    _same_report(rep, rep_ref)  # tiles run grouped by geometry, the report is the plan's
+    assert np.abs(out - ref).mean() < 0.25
+
+
 def test_unsupported_requests_are_one_line_errors() -> None:
     from cadyq_cli.errors import CadyqError
 

@@ -26,6 +26,8 @@ CHECKS = [
     "test_cli_upscale_runs_without_importing_torch",
     "test_default_upscale_runs_on_openvino_where_it_serves",
     "test_bf16_tail_keeps_bits_and_stays_close",
+    "test_tail_in_strips_equals_the_tail_in_one_piece",
+    "test_a_big_image_keeps_few_graphs_alive",
     "test_unsupported_requests_are_one_line_errors",
 ]
 

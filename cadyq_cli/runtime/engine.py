@@ -9,6 +9,7 @@ instead of building and compiling the graph again.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from contextlib import suppress
 import os
 import time
@@ -28,6 +29,8 @@ __all__ = ["OVModel", "load_openvino_model", "openvino_available", "cache_dir", 
 #: LR px of context a pixel depends on (as :attr:`cadyq_cli.models.edsr.EDSRBaseline.receptive_radius`)
 RECEPTIVE_RADIUS = 40
 MODES = ("dynamic", "fp32")
+#: compiled graphs kept alive at a time (see OVModel._compiled)
+MAX_COMPILED = 2
 #: compile settings: FP32 for the full-precision layers, one stream; no "snippets" (OpenVINO's JIT-fused
 #: elementwise subgraphs): the CADyQ graph has ~400 of them, each compiled again when a cached graph is
 #: imported, which doubled the import time (0.61 -> 0.30 s at 128x128) for no faster inference
@@ -79,7 +82,9 @@ class OVModel:
         self.config: dict[str, object] = dict(GRAPH_CONFIG)
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
-        self._compiled: dict[Geometry, object] = {}
+        #: the compiled graphs of the last MAX_COMPILED geometries, with one inference request each (a compiled
+        #: graph holds its working memory: keeping every geometry of a big image alive took 12 GB)
+        self._compiled: OrderedDict[Geometry, tuple[object, object]] = OrderedDict()
         #: (seconds, "compiled" | "imported") per geometry prepared by this object
         self.prepare_log: dict[Geometry, tuple[float, str]] = {}
 
@@ -91,7 +96,8 @@ class OVModel:
     def compiled(self, geo: Geometry) -> object:
         """The compiled graph for ``geo`` (imported from the cache, or built, compiled and exported)."""
         if geo in self._compiled:
-            return self._compiled[geo]
+            self._compiled.move_to_end(geo)
+            return self._compiled[geo][0]
         t0 = time.perf_counter()
         path = self._blob_path(geo)
         cm = None
@@ -117,17 +123,27 @@ class OVModel:
                 except Exception:  # noqa: BLE001 - export_model raises RuntimeError too: no cache, not a failure
                     with suppress(OSError):  # no cache: the next process compiles again
                         tmp.unlink()
-        self._compiled[geo] = cm
+        while len(self._compiled) >= MAX_COMPILED:
+            self._compiled.popitem(last=False)
+        self._compiled[geo] = (cm, cm.create_infer_request())
         self.prepare_log[geo] = (time.perf_counter() - t0, how)
         return cm
 
     def forward(self, x: np.ndarray, geo: Geometry) -> tuple[np.ndarray, np.ndarray]:
         """(sr (1, 3, sH, sW), bits (1, n_sel, nh, nw)) of one tile x (1, 3, H, W) float32 0..255."""
         cm = self.compiled(geo)
-        res = cm.create_infer_request().infer([np.ascontiguousarray(x, dtype=np.float32)])
+        res = self._compiled[geo][1].infer([np.ascontiguousarray(x, dtype=np.float32)])
         sr = res[cm.output("sr")]
         bits = res[cm.output("bits")] if self.n_selectors else np.zeros((1, 0, 1, 1), np.float32)
         return sr, bits
+
+    @staticmethod
+    def _geometry(tile: object, region: int | None) -> Geometry:
+        """The graph geometry of a planned tile (its size and place on the region lattice)."""
+        y0, y1, x0, x1 = tile.in_box  # type: ignore[attr-defined]
+        if region is None:
+            return Geometry(y1 - y0, x1 - x0)
+        return Geometry(y1 - y0, x1 - x0, region, y0 % region, x0 % region)
 
     def upscale_array(self, rgb: np.ndarray, cfg: TilingConfig = TilingConfig(),
                       progress: Callable[[int, int], None] | None = None,
@@ -142,10 +158,11 @@ class OVModel:
         tiles, region = plan_tiles(h, w, s, cfg, self.receptive_radius)
         out = np.empty((h * s, w * s, 3), dtype=out_dtype)
         regions = RegionBits(h, w, region)
-        for i, t in enumerate(tiles):
+        # tiles of one geometry one after another: each graph is prepared once per image (tiles are independent)
+        order = sorted(range(len(tiles)), key=lambda k: self._geometry(tiles[k], region).key())
+        for i, t in enumerate(tiles[k] for k in order):
             y0, y1, x0, x1 = t.in_box
-            geo = Geometry(y1 - y0, x1 - x0) if region is None else Geometry(y1 - y0, x1 - x0, region, y0 % region, x0 % region)
-            sr, bits = self.forward(rgb[y0:y1, x0:x1].transpose(2, 0, 1)[None], geo)
+            sr, bits = self.forward(rgb[y0:y1, x0:x1].transpose(2, 0, 1)[None], self._geometry(t, region))
             oy0, oy1, ox0, ox1 = t.out_box
             part = np.clip(sr[0, :, t.src_y : t.src_y + oy1 - oy0, t.src_x : t.src_x + ox1 - ox0], 0, 255).transpose(1, 2, 0)
             if out_dtype == "uint8":

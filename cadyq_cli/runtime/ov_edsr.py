@@ -34,8 +34,12 @@ CANDIDATE_BITS = (4, 6, 8)
 #: precisions of the full-precision upsampling tail (as :data:`cadyq_cli.models._base.FP_LAYERS`)
 FP_LAYERS = ("fp32", "bf16")
 GRAD_MULTIPLIER = 1000.0
+#: the tail's strips: bytes of high-resolution intermediates, and LR rows of context (the tail's receptive
+#: radius is under 2 LR px at every scale), as :meth:`cadyq_cli.models._base.SRModel.run_tail`
+TAIL_BUDGET_BYTES = 1 << 28
+TAIL_HALO = 3
 #: bump whenever the graph this module builds changes: compiled graphs cached on disk are keyed by it
-GRAPH_VERSION = 5
+GRAPH_VERSION = 6
 _F = np.float32
 
 
@@ -325,6 +329,40 @@ class _Builder:
         keep = np.array([4 * j for j in range(nb)] + [4 * j + 1 for j in range(nb)], np.int64)
         return np.clip(lines, 0, size - 1), keep, valid
 
+    def tail(self, r: object) -> object:
+        """The upsampling tail (upsampler convs, pixel shuffles, last conv) of LR features r (1, C, h, W)."""
+        op, sd, wts = self.op, self.w.sd, self.w
+        bf16 = self.fp_layers == "bf16"  # the tail in bf16 (as PyTorch's CPU autocast runs it)
+        if bf16:
+            r = op.convert(r, "bf16")
+        if wts.scale == 3:
+            r = op.depth_to_space(self.conv(r, sd["tail.0.0.weight"], sd["tail.0.0.bias"], bf16=bf16), "depth_first", 3)
+        else:
+            for j in range(wts.scale // 2):
+                r = op.depth_to_space(self.conv(r, sd[f"tail.0.{2 * j}.weight"], sd[f"tail.0.{2 * j}.bias"], bf16=bf16),
+                                      "depth_first", 2)
+        r = self.conv(r, sd["tail.1.weight"], sd["tail.1.bias"], bf16=bf16)
+        return op.convert(r, np.float32) if bf16 else r
+
+    def tail_in_strips(self, r: object) -> object:
+        """:meth:`tail` on row strips of r with TAIL_HALO rows of context each side, as
+        :meth:`cadyq_cli.models._base.SRModel.run_tail` runs it: the high-resolution intermediates of a
+        strip (two alive, ``C * scale**2`` floats per LR pixel) stay under TAIL_BUDGET_BYTES, so a big
+        tile's memory is bounded (a 464 px tile at x4 needed 1.9 GB in one piece) and they stay in cache."""
+        op, g, s = self.op, self.geo, self.w.scale
+        per_row = 8 * self.w.n_feats * s * s * g.w
+        rows = max(8, TAIL_BUDGET_BYTES // per_row)
+        if rows >= g.h:
+            return self.tail(r)
+        parts = []
+        for y0 in range(0, g.h, rows):
+            y1 = min(g.h, y0 + rows)
+            a, b = max(0, y0 - TAIL_HALO), min(g.h, y1 + TAIL_HALO)
+            part = self.tail(op.slice(r, self.c_i64([a]), self.c_i64([b]), self.c_i64([1]), self.c_i64([2])))
+            parts.append(op.slice(part, self.c_i64([(y0 - a) * s]), self.c_i64([(y1 - a) * s]), self.c_i64([1]),
+                                  self.c_i64([2])))
+        return op.concat(parts, 2)
+
     def build(self) -> object:
         import openvino as ov
 
@@ -361,19 +399,7 @@ class _Builder:
             r = op.add(t, r if wts.skip == "fp" else value)
         n = wts.n_blocks
         r = op.add(self.conv(self.as_nchw(r), sd[f"body.{n}.weight"], sd[f"body.{n}.bias"]), head)
-        bf16 = self.fp_layers == "bf16"  # the upsampling tail (upsampler convs, pixel shuffles, last conv) in bf16
-        if bf16:
-            r = op.convert(r, "bf16")
-        if wts.scale == 3:
-            r = op.depth_to_space(self.conv(r, sd["tail.0.0.weight"], sd["tail.0.0.bias"], bf16=bf16), "depth_first", 3)
-        else:
-            for j in range(wts.scale // 2):
-                r = op.depth_to_space(self.conv(r, sd[f"tail.0.{2 * j}.weight"], sd[f"tail.0.{2 * j}.bias"], bf16=bf16),
-                                      "depth_first", 2)
-        r = self.conv(r, sd["tail.1.weight"], sd["tail.1.bias"], bf16=bf16)
-        if bf16:
-            r = op.convert(r, np.float32)
-        sr = op.add(r, self.c(sd["add_mean.bias"].reshape(1, 3, 1, 1)))
+        sr = op.add(self.tail_in_strips(r), self.c(sd["add_mean.bias"].reshape(1, 3, 1, 1)))
         outs = [op.result(sr, name="sr")]
         if self.quantized:  # bits = 4 + 2 * candidate index, (1, n_sel, nh, nw)
             idx = op.concat(self.bits, 4 if self.cl else 1)
