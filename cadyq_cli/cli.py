@@ -136,15 +136,15 @@ MaxPxOpt = Annotated[int, typer.Option("--max-pixels", help="refuse inputs large
 def _openvino_serves(model: str | None, weights: Path | None, arch: str | None, scale: int, mode: str, device: str,
                      fp_layers: str, bit_bias: float, target_fab: float | None) -> bool:
     """Whether ``--kernels auto`` runs this upscale on the OpenVINO runtime: a shipped EDSR-baseline model in
-    dynamic or fp32 mode on the CPU, with none of the options only the PyTorch engine has, openvino installed,
-    and a CPU with an int8 dot product (exact int8 convolutions). ``CADYQ_KERNELS=torch`` opts out."""
+    dynamic or fp32 mode on the CPU, with none of the options only the PyTorch engine has, and openvino
+    installed; its quantized convs are exact int8 where the CPU has an int8 dot product, else the float
+    reference's arithmetic. ``CADYQ_KERNELS=torch`` opts out."""
     if os.environ.get("CADYQ_KERNELS", "").lower() == "torch":
         return False
     if weights is not None or arch is not None or device.lower() != "cpu" or mode not in ("dynamic", "fp32"):
         return False
     if bit_bias or target_fab is not None:
         return False
-    from .devices import cpu_has_int8_dot
     from .runtime.engine import openvino_available
     from .weights import DEFAULT_MODEL, resolve_weights
 
@@ -152,12 +152,18 @@ def _openvino_serves(model: str | None, weights: Path | None, arch: str | None, 
         cfg = resolve_weights(model or DEFAULT_MODEL, scale)
     except CadyqError:
         return False  # the PyTorch loader says what is wrong
-    return cfg.arch == "edsr_baseline" and cpu_has_int8_dot() and openvino_available()
+    return cfg.arch == "edsr_baseline" and openvino_available()
 
 
 def _load(model: str | None, weights: Path | None, arch: str | None, scale: int, mode: str, device: str, threads: int,  # noqa: ANN202
           kernels: str = "auto", fp_layers: str = "fp32", bit_bias: float = 0.0, openvino: bool = False,
           target_fab: float | None = None):
+    if FpLayers(fp_layers) == FpLayers.bf16 and device.lower() == "cpu":
+        from .devices import cpu_has_bf16
+
+        if not cpu_has_bf16():
+            err.print("[yellow]warning:[/yellow] this CPU has no native bf16: --fp-layers bf16 runs slower than fp32 here",
+                      soft_wrap=True)
     if kernels == "auto" and openvino and _openvino_serves(model, weights, arch, scale, mode, device, fp_layers, bit_bias,
                                                            target_fab):
         kernels = "openvino"
@@ -213,7 +219,8 @@ def _print_report(rec: dict, fab_map: list[list[float]]) -> None:
     elif rec.get("bit_bias"):
         t.add_row("dial", f"bit bias {rec['bit_bias']:+.3g}")
     if rec["mode"] != "fp32":
-        t.add_row("kernels", {"int8": "int8 (integer convolutions)", "openvino": "openvino (int8 convolutions, no PyTorch)"}
+        t.add_row("kernels", {"int8": "int8 (integer convolutions)", "openvino": "openvino (int8 convolutions, no PyTorch)",
+                              "openvino-float": "openvino (float convolutions: no int8 dot product on this CPU)"}
                   .get(rec["kernels"], "float (fake-quantized)"))
     if rec.get("fp_layers", "fp32") != "fp32":
         t.add_row("fp layers", f"{rec['fp_layers']} (upsampling tail)")

@@ -11,7 +11,7 @@ import re
 
 from .errors import CadyqError
 
-__all__ = ["DeviceError", "available_devices", "parse_device", "cpu_has_int8_dot"]
+__all__ = ["DeviceError", "available_devices", "parse_device", "cpu_has_bf16", "cpu_has_int8_dot"]
 
 _CUDA = re.compile(r"cuda(?::(\d+))?")
 
@@ -50,20 +50,37 @@ def parse_device(text: str) -> str:
     return f"cuda:{index}"
 
 
+def _isa_cap_allows(*tokens: str) -> bool:
+    """False when oneDNN's ISA cap (``ONEDNN_MAX_CPU_ISA`` / ``DNNL_MAX_CPU_ISA``) names a level without any of
+    ``tokens`` (e.g. ``AVX2``); True without a cap."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    return cap in ("", "ALL", "DEFAULT") or any(t in cap for t in tokens)
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def cpu_has_bf16() -> bool:
+    """True when this CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and
+    ``--fp-layers bf16`` is slower than fp32. Obeys oneDNN's ISA cap like :func:`cpu_has_int8_dot`."""
+    if not _isa_cap_allows("BF16", "FP16", "AMX", "AVX10"):
+        return False
+    flags = _cpu_flags()
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
 def cpu_has_int8_dot() -> bool:
     """True when this CPU has an int8 dot-product instruction (AVX-512 VNNI, AVX-VNNI or AMX), which
     makes int8 convolutions exact (32-bit sums); without one, x86 int8 kernels may saturate 16-bit
     intermediate sums. ``CADYQ_INT8=0`` answers False (forces the float kernels), and so does oneDNN's
     ISA cap (``ONEDNN_MAX_CPU_ISA``, e.g. ``AVX2``) where it excludes those instructions: both PyTorch's
     and OpenVINO's int8 kernels obey it. No torch import."""
-    if os.environ.get("CADYQ_INT8", "") == "0":
+    if os.environ.get("CADYQ_INT8", "") == "0" or not _isa_cap_allows("VNNI", "BF16", "FP16", "AMX", "AVX10"):
         return False
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
-    if cap not in ("", "ALL", "DEFAULT") and not any(t in cap for t in ("VNNI", "BF16", "FP16", "AMX", "AVX10")):
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
+    flags = _cpu_flags()
     return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))

@@ -336,3 +336,12 @@ def test_int8_dot_product_check_obeys_the_isa_cap(monkeypatch: pytest.MonkeyPatc
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     monkeypatch.setenv("CADYQ_INT8", "0")
     assert not cpu_has_int8_dot()
+
+
+def test_bf16_check_obeys_the_isa_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cadyq_cli.devices import cpu_has_bf16
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")  # VNNI but no bf16
+    assert not cpu_has_bf16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not cpu_has_bf16()

@@ -1,5 +1,5 @@
 """Torch-free inference: the shipped EDSR-baseline CADyQ models as OpenVINO graphs (``--kernels openvino``).
 
-Nothing here imports PyTorch; ``openvino`` is an optional dependency (``pip install cadyq[openvino]``).
+Nothing here imports PyTorch; ``openvino`` is a dependency of cadyq (the default upscale runtime where it serves).
 """
 from __future__ import annotations

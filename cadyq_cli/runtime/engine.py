@@ -60,6 +60,8 @@ class OVModel:
         wts: the weights.
         mode: ``dynamic`` or ``fp32``.
         fp_layers: ``fp32`` (default) or ``bf16`` (the upsampling tail in bf16, as ``--fp-layers bf16``).
+        int8: quantized convs as exact int8 convolutions (default: where the CPU has an int8 dot product;
+            elsewhere OpenVINO's int8 kernels saturate), else as the float reference computes them.
         threads: CPU threads for inference (0: OpenVINO's default).
         cache: export compiled graphs to :func:`cache_dir` and import them from there.
     """
@@ -67,14 +69,19 @@ class OVModel:
     receptive_radius = RECEPTIVE_RADIUS
 
     def __init__(self, wts: EdsrWeights, mode: str = "dynamic", threads: int = 0, cache: bool = True,
-                 fp_layers: str = "fp32") -> None:
+                 fp_layers: str = "fp32", int8: bool | None = None) -> None:
         import openvino as ov
+
+        from ..devices import cpu_has_int8_dot
 
         if mode not in MODES:
             raise CadyqError(f"--kernels openvino runs --mode dynamic or fp32, not {mode}")
         if fp_layers not in FP_LAYERS:
             raise CadyqError(f"--fp-layers takes {' or '.join(FP_LAYERS)}, not {fp_layers}")
         self.wts, self.mode, self.cache, self.fp_layers = wts, mode, cache, fp_layers
+        self.int8 = cpu_has_int8_dot() if int8 is None else int8
+        #: the report's ``kernels``: int8 codes on OpenVINO, or the reference's float arithmetic on OpenVINO
+        self.kernels = "float" if mode == "fp32" else "openvino" if self.int8 else "openvino-float"
         self.scale = wts.scale
         self.n_selectors = 2 * wts.n_blocks if mode == "dynamic" else 0
         self.core = ov.Core()
@@ -89,8 +96,9 @@ class OVModel:
         self.prepare_log: dict[Geometry, tuple[float, str]] = {}
 
     def _blob_path(self, geo: Geometry) -> Path:
-        key = f"{describe(self.wts)}|{geo.key()}|{self.mode}|{self.fp_layers}|{self.version}|{sorted(self.config.items())}"
-        return cache_dir() / (f"edsr-x{self.scale}-{self.mode}-{self.fp_layers}-{geo.key()}-"
+        key = (f"{describe(self.wts)}|{geo.key()}|{self.mode}|{self.fp_layers}|{self.kernels}|{self.version}|"
+               f"{sorted(self.config.items())}")
+        return cache_dir() / (f"edsr-x{self.scale}-{self.mode}-{self.fp_layers}-{self.kernels}-{geo.key()}-"
                               f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.blob")
 
     def compiled(self, geo: Geometry) -> object:
@@ -108,7 +116,8 @@ class OVModel:
             except Exception:  # noqa: BLE001 - a stale or damaged blob: compile again
                 cm = None
         if cm is None:
-            cm = self.core.compile_model(build_graph(self.wts, geo, self.mode == "dynamic", self.fp_layers), "CPU", self.config)
+            cm = self.core.compile_model(build_graph(self.wts, geo, self.mode == "dynamic", self.fp_layers, self.int8), "CPU",
+                                         self.config)
             how = "compiled"
             if self.cache:
                 try:
@@ -173,20 +182,20 @@ class OVModel:
                 progress(i + 1, len(tiles))
         table = edsr_cost_table(s, self.wts.n_blocks, self.wts.n_feats)
         report = build_report(regions, self.n_selectors, s, table, self.mode, self.mode == "dynamic", None, cfg.tiling,
-                              time.perf_counter() - t0, kernels="openvino" if self.mode == "dynamic" else "float",
-                              fp_layers=self.fp_layers)
+                              time.perf_counter() - t0, kernels=self.kernels, fp_layers=self.fp_layers)
         return out, report
 
 
 def load_openvino_model(model: str | None = None, weights: str | Path | None = None, scale: int | None = 4,
-                        mode: str = "dynamic", threads: int = 0, cache: bool = True, fp_layers: str = "fp32") -> OVModel:
+                        mode: str = "dynamic", threads: int = 0, cache: bool = True, fp_layers: str = "fp32",
+                        int8: bool | None = None) -> OVModel:
     """Load a shipped EDSR-baseline model (or an EDSR-baseline safetensors file) for the OpenVINO runtime.
 
     Raises:
         CadyqError: openvino is not installed, the model is not EDSR-baseline, or the mode is not supported.
     """
     if not openvino_available():
-        raise CadyqError("--kernels openvino needs the openvino package (pip install 'cadyq[openvino]')")
+        raise CadyqError("--kernels openvino needs the openvino package (pip install openvino)")
     from ..weights import DEFAULT_MODEL, resolve_weights, shipped_path
 
     if weights is None:
@@ -204,4 +213,4 @@ def load_openvino_model(model: str | None = None, weights: str | Path | None = N
         raise CadyqError(f"{path}: cannot run on OpenVINO ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if scale is not None and wts.scale != scale:
         raise CadyqError(f"{path}: the weights are for x{wts.scale}, not x{scale}")
-    return OVModel(wts, mode, threads, cache, fp_layers)
+    return OVModel(wts, mode, threads, cache, fp_layers, int8)

@@ -39,7 +39,7 @@ GRAD_MULTIPLIER = 1000.0
 TAIL_BUDGET_BYTES = 1 << 28
 TAIL_HALO = 3
 #: bump whenever the graph this module builds changes: compiled graphs cached on disk are keyed by it
-GRAPH_VERSION = 6
+GRAPH_VERSION = 7
 _F = np.float32
 
 
@@ -127,12 +127,12 @@ class Geometry:
 class _Builder:
     """Builds the graph; one instance per graph."""
 
-    def __init__(self, wts: EdsrWeights, geo: Geometry, quantized: bool, fp_layers: str = "fp32") -> None:
+    def __init__(self, wts: EdsrWeights, geo: Geometry, quantized: bool, fp_layers: str = "fp32", int8: bool = True) -> None:
         import openvino.opset13 as op
 
         if fp_layers not in FP_LAYERS:
             raise ValueError(f"fp_layers must be one of {', '.join(FP_LAYERS)}, not {fp_layers!r}")
-        self.op, self.w, self.geo, self.quantized, self.fp_layers = op, wts, geo, quantized, fp_layers
+        self.op, self.w, self.geo, self.quantized, self.fp_layers, self.int8 = op, wts, geo, quantized, fp_layers, int8
         self.ry, self.rb = geo.axis(geo.h, geo.pt)
         self.cx, self.cb = geo.axis(geo.w, geo.pl)
         self.nh, self.nw = int(self.ry[-1]) + 1, int(self.cx[-1]) + 1
@@ -143,7 +143,7 @@ class _Builder:
         #: with region boundaries the body runs channels-last (NHWC tensors): boundary lines are gathered
         #: and scattered along H/W of plain NHWC tensors, which is the memory layout the int8 convs
         #: use, so the transposes around the convs cost nothing
-        self.cl = quantized and bool(self.cb or self.rb)
+        self.cl = quantized and int8 and bool(self.cb or self.rb)
 
     # --- small helpers -------------------------------------------------------------------
     def c(self, v: object) -> object:
@@ -197,21 +197,29 @@ class _Builder:
         pe = (self.nh * r - g.h - g.pt, self.nw * r - g.w - g.pl)
         return op.avg_pool(x, [r, r], [g.pt, g.pl], [pe[0], pe[1]], [r, r], True, "floor")
 
-    def region_sums_nhwc(self, x: object) -> tuple[object, object]:
-        """Sums of x and of x*x over each region of an NHWC body tensor x (1, H, W, C): two (1, 1, nh, nw, C).
+    def region_sums(self, x: object) -> tuple[object, object]:
+        """Sums of x and of x*x over each region of body tensor x: (1, 1, nh, nw, C) each from a channels-last
+        body (1, H, W, C), (1, C, nh, nw) from an NCHW one.
 
-        Two matrix products with the 0/1 region-membership matrices (rows, then columns) on x seen as
-        (H, W*C): 2.7x faster than region pooling of the 5-D view on this CPU, and sums, as the
-        reference computes them (no mean times count)."""
+        Matrix products with the 0/1 region-membership matrices (rows, columns) on x seen as (H, W*C),
+        or as (C, H, W): 2.7x faster than region pooling on this CPU, and sums, as the reference computes
+        them (no mean times count)."""
         op, g = self.op, self.geo
         oh = (self.ry[None, :] == np.arange(self.nh)[:, None]).astype(_F)  # (nh, H)
         ow = (self.cx[None, :] == np.arange(self.nw)[:, None]).astype(_F)  # (nw, W)
         c = int(self.w.n_feats)
-        x2 = op.reshape(x, self.c_i64([g.h, g.w * c]), False)
+        if self.cl:
+            x2 = op.reshape(x, self.c_i64([g.h, g.w * c]), False)
 
-        def rsum(t: object) -> object:
-            rows = op.reshape(op.matmul(self.c(oh), t, False, False), self.c_i64([self.nh, g.w, c]), False)
-            return op.reshape(op.matmul(self.c(ow), rows, False, False), self.c_i64([1, 1, self.nh, self.nw, c]), False)
+            def rsum(t: object) -> object:
+                rows = op.reshape(op.matmul(self.c(oh), t, False, False), self.c_i64([self.nh, g.w, c]), False)
+                return op.reshape(op.matmul(self.c(ow), rows, False, False), self.c_i64([1, 1, self.nh, self.nw, c]), False)
+        else:
+            x2 = op.reshape(x, self.c_i64([c, g.h, g.w]), False)
+
+            def rsum(t: object) -> object:
+                cols = op.matmul(t, self.c(np.ascontiguousarray(ow.T)), False, False)  # (C, H, nw)
+                return op.reshape(op.matmul(self.c(oh), cols, False, False), self.c_i64([1, c, self.nh, self.nw]), False)
 
         return rsum(x2), rsum(op.multiply(x2, x2))
 
@@ -244,15 +252,9 @@ class _Builder:
         steps); maps are (1, 1, H, W), or (1, H, W, 1) in a channels-last body (except the step map)."""
         op, sd = self.op, self.w.sd
         wl, bl = sd[f"{prefix}.net_small.0.weight"], sd[f"{prefix}.net_small.0.bias"]
-        if self.cl:  # statistics as (1, 1, nh, nw, C), summed from the NHWC body without a transpose
-            s1, s2 = self.region_sums_nhwc(x)
-            cnt = self.count.reshape(1, 1, self.nh, self.nw, 1)
-            n = self.c(cnt)
-        else:
-            m1, m2 = self.region_mean(x), self.region_mean(op.multiply(x, x))
-            cnt = self.count
-            n = self.c(cnt)
-            s1, s2 = op.multiply(m1, n), op.multiply(m2, n)
+        s1, s2 = self.region_sums(x)  # (1, 1, nh, nw, C) channels-last, else (1, C, nh, nw)
+        cnt = self.count.reshape(1, 1, self.nh, self.nw, 1) if self.cl else self.count
+        n = self.c(cnt)
         var = op.divide(op.subtract(s2, op.divide(op.multiply(s1, s1), n)), self.c(np.maximum(cnt - 1, 1)))
         std = op.multiply(op.sqrt(op.maximum(var, self.c(0.0))), self.c((cnt > 1).astype(_F)))
         if self.cl:
@@ -278,6 +280,14 @@ class _Builder:
         codes = op.round(op.multiply(op.clamp(op.divide(x, a_px), -1.0 if signed else 0.0, 1.0), q_px), "half_to_even")
         value = op.multiply(op.divide(codes, q_px), a_px)
         return codes, s_px, value, i_px, steps
+
+    def fconv(self, value: object, name: str) -> object:
+        """The quantized conv ``name`` as the float reference runs it: FP32 conv of the fake-quantized input
+        ``value`` with the weights on their 8-bit grid (``round(w * 127 / m) * m / 127``, in that order)."""
+        w = self.w.sd[f"{name}.weight"]
+        m = _F(np.abs(w).max()) + _F(1e-8)
+        wq = (np.round((w * _F(127)) / m) * m / _F(127)).astype(_F)
+        return self.conv(value, wq, self.w.sd[f"{name}.bias"])
 
     def qconv(self, codes: object, s_px: object, i_px: object, steps: np.ndarray, name: str, signed: bool) -> object:
         """The quantized conv ``name`` on ``codes``: integer sums, rescaled by the step of each input region."""
@@ -390,9 +400,13 @@ class _Builder:
                 r = op.add(self.conv(t, sd[f"{p}.body.3.weight"], sd[f"{p}.body.3.bias"]), r)
                 continue
             codes, s_px, value, i_px, steps = self.selector(r, f"{p}.bitsel1", True)
-            t = op.relu(self.qconv(codes, s_px, i_px, steps, f"{p}.body.0", True))
-            codes2, s2, _, i2, steps2 = self.selector(t, f"{p}.body.2", not unsigned2)
-            t = self.qconv(codes2, s2, i2, steps2, f"{p}.body.3", not unsigned2)
+            if self.int8:
+                t = op.relu(self.qconv(codes, s_px, i_px, steps, f"{p}.body.0", True))
+                codes2, s2, _, i2, steps2 = self.selector(t, f"{p}.body.2", not unsigned2)
+                t = self.qconv(codes2, s2, i2, steps2, f"{p}.body.3", not unsigned2)
+            else:  # the reference's arithmetic: FP32 convs of the fake-quantized values and weights
+                t = op.relu(self.fconv(value, f"{p}.body.0"))
+                t = self.fconv(self.selector(t, f"{p}.body.2", not unsigned2)[2], f"{p}.body.3")
             a3 = _F(sd[f"{p}.quant_act3.alpha"].reshape(()))  # the fixed 8-bit quantizer of the residual
             c3 = op.round(op.multiply(op.clamp(op.divide(t, self.c(a3)), -1.0, 1.0), self.c(127.0)), "half_to_even")
             t = op.multiply(op.divide(c3, self.c(127.0)), self.c(a3))
@@ -409,10 +423,12 @@ class _Builder:
         return ov.Model(outs, [x], "edsr_cadyq" if self.quantized else "edsr_fp32")
 
 
-def build_graph(wts: EdsrWeights, geo: Geometry, quantized: bool = True, fp_layers: str = "fp32") -> object:
+def build_graph(wts: EdsrWeights, geo: Geometry, quantized: bool = True, fp_layers: str = "fp32",
+                int8: bool = True) -> object:
     """The ``openvino.Model`` of ``wts`` for one tile geometry (``quantized=False``: plain FP32 EDSR;
-    ``fp_layers="bf16"``: the upsampling tail in bf16)."""
-    return _Builder(wts, geo, quantized, fp_layers).build()
+    ``fp_layers="bf16"``: the upsampling tail in bf16; ``int8=False``: quantized convs as FP32 convs of the
+    fake-quantized values, the float reference's arithmetic, for CPUs without an int8 dot product)."""
+    return _Builder(wts, geo, quantized, fp_layers, int8).build()
 
 
 def describe(wts: EdsrWeights) -> str:
