@@ -25,6 +25,7 @@ wts = read_edsr(a.weights)
 config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
 if a.threads:
     config["INFERENCE_NUM_THREADS"] = a.threads
-cm = ov.Core().compile_model(build_graph(wts, Geometry(x.shape[2], x.shape[3]), quantized=False), "CPU", config)
+cm = ov.Core().compile_model(build_graph(wts, Geometry(x.shape[2], x.shape[3]), quantized=False,
+                                          tail_strips=False), "CPU", config)
 y = cm.create_infer_request().infer([x])[cm.output("sr")]
 Image.fromarray(np.rint(np.clip(y[0], 0, 255)).astype(np.uint8).transpose(1, 2, 0)).save(a.out)

@@ -119,7 +119,7 @@ def forward(args: argparse.Namespace) -> None:
     if geo is None:
         raise SystemExit("forward: use an image of at most 464 px (one tile)")
     t = time.perf_counter()
-    fp_model = build_graph(wts, Geometry(h, w), quantized=False)
+    fp_model = build_graph(wts, Geometry(h, w), quantized=False, tail_strips=False)  # as a plain export
     t_build_fp = time.perf_counter() - t
     t = time.perf_counter()
     q_model = build_graph(wts, geo)

@@ -127,12 +127,14 @@ class Geometry:
 class _Builder:
     """Builds the graph; one instance per graph."""
 
-    def __init__(self, wts: EdsrWeights, geo: Geometry, quantized: bool, fp_layers: str = "fp32", int8: bool = True) -> None:
+    def __init__(self, wts: EdsrWeights, geo: Geometry, quantized: bool, fp_layers: str = "fp32", int8: bool = True,
+                 tail_strips: bool = True) -> None:
         import openvino.opset13 as op
 
         if fp_layers not in FP_LAYERS:
             raise ValueError(f"fp_layers must be one of {', '.join(FP_LAYERS)}, not {fp_layers!r}")
         self.op, self.w, self.geo, self.quantized, self.fp_layers, self.int8 = op, wts, geo, quantized, fp_layers, int8
+        self.tail_strips = tail_strips
         self.ry, self.rb = geo.axis(geo.h, geo.pt)
         self.cx, self.cb = geo.axis(geo.w, geo.pl)
         self.nh, self.nw = int(self.ry[-1]) + 1, int(self.cx[-1]) + 1
@@ -362,7 +364,7 @@ class _Builder:
         op, g, s = self.op, self.geo, self.w.scale
         per_row = 8 * self.w.n_feats * s * s * g.w
         rows = max(8, TAIL_BUDGET_BYTES // per_row)
-        if rows >= g.h:
+        if rows >= g.h or not self.tail_strips:
             return self.tail(r)
         parts = []
         for y0 in range(0, g.h, rows):
@@ -424,11 +426,12 @@ class _Builder:
 
 
 def build_graph(wts: EdsrWeights, geo: Geometry, quantized: bool = True, fp_layers: str = "fp32",
-                int8: bool = True) -> object:
+                int8: bool = True, tail_strips: bool = True) -> object:
     """The ``openvino.Model`` of ``wts`` for one tile geometry (``quantized=False``: plain FP32 EDSR;
     ``fp_layers="bf16"``: the upsampling tail in bf16; ``int8=False``: quantized convs as FP32 convs of the
-    fake-quantized values, the float reference's arithmetic, for CPUs without an int8 dot product)."""
-    return _Builder(wts, geo, quantized, fp_layers, int8).build()
+    fake-quantized values, the float reference's arithmetic, for CPUs without an int8 dot product;
+    ``tail_strips=False``: the tail in one piece, as a plain export of the network runs it)."""
+    return _Builder(wts, geo, quantized, fp_layers, int8, tail_strips).build()
 
 
 def describe(wts: EdsrWeights) -> str:
