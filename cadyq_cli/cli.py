@@ -162,8 +162,8 @@ def _load(model: str | None, weights: Path | None, arch: str | None, scale: int,
         from .devices import cpu_has_bf16
 
         if not cpu_has_bf16():
-            err.print("[yellow]warning:[/yellow] this CPU has no native bf16: --fp-layers bf16 runs slower than fp32 here",
-                      soft_wrap=True)
+            err.print("[yellow]warning:[/yellow] this CPU has no native bf16: --fp-layers bf16 is emulated here (no faster "
+                      "than fp32; much slower on the PyTorch engine)", soft_wrap=True)
     if kernels == "auto" and openvino and _openvino_serves(model, weights, arch, scale, mode, device, fp_layers, bit_bias,
                                                            target_fab):
         kernels = "openvino"

@@ -15,7 +15,10 @@ Semantics are those of :class:`cadyq_cli.models.edsr.EDSRBaseline` in ``dynamic`
   boundary the output is recomputed from a band of four input lines, one integer pass per
   candidate bit-width (codes of other bit-widths zeroed), ``sum_b step_b * int_conv(codes_b)``, and
   scattered back;
-* head, the body's last conv, upsampler and tail in FP32 (``INFERENCE_PRECISION_HINT=f32``).
+* without an int8 dot product (``int8=False``) a quantized conv is instead the float reference's: an FP32
+  conv of the fake-quantized values with the weights on their 8-bit grid (no boundary bands needed);
+* head, the body's last conv, upsampler and tail in FP32 (``INFERENCE_PRECISION_HINT=f32``), or the tail
+  in bf16 (``fp_layers="bf16"``); the tail runs in row strips to bound a big tile's memory.
 
 Outputs: ``sr`` (1, 3, sH, sW), not clamped, and ``bits`` (1, n_selectors, nh, nw).
 """
