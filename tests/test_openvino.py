@@ -23,7 +23,6 @@ CHECKS = [
     "test_mixed_bit_windows_equal_the_integer_sum_over_bit_widths",
     "test_outputs_are_deterministic_across_runs_and_thread_counts",
     "test_a_second_model_imports_the_exported_graph",
-    "test_cli_upscale_runs_without_importing_torch",
     "test_default_upscale_runs_on_openvino_where_it_serves",
     "test_bf16_tail_keeps_bits_and_stays_close",
     "test_tail_in_strips_equals_the_tail_in_one_piece",
