@@ -169,7 +169,7 @@ def _load(model: str | None, weights: Path | None, arch: str | None, scale: int,
         kernels = "openvino"
     if kernels == "openvino":  # the torch-free runtime (cadyq_cli.runtime)
         if not openvino:
-            raise CadyqError("--kernels openvino is for `cadyq upscale` only")
+            raise CadyqError("--kernels openvino is for `cadyq upscale` and `cadyq bitmap` only")
         if device.lower() != "cpu" or arch is not None or bit_bias or target_fab:
             raise CadyqError("--kernels openvino runs shipped EDSR-baseline models (or their .safetensors) on the CPU, "
                              "without --bit-bias or --target-fab")
@@ -427,7 +427,7 @@ def bitmap(
         cfg.validate(quantized=True)
         job = Job(input, check_extension(output))
         check_output(job, overwrite)
-        net = _load(model, weights, arch, scale, mode.value, device, threads, kernels, fp_layers, bit_bias)
+        net = _load(model, weights, arch, scale, mode.value, device, threads, kernels, fp_layers, bit_bias, openvino=True)
         if layer is not None and not 0 <= layer < net.n_selectors:
             raise CadyqError(f"--layer must be between 0 and {net.n_selectors - 1} for {net.arch}")
         with stop_on_signals():

@@ -76,7 +76,7 @@ def upscale_file(
 
 
 def bitmap_file(
-    model: SRModel,
+    model: SRModel | OVModel,
     job: Job,
     cfg: TilingConfig,
     layer: int | None = None,
@@ -86,11 +86,14 @@ def bitmap_file(
 ) -> tuple[ImageReport, list[str]]:
     """Draw one file's bit-allocation heatmap (mean bits per region, or selector ``layer``'s) to
     ``job.dst``; the bits are chosen without running the upsampling tail. Never leaves a partial output."""
-    from .engine import upscale_array
-
     check_output(job, overwrite)
     img = _read(job, max_pixels)
-    _, report = upscale_array(model, img.rgb, cfg, progress, bits_only=True)
+    if hasattr(model, "upscale_array"):  # the OpenVINO runtime brings its own engine
+        _, report = model.upscale_array(img.rgb, cfg, progress, bits_only=True)
+    else:
+        from .engine import upscale_array
+
+        _, report = upscale_array(model, img.rgb, cfg, progress, bits_only=True)
     pic = bit_heatmap(img.rgb, report, layer)
     return report, list(img.warnings) + _write(job, pic.astype(np.float32), overwrite)
 

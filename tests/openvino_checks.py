@@ -234,6 +234,34 @@ def test_a_big_image_keeps_few_graphs_alive() -> None:
     assert np.abs(out - ref).mean() < 0.25
 
 
+def test_bits_only_graph_gives_the_full_graphs_report(tmp_path: Path) -> None:
+    from PIL import Image
+
+    img = _image(100, 130, seed=7)
+    m = load_openvino_model(scale=2)
+    sr, rep = m.upscale_array(img)
+    none, rep_bits = m.upscale_array(img, bits_only=True)
+    assert none is None and sr is not None
+    _same_report(rep, rep_bits)
+    # `cadyq bitmap` runs it (no torch import) and draws the heatmap the PyTorch engine draws
+    src = tmp_path / "in.png"
+    Image.fromarray(img.astype(np.uint8)).save(src)
+    pics = []
+    for name, env in (("ov", {}), ("torch", {"CADYQ_KERNELS": "torch"})):
+        code = (
+            "import sys, runpy\n"
+            f"sys.argv = ['cadyq', 'bitmap', {str(src)!r}, {str(tmp_path / (name + '.png'))!r}, '--scale', '2', '-q']\n"
+            "try:\n    runpy.run_module('cadyq_cli', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('TORCH', 'torch' in sys.modules)\n"
+        )
+        full_env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=600)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.strip().splitlines()[-1] == f"TORCH {name == 'torch'}"
+        pics.append(np.asarray(Image.open(tmp_path / (name + ".png"))))
+    assert np.array_equal(pics[0], pics[1])
+
+
 def test_unsupported_requests_are_one_line_errors() -> None:
     from cadyq_cli.errors import CadyqError
 

@@ -27,6 +27,7 @@ CHECKS = [
     "test_bf16_tail_keeps_bits_and_stays_close",
     "test_tail_in_strips_equals_the_tail_in_one_piece",
     "test_a_big_image_keeps_few_graphs_alive",
+    "test_bits_only_graph_gives_the_full_graphs_report",
     "test_unsupported_requests_are_one_line_errors",
 ]
 

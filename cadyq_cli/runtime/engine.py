@@ -67,6 +67,7 @@ class OVModel:
     """
 
     receptive_radius = RECEPTIVE_RADIUS
+    arch = "edsr_baseline"
 
     def __init__(self, wts: EdsrWeights, mode: str = "dynamic", threads: int = 0, cache: bool = True,
                  fp_layers: str = "fp32", int8: bool | None = None) -> None:
@@ -91,23 +92,25 @@ class OVModel:
             self.config["INFERENCE_NUM_THREADS"] = threads
         #: the compiled graphs of the last MAX_COMPILED geometries, with one inference request each (a compiled
         #: graph holds its working memory: keeping every geometry of a big image alive took 12 GB)
-        self._compiled: OrderedDict[Geometry, tuple[object, object]] = OrderedDict()
+        self._compiled: OrderedDict[tuple[Geometry, bool], tuple[object, object]] = OrderedDict()
         #: (seconds, "compiled" | "imported") per geometry prepared by this object
         self.prepare_log: dict[Geometry, tuple[float, str]] = {}
 
-    def _blob_path(self, geo: Geometry) -> Path:
-        key = (f"{describe(self.wts)}|{geo.key()}|{self.mode}|{self.fp_layers}|{self.kernels}|{self.version}|"
-               f"{sorted(self.config.items())}")
-        return cache_dir() / (f"edsr-x{self.scale}-{self.mode}-{self.fp_layers}-{self.kernels}-{geo.key()}-"
+    def _blob_path(self, geo: Geometry, bits_only: bool) -> Path:
+        what = "bits" if bits_only else f"{self.mode}-{self.fp_layers}"
+        key = f"{describe(self.wts)}|{geo.key()}|{what}|{self.kernels}|{self.version}|{sorted(self.config.items())}"
+        return cache_dir() / (f"edsr-x{self.scale}-{what}-{self.kernels}-{geo.key()}-"
                               f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.blob")
 
-    def compiled(self, geo: Geometry) -> object:
-        """The compiled graph for ``geo`` (imported from the cache, or built, compiled and exported)."""
-        if geo in self._compiled:
-            self._compiled.move_to_end(geo)
-            return self._compiled[geo][0]
+    def compiled(self, geo: Geometry, bits_only: bool = False) -> object:
+        """The compiled graph for ``geo`` (imported from the cache, or built, compiled and exported); with
+        ``bits_only`` the graph of the bits alone (no layers after the last selector)."""
+        key = (geo, bits_only)
+        if key in self._compiled:
+            self._compiled.move_to_end(key)
+            return self._compiled[key][0]
         t0 = time.perf_counter()
-        path = self._blob_path(geo)
+        path = self._blob_path(geo, bits_only)
         cm = None
         if self.cache and path.is_file():
             try:
@@ -116,8 +119,8 @@ class OVModel:
             except Exception:  # noqa: BLE001 - a stale or damaged blob: compile again
                 cm = None
         if cm is None:
-            cm = self.core.compile_model(build_graph(self.wts, geo, self.mode == "dynamic", self.fp_layers, self.int8), "CPU",
-                                         self.config)
+            graph = build_graph(self.wts, geo, self.mode == "dynamic", self.fp_layers, self.int8, bits_only=bits_only)
+            cm = self.core.compile_model(graph, "CPU", self.config)
             how = "compiled"
             if self.cache:
                 try:
@@ -134,15 +137,16 @@ class OVModel:
                         tmp.unlink()
         while len(self._compiled) >= MAX_COMPILED:
             self._compiled.popitem(last=False)
-        self._compiled[geo] = (cm, cm.create_infer_request())
+        self._compiled[key] = (cm, cm.create_infer_request())
         self.prepare_log[geo] = (time.perf_counter() - t0, how)
         return cm
 
-    def forward(self, x: np.ndarray, geo: Geometry) -> tuple[np.ndarray, np.ndarray]:
-        """(sr (1, 3, sH, sW), bits (1, n_sel, nh, nw)) of one tile x (1, 3, H, W) float32 0..255."""
-        cm = self.compiled(geo)
-        res = self._compiled[geo][1].infer([np.ascontiguousarray(x, dtype=np.float32)])
-        sr = res[cm.output("sr")]
+    def forward(self, x: np.ndarray, geo: Geometry, bits_only: bool = False) -> tuple[np.ndarray | None, np.ndarray]:
+        """(sr (1, 3, sH, sW), bits (1, n_sel, nh, nw)) of one tile x (1, 3, H, W) float32 0..255; sr is None
+        with ``bits_only``."""
+        cm = self.compiled(geo, bits_only)
+        res = self._compiled[(geo, bits_only)][1].infer([np.ascontiguousarray(x, dtype=np.float32)])
+        sr = None if bits_only else res[cm.output("sr")]
         bits = res[cm.output("bits")] if self.n_selectors else np.zeros((1, 0, 1, 1), np.float32)
         return sr, bits
 
@@ -156,8 +160,11 @@ class OVModel:
 
     def upscale_array(self, rgb: np.ndarray, cfg: TilingConfig = TilingConfig(),
                       progress: Callable[[int, int], None] | None = None,
-                      out_dtype: str = "float32") -> tuple[np.ndarray, ImageReport]:
-        """Super-resolve one image; the contract of :func:`cadyq_cli.engine.upscale_array`."""
+                      out_dtype: str = "float32", bits_only: bool = False) -> tuple[np.ndarray | None, ImageReport]:
+        """Super-resolve one image; the contract of :func:`cadyq_cli.engine.upscale_array` (``bits_only``: the
+        report alone, from the graph without the layers after the last selector; the image is None)."""
+        if bits_only and self.mode != "dynamic":
+            raise CadyqError("the OpenVINO runtime selects bits in --mode dynamic only")
         if out_dtype not in ("float32", "uint8"):
             raise ValueError(f"out_dtype must be 'float32' or 'uint8', got {out_dtype!r}")
         cfg.validate(quantized=self.mode == "dynamic")
@@ -165,18 +172,19 @@ class OVModel:
         h, w = rgb.shape[:2]
         s = self.scale
         tiles, region = plan_tiles(h, w, s, cfg, self.receptive_radius)
-        out = np.empty((h * s, w * s, 3), dtype=out_dtype)
+        out = None if bits_only else np.empty((h * s, w * s, 3), dtype=out_dtype)
         regions = RegionBits(h, w, region)
         # tiles of one geometry one after another: each graph is prepared once per image (tiles are independent)
         order = sorted(range(len(tiles)), key=lambda k: self._geometry(tiles[k], region).key())
         for i, t in enumerate(tiles[k] for k in order):
             y0, y1, x0, x1 = t.in_box
-            sr, bits = self.forward(rgb[y0:y1, x0:x1].transpose(2, 0, 1)[None], self._geometry(t, region))
-            oy0, oy1, ox0, ox1 = t.out_box
-            part = np.clip(sr[0, :, t.src_y : t.src_y + oy1 - oy0, t.src_x : t.src_x + ox1 - ox0], 0, 255).transpose(1, 2, 0)
-            if out_dtype == "uint8":
-                part = np.rint(np.nan_to_num(part, nan=0.0))  # half to even, as the PyTorch engine
-            out[oy0:oy1, ox0:ox1] = part
+            sr, bits = self.forward(rgb[y0:y1, x0:x1].transpose(2, 0, 1)[None], self._geometry(t, region), bits_only)
+            if out is not None and sr is not None:
+                oy0, oy1, ox0, ox1 = t.out_box
+                part = np.clip(sr[0, :, t.src_y : t.src_y + oy1 - oy0, t.src_x : t.src_x + ox1 - ox0], 0, 255)
+                if out_dtype == "uint8":
+                    part = np.rint(np.nan_to_num(part, nan=0.0))  # half to even, as the PyTorch engine
+                out[oy0:oy1, ox0:ox1] = part.transpose(1, 2, 0)
             regions.add_tile(t, bits[0])
             if progress is not None:
                 progress(i + 1, len(tiles))

@@ -131,13 +131,13 @@ class _Builder:
     """Builds the graph; one instance per graph."""
 
     def __init__(self, wts: EdsrWeights, geo: Geometry, quantized: bool, fp_layers: str = "fp32", int8: bool = True,
-                 tail_strips: bool = True) -> None:
+                 tail_strips: bool = True, bits_only: bool = False) -> None:
         import openvino.opset13 as op
 
         if fp_layers not in FP_LAYERS:
             raise ValueError(f"fp_layers must be one of {', '.join(FP_LAYERS)}, not {fp_layers!r}")
         self.op, self.w, self.geo, self.quantized, self.fp_layers, self.int8 = op, wts, geo, quantized, fp_layers, int8
-        self.tail_strips = tail_strips
+        self.tail_strips, self.bits_only = tail_strips, bits_only
         self.ry, self.rb = geo.axis(geo.h, geo.pt)
         self.cx, self.cb = geo.axis(geo.w, geo.pl)
         self.nh, self.nw = int(self.ry[-1]) + 1, int(self.cx[-1]) + 1
@@ -419,7 +419,7 @@ class _Builder:
         n = wts.n_blocks
         r = op.add(self.conv(self.as_nchw(r), sd[f"body.{n}.weight"], sd[f"body.{n}.bias"]), head)
         sr = op.add(self.tail_in_strips(r), self.c(sd["add_mean.bias"].reshape(1, 3, 1, 1)))
-        outs = [op.result(sr, name="sr")]
+        outs = [] if self.bits_only else [op.result(sr, name="sr")]  # bits only: OpenVINO drops the unused tail
         if self.quantized:  # bits = 4 + 2 * candidate index, (1, n_sel, nh, nw)
             idx = op.concat(self.bits, 4 if self.cl else 1)
             if self.cl:
@@ -429,12 +429,15 @@ class _Builder:
 
 
 def build_graph(wts: EdsrWeights, geo: Geometry, quantized: bool = True, fp_layers: str = "fp32",
-                int8: bool = True, tail_strips: bool = True) -> object:
+                int8: bool = True, tail_strips: bool = True, bits_only: bool = False) -> object:
     """The ``openvino.Model`` of ``wts`` for one tile geometry (``quantized=False``: plain FP32 EDSR;
     ``fp_layers="bf16"``: the upsampling tail in bf16; ``int8=False``: quantized convs as FP32 convs of the
     fake-quantized values, the float reference's arithmetic, for CPUs without an int8 dot product;
-    ``tail_strips=False``: the tail in one piece, as a plain export of the network runs it)."""
-    return _Builder(wts, geo, quantized, fp_layers, int8, tail_strips).build()
+    ``tail_strips=False``: the tail in one piece, as a plain export of the network runs it; ``bits_only``: the
+    ``bits`` output alone, without the layers after the last selector)."""
+    if bits_only and not quantized:
+        raise ValueError("bits_only needs the quantized graph")
+    return _Builder(wts, geo, quantized, fp_layers, int8, tail_strips, bits_only).build()
 
 
 def describe(wts: EdsrWeights) -> str:
