@@ -4,7 +4,8 @@ Same tiling plans, bits, report and output conventions as :func:`cadyq_cli.engin
 (tiles run one at a time). Compiled graphs are exported to a cache folder
 (``$CADYQ_CACHE_DIR/openvino``, default ``~/.cache/cadyq/openvino``) keyed by the weights' sha256,
 the tile geometry, the mode and the OpenVINO version, so a later process imports the compiled blob
-instead of building and compiling the graph again.
+instead of building and compiling the graph again. The cache keeps the most recently used graphs
+within ``$CADYQ_CACHE_MAX_MB`` (default 2048).
 """
 from __future__ import annotations
 
@@ -24,13 +25,16 @@ from ..report import ImageReport, RegionBits, build_report
 from ..tiling import TilingConfig, plan_tiles
 from .ov_edsr import FP_LAYERS, EdsrWeights, Geometry, build_graph, describe, read_edsr
 
-__all__ = ["OVModel", "load_openvino_model", "openvino_available", "cache_dir", "RECEPTIVE_RADIUS"]
+__all__ = ["OVModel", "load_openvino_model", "openvino_available", "cache_dir", "cache_max_bytes", "trim_cache",
+           "RECEPTIVE_RADIUS"]
 
 #: LR px of context a pixel depends on (as :attr:`cadyq_cli.models.edsr.EDSRBaseline.receptive_radius`)
 RECEPTIVE_RADIUS = 40
 MODES = ("dynamic", "fp32")
 #: compiled graphs kept alive at a time (see OVModel._compiled)
 MAX_COMPILED = 2
+#: default size cap of the compiled-graph cache (see cache_max_bytes)
+CACHE_MAX_BYTES = 2 << 30
 #: compile settings: FP32 for the full-precision layers, one stream; no "snippets" (OpenVINO's JIT-fused
 #: elementwise subgraphs): the CADyQ graph has ~400 of them, each compiled again when a cached graph is
 #: imported, which doubled the import time (0.61 -> 0.30 s at 128x128) for no faster inference
@@ -51,6 +55,37 @@ def cache_dir() -> Path:
     """Folder of exported compiled graphs."""
     base = os.environ.get("CADYQ_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "cadyq")
     return Path(base) / "openvino"
+
+
+def cache_max_bytes() -> int:
+    """Size cap of the compiled-graph cache: ``$CADYQ_CACHE_MAX_MB`` (default 2048 MB; 0: no cap)."""
+    raw = os.environ.get("CADYQ_CACHE_MAX_MB", "")
+    try:
+        return max(0, int(float(raw) * (1 << 20))) if raw.strip() else CACHE_MAX_BYTES
+    except ValueError:
+        return CACHE_MAX_BYTES
+
+
+def trim_cache(folder: Path, max_bytes: int, keep: Path | None = None) -> None:
+    """Delete the least recently used ``*.blob`` files of ``folder`` until they take at most ``max_bytes``
+    (0: no cap); ``keep`` is never deleted. Every tile geometry has its own compiled graph (5-8 MB), so a
+    folder of images of many sizes would otherwise fill the disk."""
+    if max_bytes <= 0:
+        return
+    blobs = []
+    for f in folder.glob("*.blob"):
+        with suppress(OSError):
+            st = f.stat()
+            blobs.append((st.st_mtime, st.st_size, f))
+    total = sum(b[1] for b in blobs)
+    for _, size, f in sorted(blobs, key=lambda b: b[0]):
+        if total <= max_bytes:
+            break
+        if keep is not None and f == keep:
+            continue
+        with suppress(OSError):
+            f.unlink()
+            total -= size
 
 
 class OVModel:
@@ -116,6 +151,8 @@ class OVModel:
             try:
                 cm = self.core.import_model(path.read_bytes(), "CPU", self.config)
                 how = "imported"
+                with suppress(OSError):  # recently used: the last to go when the cache is trimmed
+                    os.utime(path)
             except Exception:  # noqa: BLE001 - a stale or damaged blob: compile again
                 cm = None
         if cm is None:
@@ -132,6 +169,7 @@ class OVModel:
                     cm.export_model(buf)
                     tmp.write_bytes(buf.getvalue())
                     os.replace(tmp, path)
+                    trim_cache(path.parent, cache_max_bytes(), keep=path)
                 except Exception:  # noqa: BLE001 - export_model raises RuntimeError too: no cache, not a failure
                     with suppress(OSError):  # no cache: the next process compiles again
                         tmp.unlink()
