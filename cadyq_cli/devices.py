@@ -50,11 +50,25 @@ def parse_device(text: str) -> str:
     return f"cuda:{index}"
 
 
-def _isa_cap_allows(*tokens: str) -> bool:
-    """False when oneDNN's ISA cap (``ONEDNN_MAX_CPU_ISA`` / ``DNNL_MAX_CPU_ISA``) names a level without any of
-    ``tokens`` (e.g. ``AVX2``); True without a cap."""
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
-    return cap in ("", "ALL", "DEFAULT") or any(t in cap for t in tokens)
+def _isa_cap() -> str:
+    """oneDNN's ISA cap (``ONEDNN_MAX_CPU_ISA`` / ``DNNL_MAX_CPU_ISA``), upper case; "" without one."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    return "" if cap in ("ALL", "DEFAULT") else cap
+
+
+def _allowed_flags(cap: str, kind: str) -> tuple[str, ...]:
+    """CPU flags whose instructions oneDNN may use for ``kind`` (``int8`` dot products or ``bf16``) under ISA
+    cap ``cap`` (conservative: a cap that may exclude them allows none)."""
+    avx512 = cap.startswith("AVX10") or cap in ("AVX512_CORE_BF16", "AVX512_CORE_FP16")
+    if kind == "int8":
+        if "AMX" in cap:
+            return ("amx_int8", "avx512_vnni")
+        if avx512 or cap == "AVX512_CORE_VNNI":
+            return ("avx512_vnni",)
+        return ("avx_vnni",) if cap.startswith("AVX2_VNNI") else ()
+    if "AMX" in cap:
+        return ("amx_bf16", "avx512_bf16")
+    return ("avx512_bf16",) if avx512 else ()
 
 
 def _cpu_flags() -> str:
@@ -68,10 +82,9 @@ def _cpu_flags() -> str:
 def cpu_has_bf16() -> bool:
     """True when this CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and
     ``--fp-layers bf16`` is slower than fp32. Obeys oneDNN's ISA cap like :func:`cpu_has_int8_dot`."""
-    if not _isa_cap_allows("BF16", "FP16", "AMX", "AVX10"):
-        return False
+    cap = _isa_cap()
     flags = _cpu_flags()
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+    return any(f in flags for f in (_allowed_flags(cap, "bf16") if cap else ("avx512_bf16", "amx_bf16")))
 
 
 def cpu_has_int8_dot() -> bool:
@@ -80,7 +93,8 @@ def cpu_has_int8_dot() -> bool:
     intermediate sums. ``CADYQ_INT8=0`` answers False (forces the float kernels), and so does oneDNN's
     ISA cap (``ONEDNN_MAX_CPU_ISA``, e.g. ``AVX2``) where it excludes those instructions: both PyTorch's
     and OpenVINO's int8 kernels obey it. No torch import."""
-    if os.environ.get("CADYQ_INT8", "") == "0" or not _isa_cap_allows("VNNI", "BF16", "FP16", "AMX", "AVX10"):
+    if os.environ.get("CADYQ_INT8", "") == "0":
         return False
+    cap = _isa_cap()
     flags = _cpu_flags()
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return any(f in flags for f in (_allowed_flags(cap, "int8") if cap else ("avx512_vnni", "avx_vnni", "amx_int8")))

@@ -262,6 +262,17 @@ def test_bits_only_graph_gives_the_full_graphs_report(tmp_path: Path) -> None:
     assert np.array_equal(pics[0], pics[1])
 
 
+def test_an_unwritable_cache_is_no_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("CADYQ_CACHE_DIR", str(blocker / "sub"))
+    img = _image(24, 32, seed=8)
+    m = load_openvino_model(scale=2)
+    sr, rep = m.upscale_array(img)
+    assert sr.shape == (48, 64, 3) and list(m.prepare_log.values())[0][1] == "compiled"
+    assert blocker.read_text().startswith("a file")
+
+
 def test_unsupported_requests_are_one_line_errors() -> None:
     from cadyq_cli.errors import CadyqError
 

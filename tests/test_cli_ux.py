@@ -345,3 +345,18 @@ def test_bf16_check_obeys_the_isa_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not cpu_has_bf16()
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert not cpu_has_bf16()
+
+
+def test_isa_caps_allow_only_their_own_instructions(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cadyq_cli import devices
+
+    monkeypatch.delenv("CADYQ_INT8", raising=False)
+    monkeypatch.setattr(devices, "_cpu_flags", lambda: "fpu avx2 avx512f avx512_vnni")  # a Cascade Lake
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2_VNNI")  # VEX VNNI only, which this CPU lacks
+    assert not devices.cpu_has_int8_dot()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_vnni")
+    assert devices.cpu_has_int8_dot()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert devices.cpu_has_int8_dot() and not devices.cpu_has_bf16()
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert devices.cpu_has_int8_dot()

@@ -28,6 +28,7 @@ CHECKS = [
     "test_tail_in_strips_equals_the_tail_in_one_piece",
     "test_a_big_image_keeps_few_graphs_alive",
     "test_bits_only_graph_gives_the_full_graphs_report",
+    "test_an_unwritable_cache_is_no_cache",
     "test_unsupported_requests_are_one_line_errors",
 ]
 

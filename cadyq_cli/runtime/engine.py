@@ -51,9 +51,14 @@ def openvino_available() -> bool:
     return True
 
 
-def cache_dir() -> Path:
-    """Folder of exported compiled graphs."""
-    base = os.environ.get("CADYQ_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "cadyq")
+def cache_dir() -> Path | None:
+    """Folder of exported compiled graphs (None when no home folder can be found: no cache)."""
+    base = os.environ.get("CADYQ_CACHE_DIR") or os.environ.get("XDG_CACHE_HOME")
+    if not os.environ.get("CADYQ_CACHE_DIR"):
+        try:
+            base = os.path.join(base or Path.home() / ".cache", "cadyq")
+        except RuntimeError:  # Path.home() without HOME or a passwd entry
+            return None
     return Path(base) / "openvino"
 
 
@@ -131,11 +136,14 @@ class OVModel:
         #: (seconds, "compiled" | "imported") per geometry prepared by this object
         self.prepare_log: dict[Geometry, tuple[float, str]] = {}
 
-    def _blob_path(self, geo: Geometry, bits_only: bool) -> Path:
+    def _blob_path(self, geo: Geometry, bits_only: bool) -> Path | None:
+        folder = cache_dir()
+        if folder is None:
+            return None
         what = "bits" if bits_only else f"{self.mode}-{self.fp_layers}"
         key = f"{describe(self.wts)}|{geo.key()}|{what}|{self.kernels}|{self.version}|{sorted(self.config.items())}"
-        return cache_dir() / (f"edsr-x{self.scale}-{what}-{self.kernels}-{geo.key()}-"
-                              f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.blob")
+        return folder / (f"edsr-x{self.scale}-{what}-{self.kernels}-{geo.key()}-"
+                         f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.blob")
 
     def compiled(self, geo: Geometry, bits_only: bool = False) -> object:
         """The compiled graph for ``geo`` (imported from the cache, or built, compiled and exported); with
@@ -145,9 +153,9 @@ class OVModel:
             self._compiled.move_to_end(key)
             return self._compiled[key][0]
         t0 = time.perf_counter()
-        path = self._blob_path(geo, bits_only)
+        path = self._blob_path(geo, bits_only) if self.cache else None
         cm = None
-        if self.cache and path.is_file():
+        if path is not None and path.is_file():
             try:
                 cm = self.core.import_model(path.read_bytes(), "CPU", self.config)
                 how = "imported"
@@ -159,10 +167,10 @@ class OVModel:
             graph = build_graph(self.wts, geo, self.mode == "dynamic", self.fp_layers, self.int8, bits_only=bits_only)
             cm = self.core.compile_model(graph, "CPU", self.config)
             how = "compiled"
-            if self.cache:
+            if path is not None:  # an unwritable cache means no cache, never a failed image
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
                 try:
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
                     import io
 
                     buf = io.BytesIO()
@@ -188,13 +196,17 @@ class OVModel:
         bits = res[cm.output("bits")] if self.n_selectors else np.zeros((1, 0, 1, 1), np.float32)
         return sr, bits
 
-    @staticmethod
-    def _geometry(tile: object, region: int | None) -> Geometry:
-        """The graph geometry of a planned tile (its size and place on the region lattice)."""
+    def _geometry(self, tile: object, region: int | None) -> Geometry:
+        """The graph geometry of a planned tile (its size and place on the region lattice); a tile inside one
+        region, and any tile in fp32 mode, has the geometry of its size alone (the same graph: one key)."""
         y0, y1, x0, x1 = tile.in_box  # type: ignore[attr-defined]
-        if region is None:
-            return Geometry(y1 - y0, x1 - x0)
-        return Geometry(y1 - y0, x1 - x0, region, y0 % region, x0 % region)
+        h, w = y1 - y0, x1 - x0
+        if region is None or self.mode == "fp32":
+            return Geometry(h, w)
+        pt, pl = y0 % region, x0 % region
+        if pt + h <= region and pl + w <= region:
+            return Geometry(h, w)
+        return Geometry(h, w, region, pt, pl)
 
     def upscale_array(self, rgb: np.ndarray, cfg: TilingConfig = TilingConfig(),
                       progress: Callable[[int, int], None] | None = None,
