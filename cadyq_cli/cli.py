@@ -157,8 +157,10 @@ def _openvino_serves(model: str | None, weights: Path | None, arch: str | None, 
 
 def _load(model: str | None, weights: Path | None, arch: str | None, scale: int, mode: str, device: str, threads: int,  # noqa: ANN202
           kernels: str = "auto", fp_layers: str = "fp32", bit_bias: float = 0.0, openvino: bool = False,
-          target_fab: float | None = None):
-    if FpLayers(fp_layers) == FpLayers.bf16 and device.lower() == "cpu":
+          target_fab: float | None = None, quiet: bool = False):
+    if weights is not None and model is not None:
+        raise CadyqError("give --model or --weights, not both")
+    if FpLayers(fp_layers) == FpLayers.bf16 and device.lower() == "cpu" and not quiet:
         from .devices import cpu_has_bf16
 
         if not cpu_has_bf16():
@@ -184,8 +186,6 @@ def _load(model: str | None, weights: Path | None, arch: str | None, scale: int,
         torch.set_num_threads(threads)
     if weights is None and arch is not None:
         raise CadyqError("--arch goes with --weights")
-    if weights is not None and model is not None:
-        raise CadyqError("give --model or --weights, not both")
     if bit_bias and mode != "dynamic" and mode != "fp32":
         raise CadyqError(f"--bit-bias moves the dynamic mode's choices; --mode {mode} has fixed bits")
     net = load_model(model=model, weights=weights, arch=arch, scale=scale, mode=mode, device=device, kernels=kernels,
@@ -311,7 +311,7 @@ def upscale(
 
             require_ray()  # before anything is created: without Ray, one line and nothing written
         net = _load(model, weights, arch, scale, mode.value, device, threads, kernels, fp_layers, bit_bias,
-                    openvino=engine is EngineKind.local,
+                    openvino=engine is EngineKind.local, quiet=quiet,
                     target_fab=target_fab)
         if not jobs[0].stdin and Path(input).is_dir():
             out_dir = output_folder(input, output, scale)
@@ -427,7 +427,8 @@ def bitmap(
         cfg.validate(quantized=True)
         job = Job(input, check_extension(output))
         check_output(job, overwrite)
-        net = _load(model, weights, arch, scale, mode.value, device, threads, kernels, fp_layers, bit_bias, openvino=True)
+        net = _load(model, weights, arch, scale, mode.value, device, threads, kernels, fp_layers, bit_bias, openvino=True,
+                    quiet=quiet)
         if layer is not None and not 0 <= layer < net.n_selectors:
             raise CadyqError(f"--layer must be between 0 and {net.n_selectors - 1} for {net.arch}")
         with stop_on_signals():
