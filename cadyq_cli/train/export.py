@@ -122,6 +122,13 @@ def export_backbone(ckpt: Path, name: str, weights_dir: Path) -> dict:
     return entry
 
 
+def _write_manifest(path: Path, manifest: dict) -> None:
+    """Write the manifest atomically (temporary file, then rename): never a half-written manifest."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def main() -> None:
     """Command-line entry point (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -144,10 +151,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def _write_manifest(path: Path, manifest: dict) -> None:
-    """Write the manifest atomically (temporary file, then rename): never a half-written manifest."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, path)
