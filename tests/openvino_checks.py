@@ -53,6 +53,22 @@ def _mixed(report: object) -> bool:
     return bool((bits.min(axis=0) != bits.max(axis=0)).any())
 
 
+def _run_cli(args: list[str], env: dict[str, str]) -> tuple[list[str], bool]:
+    """Run ``cadyq ARGS`` in a fresh process with ``env`` added; (its stdout lines, whether it imported torch)."""
+    code = (
+        "import sys, runpy\n"
+        f"sys.argv = ['cadyq', *{args!r}]\n"
+        "try:\n    runpy.run_module('cadyq_cli', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('TORCH', 'torch' in sys.modules)\n"
+    )
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert lines[-1] in ("TORCH True", "TORCH False")
+    return lines[:-1], lines[-1] == "TORCH True"
+
+
 def _same_report(a: object, b: object) -> None:
     assert [r.bits for r in a.regions] == [r.bits for r in b.regions]  # type: ignore[attr-defined]
     assert [r.box for r in a.regions] == [r.box for r in b.regions]  # type: ignore[attr-defined]
@@ -178,21 +194,12 @@ def test_default_upscale_runs_on_openvino_where_it_serves(tmp_path: Path, extra:
         kernels = "openvino-float"  # this CPU has no int8 dot product
     src, dst = tmp_path / "in.png", tmp_path / "out.png"
     Image.fromarray(_image(24, 32).astype(np.uint8)).save(src)
-    code = (
-        "import sys, runpy\n"
-        f"sys.argv = ['cadyq', 'upscale', {str(src)!r}, {str(dst)!r}, '--scale', '2', '-q', '--json', '-', *{extra!r}]\n"
-        "try:\n    runpy.run_module('cadyq_cli', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-        "print('TORCH', 'torch' in sys.modules)\n"
-    )
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, cwd=tmp_path, timeout=600)
-    assert res.returncode == 0, res.stderr
-    lines = res.stdout.strip().splitlines()
+    lines, torch_imported = _run_cli(["upscale", str(src), str(dst), "--scale", "2", "-q", "--json", "-", *extra], env)
     rec = json.loads(lines[0])
     if kernels.startswith("openvino"):
-        assert rec["kernels"] == kernels and lines[-1] == "TORCH False"
+        assert rec["kernels"] == kernels and not torch_imported
     else:
-        assert rec["kernels"] in ("int8", "float") and lines[-1] == "TORCH True"
+        assert rec["kernels"] in ("int8", "float") and torch_imported
     assert Image.open(dst).size == (64, 48)
 
 
@@ -248,16 +255,8 @@ def test_bits_only_graph_gives_the_full_graphs_report(tmp_path: Path) -> None:
     Image.fromarray(img.astype(np.uint8)).save(src)
     pics = []
     for name, env in (("ov", {}), ("torch", {"CADYQ_KERNELS": "torch"})):
-        code = (
-            "import sys, runpy\n"
-            f"sys.argv = ['cadyq', 'bitmap', {str(src)!r}, {str(tmp_path / (name + '.png'))!r}, '--scale', '2', '-q']\n"
-            "try:\n    runpy.run_module('cadyq_cli', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "print('TORCH', 'torch' in sys.modules)\n"
-        )
-        full_env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=600)
-        assert res.returncode == 0, res.stderr
-        assert res.stdout.strip().splitlines()[-1] == f"TORCH {name == 'torch'}"
+        _, torch_imported = _run_cli(["bitmap", str(src), str(tmp_path / (name + ".png")), "--scale", "2", "-q"], env)
+        assert torch_imported == (name == "torch")
         pics.append(np.asarray(Image.open(tmp_path / (name + ".png"))))
     assert np.array_equal(pics[0], pics[1])
 
