@@ -12,7 +12,7 @@ import numpy as np
 import openvino as ov
 from PIL import Image
 
-from cadyq_cli.runtime.ov_edsr import Geometry, build_graph, read_edsr
+from cadyq_cli.runtime.ov_edsr import build_network, read_edsr
 
 p = argparse.ArgumentParser()
 p.add_argument("weights")
@@ -25,7 +25,8 @@ wts = read_edsr(a.weights)
 config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
 if a.threads:
     config["INFERENCE_NUM_THREADS"] = a.threads
-cm = ov.Core().compile_model(build_graph(wts, Geometry(x.shape[2], x.shape[3]), quantized=False,
-                                          tail_strips=False), "CPU", config)
+model = build_network(wts)
+model.reshape({"x": list(x.shape)})  # static shapes, as an export for this image size: OpenVINO's fastest
+cm = ov.Core().compile_model(model, "CPU", config)
 y = cm.create_infer_request().infer([x])[cm.output("sr")]
 Image.fromarray(np.rint(np.clip(y[0], 0, 255)).astype(np.uint8).transpose(1, 2, 0)).save(a.out)

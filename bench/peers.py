@@ -1,8 +1,8 @@
 """CADyQ against a plain FP32 peer: whole processes, or forward passes, side by side.
 
     python bench/peers.py compare IN.png [IN.png ...] [--scale 4] [--runs 5] [--threads N]
-        Whole processes (read PNG, upscale, write PNG), interleaved, medians of --runs after one
-        warm-up round each (which also fills the compiled-graph cache):
+        Whole processes (read PNG, upscale, write PNG), interleaved, medians of --runs after two
+        warm-up rounds each (they fill the compiled-graph cache: an image size seen twice gets its own graph):
         (a) OpenVINO FP32 plain EDSR-baseline of the same weights (bench/peer_openvino_fp32.py),
         (b) `cadyq upscale` (default: the OpenVINO runtime for a shipped EDSR-baseline model),
         (c) `CADYQ_KERNELS=torch cadyq upscale` (the PyTorch engine, int8 kernels),
@@ -10,6 +10,11 @@
         (d) ONNX Runtime FP32 plain EDSR-baseline of the same weights (bench/peer_onnxruntime_fp32.py,
         when onnxruntime + onnx import: `pip install cadyq[bench]`).
         Prints seconds and ratios to (a).
+
+    python bench/peers.py sizes IN.png [--count 6] [--runs 3]
+        `cadyq upscale FOLDER` on a folder of --count crops of IN.png of distinct sizes (up to 320x240), each
+        new to an empty compiled-graph cache: the default (a size seen once runs on a graph of free size)
+        against CADYQ_FREE_SIZE=0 (every size compiles its own graph), whole processes, interleaved.
 
     python bench/peers.py forward IN.png [--scale 4] [--runs 5] [--profile]
         In one process: graph sizes, compile/import times, then interleaved forward medians of the
@@ -82,7 +87,7 @@ def compare(args: argparse.Namespace) -> None:
             return run
 
         fns = {k: runner(v) for k, v in cmds.items()}
-        interleaved(fns, 1)  # warm-up: OS file cache, compiled-graph cache
+        interleaved(fns, 2)  # warm-up: OS file cache, compiled-graph cache (an image size seen twice gets its graph)
         times, med = interleaved(fns, args.runs)
         from PIL import Image
 
@@ -94,13 +99,50 @@ def compare(args: argparse.Namespace) -> None:
             print(f"  {k:18s} {v:6.2f} s  ({spread})  {v / base:5.2f}x openvino_fp32")
 
 
+def sizes(args: argparse.Namespace) -> None:
+    """A folder of images of as many sizes, each new to the compiled-graph cache: whole processes, interleaved."""
+    from PIL import Image
+
+    py = sys.executable
+    thr = ["--threads", str(args.threads)] if args.threads else []
+    work = Path(tempfile.mkdtemp(prefix="cadyq_sizes_"))
+    src = Image.open(args.inputs[0]).convert("RGB")
+    folder = work / "in"
+    folder.mkdir()
+    for k in range(args.count):  # crops of distinct sizes, up to 320x240
+        w, h = min(src.width, 200 + 24 * k), min(src.height, 150 + 18 * k)
+        src.crop((0, 0, w, h)).save(folder / f"{k:02d}_{w}x{h}.png")
+    n = 0
+
+    def runner(env: dict[str, str]):  # noqa: ANN202
+        def run() -> None:
+            nonlocal n
+            n += 1
+            cmd = [py, "-m", "cadyq_cli", "upscale", str(folder), str(work / f"out{n}"), "--scale", str(args.scale),
+                   "-q", *thr]
+            res = subprocess.run(cmd, env=dict(_env(), CADYQ_CACHE_DIR=str(work / f"cache{n}"), **env),
+                                 capture_output=True, text=True)
+            if res.returncode:
+                raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
+        return run
+
+    fns = {"graphs_of_free_size": runner({}), "one_graph_per_size": runner({"CADYQ_FREE_SIZE": "0"})}
+    interleaved(fns, 1)  # warm-up: OS file cache (each run starts from an empty compiled-graph cache)
+    times, med = interleaved(fns, args.runs)
+    print(f"{args.count} images of distinct sizes (crops of {Path(args.inputs[0]).name}) x{args.scale}, one process, "
+          f"empty compiled-graph cache, median of {args.runs} (interleaved):")
+    base = med["one_graph_per_size"]
+    for k, v in med.items():
+        print(f"  {k:20s} {v:6.2f} s  ({min(times[k]):.2f}-{max(times[k]):.2f})  {v / base:5.2f}x one_graph_per_size")
+
+
 def forward(args: argparse.Namespace) -> None:
     """Forward-only timings in one process."""
     import openvino as ov
     from PIL import Image
 
     from cadyq_cli.runtime.engine import GRAPH_CONFIG, OVModel
-    from cadyq_cli.runtime.ov_edsr import Geometry, build_graph, read_edsr
+    from cadyq_cli.runtime.ov_edsr import Geometry, build_body, build_network, read_edsr
 
     x = np.asarray(Image.open(args.inputs[0]).convert("RGB"), dtype=np.float32)
     h, w = x.shape[:2]
@@ -119,10 +161,11 @@ def forward(args: argparse.Namespace) -> None:
     if geo is None:
         raise SystemExit("forward: use an image of at most 464 px (one tile)")
     t = time.perf_counter()
-    fp_model = build_graph(wts, Geometry(h, w), quantized=False, tail_strips=False)  # as a plain export
+    fp_model = build_network(wts)  # as a plain export, for this image size
+    fp_model.reshape({"x": [1, 3, h, w]})
     t_build_fp = time.perf_counter() - t
     t = time.perf_counter()
-    q_model = build_graph(wts, geo)
+    q_model = build_body(wts, geo.layout(), geo=geo, with_tail=True)  # the graph of this one geometry
     t_build_q = time.perf_counter() - t
     t = time.perf_counter()
     fp = core.compile_model(fp_model, "CPU", config)
@@ -199,15 +242,16 @@ def forward(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["compare", "forward"])
+    p.add_argument("what", choices=["compare", "forward", "sizes"])
     p.add_argument("inputs", nargs="+")
     p.add_argument("--scale", type=int, default=4)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--count", type=int, default=6, help="sizes: images in the folder")
     args = p.parse_args()
-    compare(args) if args.what == "compare" else forward(args)
+    {"compare": compare, "forward": forward, "sizes": sizes}[args.what](args)
 
 
 if __name__ == "__main__":

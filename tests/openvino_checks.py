@@ -165,16 +165,41 @@ def test_outputs_are_deterministic_across_runs_and_thread_counts() -> None:
         assert [r.bits for r in rep.regions] == [r.bits for r in outs[0][1].regions]
 
 
-def test_a_second_model_imports_the_exported_graph(cache: Path) -> None:
-    img = _image(*SMALL[1], seed=4)
-    geo = Geometry(*SMALL[1], 24, 0, 0)
-    first = load_openvino_model(scale=2)
-    a, _ = first.upscale_array(img, SMALL[0])
-    second = load_openvino_model(scale=2)
-    b, _ = second.upscale_array(img, SMALL[0])
-    assert second.prepare_log[geo][1] == "imported"
-    assert np.array_equal(a, b)
-    assert any(cache.rglob("*.blob"))
+def test_later_models_import_the_exported_graphs(cache: Path) -> None:
+    img = _image(52, 75, seed=4)  # a size no other check runs
+    geo = Geometry(52, 75, 24, 0, 0)
+    static = f"static-{geo.layout()}-{geo.key()}"
+    outs, logs = [], []
+    for _ in range(4):  # a size first seen runs on the graph of free size; seen again, it gets its own graph
+        m = load_openvino_model(scale=2)
+        outs.append(m.upscale_array(img, SMALL[0]))
+        logs.append({k: how for k, (_, how) in m.prepare_log.items()})
+    body = "body-" + geo.layout(True, cpu_has_int8_dot())
+    if cpu_has_int8_dot():
+        assert set(logs[0]) == {body, "tail"}  # compiled by an earlier check, or by this one
+        assert logs[1] == {static: "compiled"} and logs[2] == logs[3] == {static: "imported"}
+    assert [r.bits for r in outs[0][1].regions] == [r.bits for r in outs[3][1].regions]
+    assert np.abs(outs[0][0] - outs[3][0]).max() < 1e-3  # the same operations, other kernels: float rounding
+    assert np.array_equal(outs[2][0], outs[3][0])
+    blob = m._blob_path(static)
+    assert blob.is_file() and blob.parent.parent == cache and not blob.with_suffix(".seen").exists()
+
+
+def test_images_of_new_sizes_compile_no_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cadyq_cli.runtime import engine
+
+    m = load_openvino_model(scale=2, cache=False)
+    net = load_model(scale=2, kernels="float")
+    for k, size in enumerate([(50, 73), (61, 80), (44, 90)]):  # one tile each, cut by region boundaries both ways
+        img = _image(*size, seed=10 + k)
+        sr, rep = m.upscale_array(img, SMALL[0])
+        ref, rep_ref = upscale_array(net, img, SMALL[0])
+        _same_report(rep, rep_ref)
+        assert np.abs(sr - ref).mean() < 0.25
+    assert set(m.prepare_log) == {"body-" + Geometry(50, 73, 24).layout(True, m.int8), "tail"}
+    monkeypatch.setattr(engine, "DYNAMIC_MAX_PIXELS", 100)  # a bigger tile gets its own graph at once
+    m.upscale_array(_image(30, 40, seed=13), SMALL[0])
+    assert any(k.startswith("static-") for k in m.prepare_log)
 
 
 @pytest.mark.parametrize("extra, env, kernels", [
@@ -220,9 +245,12 @@ def test_tail_in_strips_equals_the_tail_in_one_piece(monkeypatch: pytest.MonkeyP
     img = _image(60, 76, seed=5)
     one, r1 = load_openvino_model(scale=scale, cache=False).upscale_array(img)
     monkeypatch.setattr(ov_edsr, "TAIL_BUDGET_BYTES", 1)  # strips of 8 LR rows: 8 strips, every cut inside the tile
-    strips, r2 = load_openvino_model(scale=scale, cache=False).upscale_array(img)
-    _same_report(r1, r2)
-    assert np.abs(one - strips).max() < 1e-3  # the halo covers the tail's receptive field: only float rounding
+    m = load_openvino_model(scale=scale, cache=False)
+    for _ in range(2):  # the tail graph on strips, then the tile's own graph with the strips inside
+        strips, r2 = m.upscale_array(img)
+        _same_report(r1, r2)
+        assert np.abs(one - strips).max() < 1e-3  # the halo covers the tail's receptive field: only float rounding
+    assert any(k.startswith("static-") for k in m.prepare_log)
 
 
 def test_a_big_image_keeps_few_graphs_alive() -> None:
@@ -231,9 +259,10 @@ def test_a_big_image_keeps_few_graphs_alive() -> None:
     m = load_openvino_model(scale=2, cache=False)
     img = _image(40, 300, seed=6)
     cfg = TilingConfig(region=24, tile=96, any_tile=True)  # small tiles: several geometries in a small image
-    out, rep = m.upscale_array(img, cfg)
-    assert len(m.prepare_log) >= 3  # several tile geometries (first, inner, last)
-    assert len(m._compiled) <= engine.MAX_COMPILED
+    for _ in range(2):  # tiles of several geometries (first, inner, last): on graphs of free size, then their own
+        out, rep = m.upscale_array(img, cfg)
+        assert len(m._compiled) <= engine.MAX_COMPILED
+    assert sum(k.startswith("static-") for k in m.prepare_log) >= 3
     net = load_model(scale=2)
     set_kernels(net, "float")
     ref, rep_ref = upscale_array(net, img, cfg)

@@ -1,11 +1,14 @@
-"""The numpy engine of ``--kernels openvino``: tiles -> compiled OpenVINO graph per tile geometry -> stitch -> report.
+"""The numpy engine of ``--kernels openvino``: tiles -> compiled OpenVINO graphs (body, then the tail in row
+strips) -> stitch -> report.
 
 Same tiling plans, bits, report and output conventions as :func:`cadyq_cli.engine.upscale_array`
-(tiles run one at a time). Compiled graphs are exported to a cache folder
-(``$CADYQ_CACHE_DIR/openvino``, default ``~/.cache/cadyq/openvino``) keyed by the weights' sha256,
-the tile geometry, the mode and the OpenVINO version, so a later process imports the compiled blob
-instead of building and compiling the graph again. The cache keeps the most recently used graphs
-within ``$CADYQ_CACHE_MAX_MB`` (default 2048).
+(tiles run one at a time). The graphs take any tile size: a tile's place on the region lattice comes in
+as inputs, so one compiled body graph per layout (:meth:`~cadyq_cli.runtime.ov_edsr.Geometry.layout`:
+how region boundaries cut the tile) and one tail serve every image. They are exported to a cache folder
+(``$CADYQ_CACHE_DIR/openvino``, default ``~/.cache/cadyq/openvino``) keyed by the weights' sha256, the
+graph, the mode and the OpenVINO version, so a later process imports the compiled blob instead of
+building and compiling the graph again. The cache keeps the most recently used graphs within
+``$CADYQ_CACHE_MAX_MB`` (default 2048).
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ from ..accounting import edsr_cost_table
 from ..errors import CadyqError
 from ..report import ImageReport, RegionBits, build_report
 from ..tiling import TilingConfig, plan_tiles
-from .ov_edsr import FP_LAYERS, EdsrWeights, Geometry, build_graph, describe, read_edsr
+from .ov_edsr import (FP_LAYERS, EdsrWeights, Geometry, bits_from_idx, build_body, build_tail, describe, read_edsr,
+                      tail_strips)
 
 __all__ = ["OVModel", "load_openvino_model", "openvino_available", "cache_dir", "cache_max_bytes", "trim_cache",
            "RECEPTIVE_RADIUS"]
@@ -31,8 +35,13 @@ __all__ = ["OVModel", "load_openvino_model", "openvino_available", "cache_dir", 
 #: LR px of context a pixel depends on (as :attr:`cadyq_cli.models.edsr.EDSRBaseline.receptive_radius`)
 RECEPTIVE_RADIUS = 40
 MODES = ("dynamic", "fp32")
-#: compiled graphs kept alive at a time (see OVModel._compiled)
-MAX_COMPILED = 2
+#: compiled graphs kept alive at a time (see OVModel._compiled): the tail and two body layouts
+MAX_COMPILED = 3
+#: largest tile (LR px) that runs on a body graph of free size: that graph plans its memory per inference and
+#: takes more of it (a 320x240 process: 1.4 GB against 0.55 GB), so bigger tiles always get their own graph
+DYNAMIC_MAX_PIXELS = 320 * 240
+#: markers of tile geometries seen once kept in the cache folder (see OVModel.body_kind)
+MAX_SEEN = 4096
 #: default size cap of the compiled-graph cache (see cache_max_bytes)
 CACHE_MAX_BYTES = 2 << 30
 #: compile settings: FP32 for the full-precision layers, one stream; no "snippets" (OpenVINO's JIT-fused
@@ -49,6 +58,12 @@ def openvino_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def free_size_graphs() -> bool:
+    """Whether a tile seen for the first time may run on a body graph of free size (default; ``CADYQ_FREE_SIZE=0``:
+    every geometry compiles its own graph at once, the runtime before graphs of free size: for benchmarks)."""
+    return os.environ.get("CADYQ_FREE_SIZE", "") != "0"
 
 
 def cache_dir() -> Path | None:
@@ -73,8 +88,16 @@ def cache_max_bytes() -> int:
 
 def trim_cache(folder: Path, max_bytes: int, keep: Path | None = None) -> None:
     """Delete the least recently used ``*.blob`` files of ``folder`` until they take at most ``max_bytes``
-    (0: no cap); ``keep`` is never deleted. Every tile geometry has its own compiled graph (5-8 MB), so a
-    folder of images of many sizes would otherwise fill the disk."""
+    (0: no cap); ``keep`` is never deleted. A tile geometry that recurs gets its own compiled graph (5-17 MB),
+    so a folder of images of many sizes would otherwise fill the disk. Markers of geometries seen once
+    (``*.seen``, empty) are kept for the MAX_SEEN most recent."""
+    marks = []
+    for f in folder.glob("*.seen"):
+        with suppress(OSError):
+            marks.append((f.stat().st_mtime, f))
+    for _, f in sorted(marks, key=lambda m: m[0])[:max(0, len(marks) - MAX_SEEN)]:
+        with suppress(OSError):
+            f.unlink()
     if max_bytes <= 0:
         return
     blobs = []
@@ -130,30 +153,70 @@ class OVModel:
         self.config: dict[str, object] = dict(GRAPH_CONFIG)
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
-        #: the compiled graphs of the last MAX_COMPILED geometries, with one inference request each (a compiled
-        #: graph holds its working memory: keeping every geometry of a big image alive took 12 GB)
-        self._compiled: OrderedDict[tuple[Geometry, bool], tuple[object, object]] = OrderedDict()
-        #: (seconds, "compiled" | "imported") per geometry prepared by this object
-        self.prepare_log: dict[Geometry, tuple[float, str]] = {}
+        #: the compiled graphs last used (at most MAX_COMPILED), with one inference request each: a compiled
+        #: graph holds the working memory of its last tile
+        self._compiled: OrderedDict[str, tuple[object, object]] = OrderedDict()
+        #: (seconds, "compiled" | "imported") per graph prepared by this object: "tail", "body-<layout>" (any
+        #: tile size) or "static-<layout>-<geometry>" (one tile geometry)
+        self.prepare_log: dict[str, tuple[float, str]] = {}
+        self._geos: dict[str, Geometry] = {}
+        self._seen: dict[str, int] = {}
 
-    def _blob_path(self, geo: Geometry, bits_only: bool) -> Path | None:
+    def _blob_path(self, kind: str) -> Path | None:
         folder = cache_dir()
         if folder is None:
             return None
-        what = "bits" if bits_only else f"{self.mode}-{self.fp_layers}"
-        key = f"{describe(self.wts)}|{geo.key()}|{what}|{self.kernels}|{self.version}|{sorted(self.config.items())}"
-        return folder / (f"edsr-x{self.scale}-{what}-{self.kernels}-{geo.key()}-"
-                         f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.blob")
+        what = {"tail": f"{kind}-{self.fp_layers}", "static": f"{kind}-{self.kernels}-{self.fp_layers}"}.get(
+            kind.split("-")[0], f"{kind}-{self.kernels}")
+        key = f"{describe(self.wts)}|{what}|{self.version}|{sorted(self.config.items())}"
+        return folder / f"edsr-x{self.scale}-{what}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.blob"
 
-    def compiled(self, geo: Geometry, bits_only: bool = False) -> object:
-        """The compiled graph for ``geo`` (imported from the cache, or built, compiled and exported); with
-        ``bits_only`` the graph of the bits alone (no layers after the last selector)."""
-        key = (geo, bits_only)
-        if key in self._compiled:
-            self._compiled.move_to_end(key)
-            return self._compiled[key][0]
+    def _build(self, kind: str) -> object:
+        if kind == "tail":
+            return build_tail(self.wts, self.fp_layers)
+        if kind.startswith("static"):
+            geo = self._geos[kind]
+            return build_body(self.wts, geo.layout(self.mode == "dynamic", self.int8), self.int8, geo,
+                              with_tail=kind.startswith("static-"), fp_layers=self.fp_layers)
+        return build_body(self.wts, kind.removeprefix("body-"), self.int8)
+
+    def body_kind(self, geo: Geometry, bits_only: bool = False) -> str:
+        """The graph a tile of ``geo`` runs on: ``body-<layout>`` (then the tail graph) takes any tile size,
+        ``static-<layout>-<geometry>`` (the tail inside; ``staticbits-...`` without it, for ``bits_only``) one
+        geometry. The latter runs faster (static shapes: a 320x240 body 0.75 s against 1.4 s here) but costs
+        a compile (2-4 s) the first time: a geometry gets its own graph when one is cached, when it comes a
+        second time (in this process, or in any, by a marker file in the cache), or when the tile is bigger
+        than DYNAMIC_MAX_PIXELS, so that a folder of small images of many sizes compiles nothing per size and
+        a size that recurs runs at full speed."""
+        layout = geo.layout(self.mode == "dynamic", self.int8)
+        if layout == "fp32":  # plain convs: as fast with free shapes
+            return "body-fp32"
+        kind = f"{'staticbits' if bits_only else 'static'}-{layout}-{geo.key()}"
+        self._geos[kind] = geo
+        if kind in self._compiled:
+            return kind
+        path = self._blob_path(kind) if self.cache else None
+        if (path is not None and path.is_file()) or geo.h * geo.w > DYNAMIC_MAX_PIXELS or not free_size_graphs():
+            return kind
+        self._seen[kind] = self._seen.get(kind, 0) + 1
+        mark = None if path is None else path.with_suffix(".seen")
+        if self._seen[kind] > 1 or (mark is not None and mark.is_file()):
+            return kind
+        if mark is not None:
+            with suppress(OSError):
+                mark.parent.mkdir(parents=True, exist_ok=True)
+                mark.touch()
+                trim_cache(mark.parent, 0)
+        return "body-" + layout
+
+    def compiled(self, kind: str) -> tuple[object, object]:
+        """(compiled graph, its inference request) of ``kind``: ``tail``, or ``body-<layout>``; imported from
+        the cache, or built, compiled and exported."""
+        if kind in self._compiled:
+            self._compiled.move_to_end(kind)
+            return self._compiled[kind]
         t0 = time.perf_counter()
-        path = self._blob_path(geo, bits_only) if self.cache else None
+        path = self._blob_path(kind) if self.cache else None
         cm = None
         if path is not None and path.is_file():
             try:
@@ -164,8 +227,7 @@ class OVModel:
             except Exception:  # noqa: BLE001 - a stale or damaged blob: compile again
                 cm = None
         if cm is None:
-            graph = build_graph(self.wts, geo, self.mode == "dynamic", self.fp_layers, self.int8, bits_only=bits_only)
-            cm = self.core.compile_model(graph, "CPU", self.config)
+            cm = self.core.compile_model(self._build(kind), "CPU", self.config)
             how = "compiled"
             if path is not None:  # an unwritable cache means no cache, never a failed image
                 tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -177,28 +239,44 @@ class OVModel:
                     cm.export_model(buf)
                     tmp.write_bytes(buf.getvalue())
                     os.replace(tmp, path)
+                    with suppress(OSError):
+                        path.with_suffix(".seen").unlink(missing_ok=True)
                     trim_cache(path.parent, cache_max_bytes(), keep=path)
                 except Exception:  # noqa: BLE001 - export_model raises RuntimeError too: no cache, not a failure
                     with suppress(OSError):  # no cache: the next process compiles again
                         tmp.unlink()
         while len(self._compiled) >= MAX_COMPILED:
             self._compiled.popitem(last=False)
-        self._compiled[key] = (cm, cm.create_infer_request())
-        self.prepare_log[geo] = (time.perf_counter() - t0, how)
-        return cm
+        self._compiled[kind] = (cm, cm.create_infer_request())
+        self.prepare_log[kind] = (time.perf_counter() - t0, how)
+        return self._compiled[kind]
 
     def forward(self, x: np.ndarray, geo: Geometry, bits_only: bool = False) -> tuple[np.ndarray | None, np.ndarray]:
         """(sr (1, 3, sH, sW), bits (1, n_sel, nh, nw)) of one tile x (1, 3, H, W) float32 0..255; sr is None
-        with ``bits_only``."""
-        cm = self.compiled(geo, bits_only)
-        res = self._compiled[(geo, bits_only)][1].infer([np.ascontiguousarray(x, dtype=np.float32)])
-        sr = None if bits_only else res[cm.output("sr")]
-        bits = res[cm.output("bits")] if self.n_selectors else np.zeros((1, 0, 1, 1), np.float32)
-        return sr, bits
+        with ``bits_only`` (the tail does not run)."""
+        kind = self.body_kind(geo, bits_only)
+        cm, req = self.compiled(kind)
+        feeds = {"x": np.ascontiguousarray(x, dtype=np.float32)}
+        if kind.startswith("body-"):
+            feeds.update(geo.inputs(kind.removeprefix("body-")))
+        res = req.infer(feeds)
+        bits = bits_from_idx(res[cm.output("idx")]) if self.n_selectors else np.zeros((1, 0, 1, 1), np.float32)
+        if bits_only:
+            return None, bits
+        if kind.startswith("static-"):
+            return res[cm.output("sr")], bits
+        r = res[cm.output("r")]
+        cm, req = self.compiled("tail")
+        s, (_, c, h, w) = self.scale, r.shape
+        parts = []
+        for a, b, y0, y1 in tail_strips(h, w, c, s):
+            sr = req.infer({"r": np.ascontiguousarray(r[:, :, a:b])})[cm.output("sr")]
+            parts.append(sr[:, :, (y0 - a) * s:(y1 - a) * s])
+        return (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)), bits
 
     def _geometry(self, tile: object, region: int | None) -> Geometry:
-        """The graph geometry of a planned tile (its size and place on the region lattice); a tile inside one
-        region, and any tile in fp32 mode, has the geometry of its size alone (the same graph: one key)."""
+        """The geometry of a planned tile (its size and place on the region lattice); a tile inside one region,
+        and any tile in fp32 mode, has the geometry of its size alone (one region)."""
         y0, y1, x0, x1 = tile.in_box  # type: ignore[attr-defined]
         h, w = y1 - y0, x1 - x0
         if region is None or self.mode == "fp32":
@@ -224,8 +302,11 @@ class OVModel:
         tiles, region = plan_tiles(h, w, s, cfg, self.receptive_radius)
         out = None if bits_only else np.empty((h * s, w * s, 3), dtype=out_dtype)
         regions = RegionBits(h, w, region)
-        # tiles of one geometry one after another: each graph is prepared once per image (tiles are independent)
-        order = sorted(range(len(tiles)), key=lambda k: self._geometry(tiles[k], region).key())
+        # tiles of one layout and geometry one after another: each body graph is prepared once per image (tiles
+        # are independent)
+        how = self.mode == "dynamic", self.int8
+        order = sorted(range(len(tiles)), key=lambda k: (self._geometry(tiles[k], region).layout(*how),
+                                                         self._geometry(tiles[k], region).key()))
         for i, t in enumerate(tiles[k] for k in order):
             y0, y1, x0, x1 = t.in_box
             sr, bits = self.forward(rgb[y0:y1, x0:x1].transpose(2, 0, 1)[None], self._geometry(t, region), bits_only)

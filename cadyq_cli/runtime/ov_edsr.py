@@ -1,4 +1,9 @@
-"""EDSR-baseline CADyQ as one OpenVINO graph per tile geometry, built from the safetensors (no PyTorch).
+"""EDSR-baseline CADyQ as OpenVINO graphs, built from the safetensors (no PyTorch).
+
+Graphs: the head and body of tiles of any size (:func:`build_body`; the tile's place on the region
+lattice comes in as inputs, :meth:`Geometry.inputs`, one graph per :meth:`Geometry.layout`), or of one
+tile geometry with those inputs as constants and the tail inside (faster; ``geo``, ``with_tail``); the
+upsampling tail alone (:func:`build_tail`, run on row strips); the plain FP32 network (:func:`build_network`).
 
 Semantics are those of :class:`cadyq_cli.models.edsr.EDSRBaseline` in ``dynamic`` mode at inference
 (the ``--kernels float`` reference), restated in OpenVINO ops:
@@ -20,7 +25,8 @@ Semantics are those of :class:`cadyq_cli.models.edsr.EDSRBaseline` in ``dynamic`
 * head, the body's last conv, upsampler and tail in FP32 (``INFERENCE_PRECISION_HINT=f32``), or the tail
   in bf16 (``fp_layers="bf16"``); the tail runs in row strips to bound a big tile's memory.
 
-Outputs: ``sr`` (1, 3, sH, sW), not clamped, and ``bits`` (1, n_selectors, nh, nw).
+Outputs: ``sr`` (1, 3, sH, sW), not clamped (or the body's features ``r``), and the selectors' ``idx``
+(:func:`bits_from_idx`: bits (1, n_selectors, nh, nw)).
 """
 from __future__ import annotations
 
@@ -31,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["EdsrWeights", "Geometry", "read_edsr", "build_graph", "edsr_blocks", "CANDIDATE_BITS"]
+__all__ = ["EdsrWeights", "Geometry", "LAYOUTS", "read_edsr", "build_body", "build_tail", "build_network", "bits_from_idx",
+           "tail_strips", "edsr_blocks", "CANDIDATE_BITS"]
 
 CANDIDATE_BITS = (4, 6, 8)
 #: precisions of the full-precision upsampling tail (as :data:`cadyq_cli.models._base.FP_LAYERS`)
@@ -42,7 +49,7 @@ GRAD_MULTIPLIER = 1000.0
 TAIL_BUDGET_BYTES = 1 << 28
 TAIL_HALO = 3
 #: bump whenever the graph this module builds changes: compiled graphs cached on disk are keyed by it
-GRAPH_VERSION = 7
+GRAPH_VERSION = 8
 _F = np.float32
 
 
@@ -100,7 +107,7 @@ def read_edsr(path: str | Path) -> EdsrWeights:
 
 @dataclass(frozen=True)
 class Geometry:
-    """One tile's shape and its place on the region lattice.
+    """One tile's shape and its place on the region lattice: the per-tile inputs of the graphs.
 
     Attributes:
         h, w: tile size (LR px).
@@ -123,32 +130,104 @@ class Geometry:
         return idx, [int(c) for c in np.nonzero(np.diff(idx))[0] + 1]
 
     def key(self) -> str:
-        """Short text naming the geometry (cache keys)."""
+        """Short text naming the geometry."""
         return f"{self.h}x{self.w}_r{self.region}_{self.pt}_{self.pl}"
+
+    def layout(self, quantized: bool = True, int8: bool = True) -> str:
+        """The body graph this tile runs on (:data:`LAYOUTS`): ``fp32`` (no quantizers), ``single`` (one
+        region), ``lattice`` (regions, convs without boundary bands: ``int8=False``, or no boundary inside
+        the tile), or where region boundaries cut the tile when the int8 convs need bands: ``rows``,
+        ``cols``, ``both``."""
+        if not quantized:
+            return "fp32"
+        if self.region is None:
+            return "single"
+        rb, cb = self.axis(self.h, self.pt)[1], self.axis(self.w, self.pl)[1]
+        if not int8 or not (rb or cb):
+            return "lattice"
+        return "both" if rb and cb else "rows" if rb else "cols"
+
+    def inputs(self, layout: str) -> dict[str, np.ndarray]:
+        """The arrays the body graph of ``layout`` takes besides the image: region index of each row and
+        column (``ry``, ``cx``), their 0/1 membership matrices (``oh`` (nh, H), ``ow`` (nw, W)), the pixel count
+        of each region (``cnt`` (1, 1, nh, nw)), and per cut axis the band of four lines around each boundary
+        (:meth:`bands`)."""
+        if layout == "fp32":
+            return {}
+        if layout == "single":
+            return {"cnt": np.full((1, 1, 1, 1), self.h * self.w, _F)}
+        ry, rb = self.axis(self.h, self.pt)
+        cx, cb = self.axis(self.w, self.pl)
+        nh, nw = int(ry[-1]) + 1, int(cx[-1]) + 1
+        out = {
+            "ry": ry, "cx": cx,
+            "oh": (ry[None, :] == np.arange(nh)[:, None]).astype(_F),
+            "ow": (cx[None, :] == np.arange(nw)[:, None]).astype(_F),
+            "cnt": (np.bincount(ry)[:, None] * np.bincount(cx)[None, :]).astype(_F)[None, None],
+        }
+        for tag, axis, bounds in (("r", 1, rb), ("c", 2, cb)):
+            if layout in ("both", "rows" if tag == "r" else "cols"):
+                out.update({tag + k: v for k, v in self.bands(axis, bounds).items()})
+        return out
+
+    def bands(self, axis: int, bounds: list[int]) -> dict[str, np.ndarray]:
+        """Around each boundary c along NHWC ``axis`` (1: rows, 2: columns): ``lines`` c-2..c+1 clipped to the
+        tile; ``keep``, the positions in the valid conv over them of the outputs at c-1 (all boundaries first)
+        then at c; ``valid``, which gathered lines lie inside the tile (a region of one line at the tile edge
+        reads zeros beyond it), shaped to broadcast along ``axis``; ``scat``, the lines those outputs replace."""
+        size = self.w if axis == 2 else self.h
+        lines = np.array([c + d for c in bounds for d in (-2, -1, 0, 1)], np.int64)
+        valid = ((lines >= 0) & (lines < size)).astype(_F)
+        nb = len(bounds)
+        shape = [1, 1, 1, 1]
+        shape[axis] = len(lines)
+        return {"lines": np.clip(lines, 0, size - 1),
+                "keep": np.array([4 * j for j in range(nb)] + [4 * j + 1 for j in range(nb)], np.int64),
+                "valid": valid.reshape(shape),
+                "scat": np.array([c - 1 for c in bounds] + list(bounds), np.int64)}
+
+
+#: body graphs, one per way region boundaries cut a tile (see :meth:`Geometry.layout`)
+LAYOUTS = ("fp32", "single", "lattice", "rows", "cols", "both")
+
+
+def tail_strips(h: int, w: int, n_feats: int, scale: int) -> list[tuple[int, int, int, int]]:
+    """Row strips of the tail on LR features (h, w): (a, b, y0, y1), LR rows a..b in, y0..y1 kept, with
+    TAIL_HALO rows of context each side, as :meth:`cadyq_cli.models._base.SRModel.run_tail` cuts them. The
+    high-resolution intermediates of a strip (two alive, ``C * scale**2`` floats per LR pixel) stay under
+    TAIL_BUDGET_BYTES, so a big tile's memory is bounded (a 464 px tile at x4 needed 1.9 GB in one piece)."""
+    rows = max(8, TAIL_BUDGET_BYTES // (8 * n_feats * scale * scale * w))
+    if rows >= h:
+        return [(0, h, 0, h)]
+    return [(max(0, y0 - TAIL_HALO), min(h, y0 + rows + TAIL_HALO), y0, min(h, y0 + rows)) for y0 in range(0, h, rows)]
 
 
 class _Builder:
-    """Builds the graph; one instance per graph."""
+    """Builds one graph; one instance per graph. Tile sizes are free (H, W dynamic): what depends on the
+    tile's place on the region lattice comes in as inputs (:meth:`Geometry.inputs`)."""
 
-    def __init__(self, wts: EdsrWeights, geo: Geometry, quantized: bool, fp_layers: str = "fp32", int8: bool = True,
-                 tail_strips: bool = True, bits_only: bool = False) -> None:
+    def __init__(self, wts: EdsrWeights, layout: str = "fp32", int8: bool = True, fp_layers: str = "fp32",
+                 geo: Geometry | None = None) -> None:
         import openvino.opset13 as op
 
         if fp_layers not in FP_LAYERS:
             raise ValueError(f"fp_layers must be one of {', '.join(FP_LAYERS)}, not {fp_layers!r}")
-        self.op, self.w, self.geo, self.quantized, self.fp_layers, self.int8 = op, wts, geo, quantized, fp_layers, int8
-        self.tail_strips, self.bits_only = tail_strips, bits_only
-        self.ry, self.rb = geo.axis(geo.h, geo.pt)
-        self.cx, self.cb = geo.axis(geo.w, geo.pl)
-        self.nh, self.nw = int(self.ry[-1]) + 1, int(self.cx[-1]) + 1
-        cnt = np.bincount(self.ry)[:, None] * np.bincount(self.cx)[None, :]
-        self.count = cnt.astype(_F)[None, None]  # (1, 1, nh, nw)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+        self.op, self.w, self.layout, self.int8, self.fp_layers = op, wts, layout, int8, fp_layers
+        self.quantized = layout != "fp32"
+        self.lattice = layout not in ("fp32", "single")
+        self.axes = [(tag, axis) for tag, axis, cut in (("c", 2, layout in ("cols", "both")),
+                                                        ("r", 1, layout in ("rows", "both"))) if cut]
         self.bits: list = []
+        self.params: dict[str, object] = {}
+        #: a graph for one geometry: its inputs are constants, its shapes static
+        self.geo, self.fixed = geo, None if geo is None else {"x": (1, 3, geo.h, geo.w), **geo.inputs(layout)}
         self._consts: dict = {}
         #: with region boundaries the body runs channels-last (NHWC tensors): boundary lines are gathered
         #: and scattered along H/W of plain NHWC tensors, which is the memory layout the int8 convs
         #: use, so the transposes around the convs cost nothing
-        self.cl = quantized and int8 and bool(self.cb or self.rb)
+        self.cl = bool(self.axes)
 
     # --- small helpers -------------------------------------------------------------------
     def c(self, v: object) -> object:
@@ -167,6 +246,28 @@ class _Builder:
         if key not in self._consts:
             self._consts[key] = self.op.constant(arr)
         return self._consts[key]
+
+    def param(self, name: str, shape: list[int], dtype: type = np.float32) -> object:
+        """The graph input ``name`` (-1: a free dimension), created once; a constant in a graph for one geometry."""
+        if self.fixed is not None and name in self.fixed:
+            value = self.fixed[name]
+            if isinstance(value, tuple):  # the image: its shape only
+                shape = list(value)
+            else:
+                if name not in self._consts:
+                    self._consts[name] = self.op.constant(value)
+                return self._consts[name]
+        if name not in self.params:
+            p = self.op.parameter(shape, dtype, name=name)
+            p.output(0).get_tensor().set_names({name})
+            self.params[name] = p
+        return self.params[name]
+
+    def lattice_in(self, name: str) -> object:
+        """One of :meth:`Geometry.inputs`' region arrays."""
+        shapes = {"ry": ([-1], np.int64), "cx": ([-1], np.int64), "oh": ([-1, -1], np.float32),
+                  "ow": ([-1, -1], np.float32), "cnt": ([1, 1, -1, -1], np.float32)}
+        return self.param(name, *shapes[name])
 
     def conv(self, x: object, weight: np.ndarray, bias: np.ndarray | None, pad: tuple[int, int] = (1, 1),
              bf16: bool = False) -> object:
@@ -193,51 +294,42 @@ class _Builder:
         """An NCHW tensor as a body tensor."""
         return self.nhwc(x) if self.cl else x
 
-    def region_mean(self, x: object) -> object:
-        """Mean of NCHW x over each region, padding excluded: AvgPool over the lattice -> (1, C, nh, nw)."""
-        g, op = self.geo, self.op
-        if g.region is None:
-            return op.reduce_mean(x, self.c_i64([2, 3]), True)
-        r = g.region
-        pe = (self.nh * r - g.h - g.pt, self.nw * r - g.w - g.pl)
-        return op.avg_pool(x, [r, r], [g.pt, g.pl], [pe[0], pe[1]], [r, r], True, "floor")
+    def sums_nchw(self, x: object) -> object:
+        """Sums of NCHW x over each region: (1, C, nh, nw), by matrix products with the membership matrices."""
+        op = self.op
+        cols = op.matmul(x, self.lattice_in("ow"), False, True)  # (1, C, H, nw)
+        return op.matmul(self.lattice_in("oh"), cols, False, False)  # (1, C, nh, nw)
 
     def region_sums(self, x: object) -> tuple[object, object]:
         """Sums of x and of x*x over each region of body tensor x: (1, 1, nh, nw, C) each from a channels-last
-        body (1, H, W, C), (1, C, nh, nw) from an NCHW one.
+        body (1, H, W, C), (1, C, nh, nw) from an NCHW one, (1, C, 1, 1) with one region.
 
-        Matrix products with the 0/1 region-membership matrices (rows, columns) on x seen as (H, W*C),
-        or as (C, H, W): 2.7x faster than region pooling on this CPU, and sums, as the reference computes
-        them (no mean times count)."""
-        op, g = self.op, self.geo
-        oh = (self.ry[None, :] == np.arange(self.nh)[:, None]).astype(_F)  # (nh, H)
-        ow = (self.cx[None, :] == np.arange(self.nw)[:, None]).astype(_F)  # (nw, W)
-        c = int(self.w.n_feats)
-        if self.cl:
-            x2 = op.reshape(x, self.c_i64([g.h, g.w * c]), False)
-
-            def rsum(t: object) -> object:
-                rows = op.reshape(op.matmul(self.c(oh), t, False, False), self.c_i64([self.nh, g.w, c]), False)
-                return op.reshape(op.matmul(self.c(ow), rows, False, False), self.c_i64([1, 1, self.nh, self.nw, c]), False)
-        else:
-            x2 = op.reshape(x, self.c_i64([c, g.h, g.w]), False)
-
-            def rsum(t: object) -> object:
-                cols = op.matmul(t, self.c(np.ascontiguousarray(ow.T)), False, False)  # (C, H, nw)
-                return op.reshape(op.matmul(self.c(oh), cols, False, False), self.c_i64([1, c, self.nh, self.nw]), False)
-
-        return rsum(x2), rsum(op.multiply(x2, x2))
-
-    def expand(self, m: object, nhwc: bool) -> object:
-        """Per-region map (1, nh, nw, k) -> per-pixel (1, H, W, k), or (1, k, H, W) when not ``nhwc``."""
+        Matrix products with the 0/1 region-membership matrices (rows, columns) on x seen as (H, W*C), or as
+        (C, H, W): 2.7x faster than region pooling on this CPU, and sums, as the reference computes them (no
+        mean times count)."""
         op = self.op
-        if not nhwc:
-            m = op.transpose(m, self.c_i64([0, 3, 1, 2]))
-        if self.nh == 1 and self.nw == 1:
+        if not self.lattice:
+            def rsum(t: object) -> object:
+                return op.reduce_sum(t, self.c_i64([2, 3]), True)
+        elif self.cl:
+            c = int(self.w.n_feats)
+
+            def rsum(t: object) -> object:
+                rows = op.matmul(self.lattice_in("oh"), op.reshape(t, self.c_i64([0, 0, -1]), True), False, False)
+                rows = op.reshape(rows, self.c_i64([0, 0, -1, c]), True)  # (1, nh, W, C)
+                return op.unsqueeze(op.matmul(self.lattice_in("ow"), rows, False, False), self.c_i64([1]))
+        else:
+            rsum = self.sums_nchw
+        return rsum(x), rsum(op.multiply(x, x))
+
+    def expand(self, m: object) -> object:
+        """Per-region map (1, nh, nw, k) -> per-pixel (1, k, H, W) (or (1, k, 1, 1) with one region)."""
+        op = self.op
+        m = op.transpose(m, self.c_i64([0, 3, 1, 2]))
+        if not self.lattice:
             return m
-        hw = (1, 2) if nhwc else (2, 3)
-        m = op.gather(m, self.c_i64(self.ry), self.c_i64(hw[0]))
-        return op.gather(m, self.c_i64(self.cx), self.c_i64(hw[1]))
+        m = op.gather(m, self.lattice_in("ry"), self.c_i64(2))
+        return op.gather(m, self.lattice_in("cx"), self.c_i64(3))
 
     # --- the network -----------------------------------------------------------------------
     def grad_feature(self, x: object) -> object:
@@ -250,7 +342,10 @@ class _Builder:
         sx = np.array([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], _F) / _F(8.0)
         k = np.stack([sx, sx.T])[:, None]
         g = op.abs(op.convolution(padded, self.c(k), [1, 1], [0, 0], [0, 0], [1, 1]))
-        return op.multiply(self.region_mean(g), self.c(GRAD_MULTIPLIER))
+        # the region mean as the reference takes it: the sum over the region, divided by its pixel count
+        mean = op.divide(self.sums_nchw(g), self.lattice_in("cnt")) if self.lattice else \
+            op.reduce_mean(g, self.c_i64([2, 3]), True)
+        return op.multiply(mean, self.c(GRAD_MULTIPLIER))
 
     def selector(self, x: object, prefix: str, signed: bool) -> tuple[object, object, object, object, np.ndarray]:
         """Choose bits per region for body tensor ``x``; returns (codes, step map (NCHW), value, bit-index map,
@@ -258,10 +353,9 @@ class _Builder:
         op, sd = self.op, self.w.sd
         wl, bl = sd[f"{prefix}.net_small.0.weight"], sd[f"{prefix}.net_small.0.bias"]
         s1, s2 = self.region_sums(x)  # (1, 1, nh, nw, C) channels-last, else (1, C, nh, nw)
-        cnt = self.count.reshape(1, 1, self.nh, self.nw, 1) if self.cl else self.count
-        n = self.c(cnt)
-        var = op.divide(op.subtract(s2, op.divide(op.multiply(s1, s1), n)), self.c(np.maximum(cnt - 1, 1)))
-        std = op.multiply(op.sqrt(op.maximum(var, self.c(0.0))), self.c((cnt > 1).astype(_F)))
+        n, den, has = self.counts
+        var = op.divide(op.subtract(s2, op.divide(op.multiply(s1, s1), n)), den)
+        std = op.multiply(op.sqrt(op.maximum(var, self.c(0.0))), has)
         if self.cl:
             z = op.concat([self.gradf5, std], 4)
             logits, axis = op.add(op.matmul(z, self.c(np.ascontiguousarray(wl.T)), False, False), self.c(bl)), 4
@@ -275,13 +369,13 @@ class _Builder:
         qmaxes = [_F(_qmax(b, signed)) for b in CANDIDATE_BITS]
         steps = np.array([a / q for a, q in zip(alphas, qmaxes)], _F)
         table = np.stack([alphas, qmaxes, steps, np.arange(3, dtype=_F)], axis=1).astype(_F)  # (3, 4)
-        idx3 = op.reshape(idx, self.c_i64([1, self.nh, self.nw]), False)
+        idx3 = op.squeeze(idx, self.c_i64([1, 4] if self.cl else [1]))  # (1, nh, nw)
         per_region = op.gather(self.c(table), idx3, self.c_i64(0))  # (1, nh, nw, 4)
-        maps = op.split(self.expand(per_region, False), self.c_i64(1), 4)  # (1, 1, H, W) each
+        maps = op.split(self.expand(per_region), self.c_i64(1), 4)  # (1, 1, H, W) each
         a_px, q_px, s_px, i_px = (maps.output(k) for k in range(4))
         if self.cl:  # one channel: (1, 1, H, W) and (1, H, W, 1) are the same memory; the step map
             # rescales the conv output while it is still NCHW
-            a_px, q_px, i_px = (op.reshape(m, self.c_i64([1, self.geo.h, self.geo.w, 1]), False) for m in (a_px, q_px, i_px))
+            a_px, q_px, i_px = (op.unsqueeze(op.squeeze(m, self.c_i64([1])), self.c_i64([3])) for m in (a_px, q_px, i_px))
         codes = op.round(op.multiply(op.clamp(op.divide(x, a_px), -1.0 if signed else 0.0, 1.0), q_px), "half_to_even")
         value = op.multiply(op.divide(codes, q_px), a_px)
         return codes, s_px, value, i_px, steps
@@ -314,35 +408,20 @@ class _Builder:
             return y
         y = self.nhwc(y)
         b4 = self.c(bias.reshape(1, 1, 1, -1))
-        for axis, bounds in ((2, self.cb), (1, self.rb)):  # NHWC axes: columns, rows
-            if not bounds:
-                continue
-            lines, keep, valid = self.band_lines(axis, bounds)
+        for tag, axis in self.axes:  # NHWC axes: columns, rows
+            band = {k: self.param(tag + k, [-1] if k != "valid" else [1, -1, 1, 1] if axis == 1 else [1, 1, -1, 1],
+                                  np.int64 if k != "valid" else np.float32) for k in ("lines", "keep", "valid", "scat")}
             # the four lines c-2..c+1 of every boundary side by side; one batch entry per bit-width
             # with the codes of the other bit-widths (and of lines beyond the tile) zeroed
-            kb = op.gather(codes, self.c_i64(lines), self.c_i64(axis))
-            ib = op.gather(i_px, self.c_i64(lines), self.c_i64(axis))
+            kb = op.gather(codes, band["lines"], self.c_i64(axis))
+            ib = op.gather(i_px, band["lines"], self.c_i64(axis))
             sel = op.convert(op.equal(ib, self.c(np.arange(3, dtype=_F).reshape(3, 1, 1, 1))), np.float32)
-            if not valid.all():
-                shape = [1, 1, 1, 1]
-                shape[axis] = len(lines)
-                sel = op.multiply(sel, self.c(valid.astype(_F).reshape(shape)))
+            sel = op.multiply(sel, band["valid"])
             r = int_conv(op.multiply(kb, sel), (1, 0) if axis == 2 else (0, 1), True)  # valid along the axis
             r = op.reduce_sum(op.multiply(r, self.c(steps.reshape(3, 1, 1, 1))), self.c_i64([0]), True)
-            r = op.add(op.gather(self.nhwc(r), self.c_i64(keep), self.c_i64(axis)), b4)
-            y = op.scatter_update(y, self.c_i64([c - 1 for c in bounds] + list(bounds)), r, self.c_i64(axis))
+            r = op.add(op.gather(self.nhwc(r), band["keep"], self.c_i64(axis)), b4)
+            y = op.scatter_update(y, band["scat"], r, self.c_i64(axis))
         return y
-
-    def band_lines(self, axis: int, bounds: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Lines to gather around each boundary (c-2..c+1, clipped to the tile), the positions in the
-        valid conv over them of the outputs at c-1 (all boundaries first) then at c, and which gathered
-        lines lie inside the tile (a region of one line at the tile edge reads zeros beyond it)."""
-        size = self.geo.w if axis == 2 else self.geo.h
-        lines = np.array([c + d for c in bounds for d in (-2, -1, 0, 1)], np.int64)
-        valid = (lines >= 0) & (lines < size)
-        nb = len(bounds)
-        keep = np.array([4 * j for j in range(nb)] + [4 * j + 1 for j in range(nb)], np.int64)
-        return np.clip(lines, 0, size - 1), keep, valid
 
     def tail(self, r: object) -> object:
         """The upsampling tail (upsampler convs, pixel shuffles, last conv) of LR features r (1, C, h, W)."""
@@ -357,40 +436,25 @@ class _Builder:
                 r = op.depth_to_space(self.conv(r, sd[f"tail.0.{2 * j}.weight"], sd[f"tail.0.{2 * j}.bias"], bf16=bf16),
                                       "depth_first", 2)
         r = self.conv(r, sd["tail.1.weight"], sd["tail.1.bias"], bf16=bf16)
-        return op.convert(r, np.float32) if bf16 else r
+        r = op.convert(r, np.float32) if bf16 else r
+        return op.add(r, self.c(sd["add_mean.bias"].reshape(1, 3, 1, 1)))
 
-    def tail_in_strips(self, r: object) -> object:
-        """:meth:`tail` on row strips of r with TAIL_HALO rows of context each side, as
-        :meth:`cadyq_cli.models._base.SRModel.run_tail` runs it: the high-resolution intermediates of a
-        strip (two alive, ``C * scale**2`` floats per LR pixel) stay under TAIL_BUDGET_BYTES, so a big
-        tile's memory is bounded (a 464 px tile at x4 needed 1.9 GB in one piece) and they stay in cache."""
-        op, g, s = self.op, self.geo, self.w.scale
-        per_row = 8 * self.w.n_feats * s * s * g.w
-        rows = max(8, TAIL_BUDGET_BYTES // per_row)
-        if rows >= g.h or not self.tail_strips:
-            return self.tail(r)
-        parts = []
-        for y0 in range(0, g.h, rows):
-            y1 = min(g.h, y0 + rows)
-            a, b = max(0, y0 - TAIL_HALO), min(g.h, y1 + TAIL_HALO)
-            part = self.tail(op.slice(r, self.c_i64([a]), self.c_i64([b]), self.c_i64([1]), self.c_i64([2])))
-            parts.append(op.slice(part, self.c_i64([(y0 - a) * s]), self.c_i64([(y1 - a) * s]), self.c_i64([1]),
-                                  self.c_i64([2])))
-        return op.concat(parts, 2)
-
-    def build(self) -> object:
-        import openvino as ov
-
+    def body(self, x: object) -> object:
+        """Head and body of image x (1, 3, H, W): the features entering the tail, (1, C, H, W)."""
         op, sd, wts = self.op, self.w.sd, self.w
-        g = self.geo
-        x = op.parameter([1, 3, g.h, g.w], np.float32, name="x")
         for name in ("sub_mean", "add_mean"):
             if not np.array_equal(sd[f"{name}.weight"].reshape(3, 3), np.eye(3, dtype=_F)):
                 raise ValueError(f"{name} is not the identity mean shift")
         head = self.conv(op.add(x, self.c(sd["sub_mean.bias"].reshape(1, 3, 1, 1))), sd["head.0.weight"], sd["head.0.bias"])
-        self.gradf = self.grad_feature(x) if self.quantized else None
-        if self.cl:  # (1, 1, nh, nw, 2), next to the channels-last statistics
-            self.gradf5 = op.unsqueeze(op.transpose(self.gradf, self.c_i64([0, 2, 3, 1])), self.c_i64([1]))
+        if self.quantized:
+            cnt = self.lattice_in("cnt") if self.lattice else self.param("cnt", [1, 1, 1, 1])
+            if self.cl:
+                cnt = op.unsqueeze(cnt, self.c_i64([4]))  # (1, 1, nh, nw, 1), next to channels-last statistics
+            self.counts = (cnt, op.maximum(op.subtract(cnt, self.c(1.0)), self.c(1.0)),
+                           op.convert(op.greater(cnt, self.c(1.0)), np.float32))
+            self.gradf = self.grad_feature(x)
+            if self.cl:  # (1, 1, nh, nw, 2), next to the channels-last statistics
+                self.gradf5 = op.unsqueeze(op.transpose(self.gradf, self.c_i64([0, 2, 3, 1])), self.c_i64([1]))
         r = self.as_body(head)
         if self.cl:  # rewriting one row in place (ScatterUpdate needs a plain layout) pins the body to plain
             # NHWC, the conv's own memory order: the transpose above becomes free, and no residual add
@@ -417,29 +481,77 @@ class _Builder:
             t = op.multiply(op.divide(c3, self.c(127.0)), self.c(a3))
             r = op.add(t, r if wts.skip == "fp" else value)
         n = wts.n_blocks
-        r = op.add(self.conv(self.as_nchw(r), sd[f"body.{n}.weight"], sd[f"body.{n}.bias"]), head)
-        sr = op.add(self.tail_in_strips(r), self.c(sd["add_mean.bias"].reshape(1, 3, 1, 1)))
-        outs = [] if self.bits_only else [op.result(sr, name="sr")]  # bits only: OpenVINO drops the unused tail
-        if self.quantized:  # bits = 4 + 2 * candidate index, (1, n_sel, nh, nw)
-            idx = op.concat(self.bits, 4 if self.cl else 1)
-            if self.cl:
-                idx = op.reshape(op.transpose(idx, self.c_i64([0, 4, 2, 3, 1])), self.c_i64([1, -1, self.nh, self.nw]), False)
-            outs.append(op.result(op.add(op.multiply(op.convert(idx, np.float32), self.c(2.0)), self.c(4.0)), name="bits"))
-        return ov.Model(outs, [x], "edsr_cadyq" if self.quantized else "edsr_fp32")
+        return op.add(self.conv(self.as_nchw(r), sd[f"body.{n}.weight"], sd[f"body.{n}.bias"]), head)
+
+    def tail_in_strips(self, r: object) -> object:
+        """:meth:`tail` of a graph for one geometry on the row strips of :func:`tail_strips`, inside the graph."""
+        op, s, g = self.op, self.w.scale, self.geo
+        parts = []
+        for a, b, y0, y1 in tail_strips(g.h, g.w, int(self.w.n_feats), s):
+            part = r if (a, b) == (0, g.h) else op.slice(r, self.c_i64([a]), self.c_i64([b]), self.c_i64([1]), self.c_i64([2]))
+            part = self.tail(part)
+            if (y0 - a, y1 - a) != (0, b - a):
+                part = op.slice(part, self.c_i64([(y0 - a) * s]), self.c_i64([(y1 - a) * s]), self.c_i64([1]), self.c_i64([2]))
+            parts.append(part)
+        return parts[0] if len(parts) == 1 else op.concat(parts, 2)
+
+    def build_body(self, with_tail: bool = False) -> object:
+        import openvino as ov
+
+        x = self.param("x", [1, 3, -1, -1])
+        r = self.body(x)
+        outs = [self.op.result(self.tail_in_strips(r), name="sr") if with_tail else self.op.result(r, name="r")]
+        if self.quantized:  # selector indices (i32): (1, n_sel, nh, nw), or (1, 1, nh, nw, n_sel) channels-last
+            outs.append(self.op.result(self.op.concat(self.bits, 4 if self.cl else 1), name="idx"))
+        return ov.Model(outs, list(self.params.values()), f"edsr_body_{self.layout}")
+
+    def build_tail(self) -> object:
+        import openvino as ov
+
+        r = self.param("r", [1, int(self.w.n_feats), -1, -1])
+        return ov.Model([self.op.result(self.tail(r), name="sr")], [r], f"edsr_tail_{self.fp_layers}")
+
+    def build_network(self) -> object:
+        import openvino as ov
+
+        x = self.param("x", [1, 3, -1, -1])
+        return ov.Model([self.op.result(self.tail(self.body(x)), name="sr")], [x], "edsr_fp32")
 
 
-def build_graph(wts: EdsrWeights, geo: Geometry, quantized: bool = True, fp_layers: str = "fp32",
-                int8: bool = True, tail_strips: bool = True, bits_only: bool = False) -> object:
-    """The ``openvino.Model`` of ``wts`` for one tile geometry (``quantized=False``: plain FP32 EDSR;
-    ``fp_layers="bf16"``: the upsampling tail in bf16; ``int8=False``: quantized convs as FP32 convs of the
-    fake-quantized values, the float reference's arithmetic, for CPUs without an int8 dot product;
-    ``tail_strips=False``: the tail in one piece, as a plain export of the network runs it; ``bits_only``: the
-    ``bits`` output alone, without the layers after the last selector)."""
-    if bits_only and not quantized:
-        raise ValueError("bits_only needs the quantized graph")
-    return _Builder(wts, geo, quantized, fp_layers, int8, tail_strips, bits_only).build()
+def build_body(wts: EdsrWeights, layout: str, int8: bool = True, geo: Geometry | None = None,
+               with_tail: bool = False, fp_layers: str = "fp32") -> object:
+    """The ``openvino.Model`` of the head and body for tiles of ``layout`` (:meth:`Geometry.layout`; ``fp32``:
+    the FP32 network's): inputs ``x`` (1, 3, H, W) and :meth:`Geometry.inputs`, outputs ``r`` (1, C, H, W), the
+    features entering the tail, and (quantized) ``idx``, the selectors' choices (see :func:`bits_from_idx`).
+    ``int8=False``: quantized convs as FP32 convs of the fake-quantized values, the float reference's
+    arithmetic, for CPUs without an int8 dot product. With ``geo``, the graph of that one geometry: the same
+    operations on constants and static shapes (input ``x`` alone), which OpenVINO compiles into a faster
+    graph (0.75 s against 1.4 s for a 320x240 body here: its channels-last transposes fold into the convs);
+    ``with_tail`` then puts the tail (``fp_layers``) in it too, on row strips: output ``sr`` instead of ``r``."""
+    if with_tail and geo is None:
+        raise ValueError("with_tail needs the geometry (the graph of one geometry)")
+    return _Builder(wts, layout, int8, fp_layers, geo).build_body(with_tail)
+
+
+def build_tail(wts: EdsrWeights, fp_layers: str = "fp32") -> object:
+    """The ``openvino.Model`` of the upsampling tail: ``r`` (1, C, h, W) -> ``sr`` (1, 3, s*h, s*W), not clamped;
+    ``fp_layers="bf16"``: in bf16. The engine runs it on row strips (:func:`tail_strips`)."""
+    return _Builder(wts, fp_layers=fp_layers).build_tail()
+
+
+def build_network(wts: EdsrWeights) -> object:
+    """The plain FP32 EDSR-baseline of ``wts`` as one graph, ``x`` -> ``sr``, for any image size: the network
+    as a plain export runs it (bench/peer_openvino_fp32.py)."""
+    return _Builder(wts).build_network()
+
+
+def bits_from_idx(idx: np.ndarray) -> np.ndarray:
+    """The body graph's ``idx`` output as bits (1, n_selectors, nh, nw) float32: 4 + 2 * candidate index."""
+    if idx.ndim == 5:  # channels-last: (1, 1, nh, nw, n_sel)
+        idx = idx[:, 0].transpose(0, 3, 1, 2)
+    return idx.astype(_F) * _F(2.0) + _F(4.0)
 
 
 def describe(wts: EdsrWeights) -> str:
-    """JSON text of what a compiled graph depends on besides the geometry (cache keys)."""
+    """JSON text of what a compiled graph depends on besides its kind (cache keys)."""
     return json.dumps({"sha": wts.sha256, "grid": wts.act_grid, "skip": wts.skip, "graph": GRAPH_VERSION}, sort_keys=True)
