@@ -261,7 +261,7 @@ def test_a_big_image_keeps_few_graphs_alive() -> None:
     cfg = TilingConfig(region=24, tile=96, any_tile=True)  # small tiles: several geometries in a small image
     for _ in range(2):  # tiles of several geometries (first, inner, last): on graphs of free size, then their own
         out, rep = m.upscale_array(img, cfg)
-        assert len(m._compiled) <= engine.MAX_COMPILED
+        assert sum(k != "tail" for k in m._compiled) <= engine.MAX_COMPILED
     assert sum(k.startswith("static-") for k in m.prepare_log) >= 3
     net = load_model(scale=2)
     set_kernels(net, "float")

@@ -35,8 +35,8 @@ __all__ = ["OVModel", "load_openvino_model", "openvino_available", "cache_dir", 
 #: LR px of context a pixel depends on (as :attr:`cadyq_cli.models.edsr.EDSRBaseline.receptive_radius`)
 RECEPTIVE_RADIUS = 40
 MODES = ("dynamic", "fp32")
-#: compiled graphs kept alive at a time (see OVModel._compiled): the tail and two body layouts
-MAX_COMPILED = 3
+#: body graphs kept alive at a time, besides the tail graph (see OVModel._compiled)
+MAX_COMPILED = 2
 #: largest tile (LR px) that runs on a body graph of free size: that graph plans its memory per inference and
 #: takes more of it (a 320x240 process: 1.4 GB against 0.55 GB), so bigger tiles always get their own graph
 DYNAMIC_MAX_PIXELS = 320 * 240
@@ -153,8 +153,9 @@ class OVModel:
         self.config: dict[str, object] = dict(GRAPH_CONFIG)
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
-        #: the compiled graphs last used (at most MAX_COMPILED), with one inference request each: a compiled
-        #: graph holds the working memory of its last tile
+        #: the compiled graphs last used (the tail, and at most MAX_COMPILED bodies), with one inference request
+        #: each: a compiled graph holds the working memory of its last tile (every geometry of a big image alive
+        #: took 12 GB)
         self._compiled: OrderedDict[str, tuple[object, object]] = OrderedDict()
         #: (seconds, "compiled" | "imported") per graph prepared by this object: "tail", "body-<layout>" (any
         #: tile size) or "static-<layout>-<geometry>" (one tile geometry)
@@ -245,8 +246,8 @@ class OVModel:
                 except Exception:  # noqa: BLE001 - export_model raises RuntimeError too: no cache, not a failure
                     with suppress(OSError):  # no cache: the next process compiles again
                         tmp.unlink()
-        while len(self._compiled) >= MAX_COMPILED:
-            self._compiled.popitem(last=False)
+        while kind != "tail" and sum(k != "tail" for k in self._compiled) >= MAX_COMPILED:
+            del self._compiled[next(k for k in self._compiled if k != "tail")]  # the least recently used body
         self._compiled[kind] = (cm, cm.create_infer_request())
         self.prepare_log[kind] = (time.perf_counter() - t0, how)
         return self._compiled[kind]
