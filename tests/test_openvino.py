@@ -24,6 +24,7 @@ CHECKS = [
     "test_outputs_are_deterministic_across_runs_and_thread_counts",
     "test_later_models_import_the_exported_graphs",
     "test_images_of_new_sizes_compile_no_graph",
+    "test_free_size_and_one_geometry_graphs_give_the_same_bytes",
     "test_default_upscale_runs_on_openvino_where_it_serves",
     "test_bf16_tail_keeps_bits_and_stays_close",
     "test_tail_in_strips_equals_the_tail_in_one_piece",

@@ -13,7 +13,7 @@ building and compiling the graph again. The cache keeps the most recently used g
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from contextlib import suppress
 import os
 import time
@@ -178,30 +178,39 @@ class OVModel:
         if kind.startswith("static"):
             geo = self._geos[kind]
             return build_body(self.wts, geo.layout(self.mode == "dynamic", self.int8), self.int8, geo,
-                              with_tail=kind.startswith("static-"), fp_layers=self.fp_layers)
+                              with_tail=kind.startswith("static-"), fp_layers=self.fp_layers,
+                              bits_only=kind.startswith("staticbits-"))
         return build_body(self.wts, kind.removeprefix("body-"), self.int8)
 
-    def body_kind(self, geo: Geometry, bits_only: bool = False) -> str:
+    def body_kind(self, geo: Geometry, bits_only: bool = False, repeats: bool = False) -> str:
         """The graph a tile of ``geo`` runs on: ``body-<layout>`` (then the tail graph) takes any tile size,
         ``static-<layout>-<geometry>`` (the tail inside; ``staticbits-...`` without it, for ``bits_only``) one
         geometry. The latter runs faster (static shapes: a 320x240 body 0.75 s against 1.4 s here) but costs
         a compile (2-4 s) the first time: a geometry gets its own graph when one is cached, when it comes a
-        second time (in this process, or in any, by a marker file in the cache), or when the tile is bigger
-        than DYNAMIC_MAX_PIXELS, so that a folder of small images of many sizes compiles nothing per size and
-        a size that recurs runs at full speed."""
+        second time (in this process, or in any, by a marker file in the cache; ``repeats``: more tiles of the
+        image have it), or when the tile is bigger than DYNAMIC_MAX_PIXELS, so that a folder of small images
+        of many sizes compiles nothing per size and a size that recurs runs at full speed. Both give the same
+        bytes: the same operations on the same kernels (tests/openvino_checks.py checks it)."""
         layout = geo.layout(self.mode == "dynamic", self.int8)
-        if layout == "fp32":  # plain convs: as fast with free shapes
-            return "body-fp32"
         kind = f"{'staticbits' if bits_only else 'static'}-{layout}-{geo.key()}"
-        self._geos[kind] = geo
         if kind in self._compiled:
             return kind
+        if len(self._geos) > MAX_SEEN:  # a long run over many sizes: forget the oldest
+            self._geos.clear()
+            self._seen.clear()
+        self._geos[kind] = geo
         path = self._blob_path(kind) if self.cache else None
-        if (path is not None and path.is_file()) or geo.h * geo.w > DYNAMIC_MAX_PIXELS or not free_size_graphs():
+        mark = None if path is None else path.with_suffix(".seen")
+
+        def exists(p: Path | None) -> bool:
+            with suppress(OSError):  # a cache folder that cannot be searched is no cache
+                return p is not None and p.is_file()
+            return False
+
+        if repeats or exists(path) or geo.h * geo.w > DYNAMIC_MAX_PIXELS or not free_size_graphs():
             return kind
         self._seen[kind] = self._seen.get(kind, 0) + 1
-        mark = None if path is None else path.with_suffix(".seen")
-        if self._seen[kind] > 1 or (mark is not None and mark.is_file()):
+        if self._seen[kind] > 1 or exists(mark):
             return kind
         if mark is not None:
             with suppress(OSError):
@@ -252,10 +261,11 @@ class OVModel:
         self.prepare_log[kind] = (time.perf_counter() - t0, how)
         return self._compiled[kind]
 
-    def forward(self, x: np.ndarray, geo: Geometry, bits_only: bool = False) -> tuple[np.ndarray | None, np.ndarray]:
+    def forward(self, x: np.ndarray, geo: Geometry, bits_only: bool = False,
+                repeats: bool = False) -> tuple[np.ndarray | None, np.ndarray]:
         """(sr (1, 3, sH, sW), bits (1, n_sel, nh, nw)) of one tile x (1, 3, H, W) float32 0..255; sr is None
-        with ``bits_only`` (the tail does not run)."""
-        kind = self.body_kind(geo, bits_only)
+        with ``bits_only`` (the tail does not run); ``repeats``: other tiles of the image have this geometry."""
+        kind = self.body_kind(geo, bits_only, repeats)
         cm, req = self.compiled(kind)
         feeds = {"x": np.ascontiguousarray(x, dtype=np.float32)}
         if kind.startswith("body-"):
@@ -308,9 +318,11 @@ class OVModel:
         how = self.mode == "dynamic", self.int8
         order = sorted(range(len(tiles)), key=lambda k: (self._geometry(tiles[k], region).layout(*how),
                                                          self._geometry(tiles[k], region).key()))
+        count = Counter(self._geometry(t, region) for t in tiles)
         for i, t in enumerate(tiles[k] for k in order):
             y0, y1, x0, x1 = t.in_box
-            sr, bits = self.forward(rgb[y0:y1, x0:x1].transpose(2, 0, 1)[None], self._geometry(t, region), bits_only)
+            geo = self._geometry(t, region)
+            sr, bits = self.forward(rgb[y0:y1, x0:x1].transpose(2, 0, 1)[None], geo, bits_only, count[geo] > 1)
             if out is not None and sr is not None:
                 oy0, oy1, ox0, ox1 = t.out_box
                 part = np.clip(sr[0, :, t.src_y : t.src_y + oy1 - oy0, t.src_x : t.src_x + ox1 - ox0], 0, 255)

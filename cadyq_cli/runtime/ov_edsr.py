@@ -495,12 +495,13 @@ class _Builder:
             parts.append(part)
         return parts[0] if len(parts) == 1 else op.concat(parts, 2)
 
-    def build_body(self, with_tail: bool = False) -> object:
+    def build_body(self, with_tail: bool = False, bits_only: bool = False) -> object:
         import openvino as ov
 
         x = self.param("x", [1, 3, -1, -1])
         r = self.body(x)
-        outs = [self.op.result(self.tail_in_strips(r), name="sr") if with_tail else self.op.result(r, name="r")]
+        outs = [] if bits_only else [  # bits only: OpenVINO drops the layers after the last selector
+            self.op.result(self.tail_in_strips(r), name="sr") if with_tail else self.op.result(r, name="r")]
         if self.quantized:  # selector indices (i32): (1, n_sel, nh, nw), or (1, 1, nh, nw, n_sel) channels-last
             outs.append(self.op.result(self.op.concat(self.bits, 4 if self.cl else 1), name="idx"))
         return ov.Model(outs, list(self.params.values()), f"edsr_body_{self.layout}")
@@ -519,7 +520,7 @@ class _Builder:
 
 
 def build_body(wts: EdsrWeights, layout: str, int8: bool = True, geo: Geometry | None = None,
-               with_tail: bool = False, fp_layers: str = "fp32") -> object:
+               with_tail: bool = False, fp_layers: str = "fp32", bits_only: bool = False) -> object:
     """The ``openvino.Model`` of the head and body for tiles of ``layout`` (:meth:`Geometry.layout`; ``fp32``:
     the FP32 network's): inputs ``x`` (1, 3, H, W) and :meth:`Geometry.inputs`, outputs ``r`` (1, C, H, W), the
     features entering the tail, and (quantized) ``idx``, the selectors' choices (see :func:`bits_from_idx`).
@@ -527,10 +528,14 @@ def build_body(wts: EdsrWeights, layout: str, int8: bool = True, geo: Geometry |
     arithmetic, for CPUs without an int8 dot product. With ``geo``, the graph of that one geometry: the same
     operations on constants and static shapes (input ``x`` alone), which OpenVINO compiles into a faster
     graph (0.75 s against 1.4 s for a 320x240 body here: its channels-last transposes fold into the convs);
-    ``with_tail`` then puts the tail (``fp_layers``) in it too, on row strips: output ``sr`` instead of ``r``."""
+    ``with_tail`` then puts the tail (``fp_layers``) in it too, on row strips: output ``sr`` instead of ``r``.
+    ``bits_only``: the output ``idx`` alone (quantized layouts). Both kinds give the same bits and, with the tail
+    graph, the same bytes (tests/openvino_checks.py holds them to it)."""
     if with_tail and geo is None:
         raise ValueError("with_tail needs the geometry (the graph of one geometry)")
-    return _Builder(wts, layout, int8, fp_layers, geo).build_body(with_tail)
+    if bits_only and layout == "fp32":
+        raise ValueError("bits_only needs a quantized layout")
+    return _Builder(wts, layout, int8, fp_layers, geo).build_body(with_tail, bits_only)
 
 
 def build_tail(wts: EdsrWeights, fp_layers: str = "fp32") -> object:
