@@ -247,7 +247,9 @@ def test_eval_modes_without_model_uses_the_default_model(shipped: Path, make_ima
     assert [r["mode"] for r in json.loads(res.stdout)["results"]] == ["bicubic"]  # --bicubic alone: no model
 
 
-def test_version_and_completion(tmp_path: Path) -> None:
+def test_version_and_completion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the shell is named on the command line, not detected from the process running the tests (sh, zsh, ...)
+    monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
     runner = CliRunner()
     res = runner.invoke(app, ["--version"])
     _ok(res)
