@@ -120,11 +120,12 @@ def main() -> None:
     p.add_argument("inp")
     p.add_argument("out")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--png-level", type=int, default=6, help="zlib level of the PNG (6: Pillow's default)")
     a = p.parse_args()
     sess = session(a.weights, a.threads)
     x = np.asarray(Image.open(a.inp).convert("RGB"), dtype=np.float32).transpose(2, 0, 1)[None]
     y = sess.run(["sr"], {"x": np.ascontiguousarray(x)})[0]
-    Image.fromarray(np.rint(np.clip(y[0], 0, 255)).astype(np.uint8).transpose(1, 2, 0)).save(a.out)
+    Image.fromarray(np.rint(np.clip(y[0], 0, 255)).astype(np.uint8).transpose(1, 2, 0)).save(a.out, compress_level=a.png_level)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Read PNG, build the FP32 graph of the same weights (no quantizers, no tiling), compile it with
 ``INFERENCE_PRECISION_HINT=f32``, one inference, write PNG. No PyTorch.
-Usage: python bench/peer_openvino_fp32.py WEIGHTS.safetensors IN.png OUT.png [--threads N]
+Usage: python bench/peer_openvino_fp32.py WEIGHTS.safetensors IN.png OUT.png [--threads N] [--png-level L]
+(the PNG at Pillow's default zlib level 6 unless --png-level says otherwise)
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ p.add_argument("weights")
 p.add_argument("inp")
 p.add_argument("out")
 p.add_argument("--threads", type=int, default=0)
+p.add_argument("--png-level", type=int, default=6, help="zlib level of the PNG (6: Pillow's default)")
 a = p.parse_args()
 x = np.asarray(Image.open(a.inp).convert("RGB"), dtype=np.float32).transpose(2, 0, 1)[None]
 wts = read_edsr(a.weights)
@@ -29,4 +31,4 @@ model = build_network(wts)
 model.reshape({"x": list(x.shape)})  # static shapes, as an export for this image size: OpenVINO's fastest
 cm = ov.Core().compile_model(model, "CPU", config)
 y = cm.create_infer_request().infer([x])[cm.output("sr")]
-Image.fromarray(np.rint(np.clip(y[0], 0, 255)).astype(np.uint8).transpose(1, 2, 0)).save(a.out)
+Image.fromarray(np.rint(np.clip(y[0], 0, 255)).astype(np.uint8).transpose(1, 2, 0)).save(a.out, compress_level=a.png_level)

@@ -16,6 +16,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from .errors import CadyqError
+from .io import PNG_LEVEL
 from .paths import Job
 
 if TYPE_CHECKING:
@@ -110,35 +111,36 @@ def run_jobs(jobs: Iterable[Job], work: Work, *, skip_existing: bool = False,
 
 
 def _upscale(model: SRModel, cfg: TilingConfig, overwrite: bool, max_pixels: int | None, target_fab: float | None,
-             job: Job, tile_progress: Callable[[int, int], None] | None) -> tuple[ImageReport, list[str]]:
+             png_level: int, job: Job, tile_progress: Callable[[int, int], None] | None) -> tuple[ImageReport, list[str]]:
     from .pipeline import upscale_file
 
-    return upscale_file(model, job, cfg, overwrite, max_pixels, tile_progress, target_fab)
+    return upscale_file(model, job, cfg, overwrite, max_pixels, tile_progress, target_fab, png_level)
 
 
 def upscale_work(model: SRModel, cfg: TilingConfig, overwrite: bool = False, max_pixels: int | None = None,
-                 target_fab: float | None = None) -> Work:
+                 target_fab: float | None = None, png_level: int = PNG_LEVEL) -> Work:
     """The work of an upscale job (:func:`~cadyq_cli.pipeline.upscale_file` with these settings)."""
-    return partial(_upscale, model, cfg, overwrite, max_pixels, target_fab)
+    return partial(_upscale, model, cfg, overwrite, max_pixels, target_fab, png_level)
 
 
 def upscale_jobs(model: SRModel, jobs: Iterable[Job], cfg: TilingConfig, *, overwrite: bool = False,
                  skip_existing: bool = False, max_pixels: int | None = None, target_fab: float | None = None,
-                 **kw: object) -> Iterator[Outcome]:
+                 png_level: int = PNG_LEVEL, **kw: object) -> Iterator[Outcome]:
     """:func:`run_jobs` upscaling each job."""
-    return run_jobs(jobs, upscale_work(model, cfg, overwrite, max_pixels, target_fab), skip_existing=skip_existing,
-                    **kw)  # type: ignore[arg-type]
+    return run_jobs(jobs, upscale_work(model, cfg, overwrite, max_pixels, target_fab, png_level),
+                    skip_existing=skip_existing, **kw)  # type: ignore[arg-type]
 
 
 def _bitmap(model: SRModel, cfg: TilingConfig, layer: int | None, overwrite: bool, max_pixels: int | None,
-            job: Job, tile_progress: Callable[[int, int], None] | None) -> tuple[ImageReport, list[str]]:
+            png_level: int, job: Job, tile_progress: Callable[[int, int], None] | None) -> tuple[ImageReport, list[str]]:
     from .pipeline import bitmap_file
 
-    return bitmap_file(model, job, cfg, layer, overwrite, max_pixels, tile_progress)
+    return bitmap_file(model, job, cfg, layer, overwrite, max_pixels, tile_progress, png_level)
 
 
 def bitmap_jobs(model: SRModel, jobs: Iterable[Job], cfg: TilingConfig, *, layer: int | None = None,
-                overwrite: bool = False, max_pixels: int | None = None, **kw: object) -> Iterator[Outcome]:
+                overwrite: bool = False, max_pixels: int | None = None, png_level: int = PNG_LEVEL,
+                **kw: object) -> Iterator[Outcome]:
     """:func:`run_jobs` drawing each job's bit-allocation heatmap (:func:`~cadyq_cli.pipeline.bitmap_file`)."""
-    work = partial(_bitmap, model, cfg, layer, overwrite, max_pixels)
+    work = partial(_bitmap, model, cfg, layer, overwrite, max_pixels, png_level)
     return run_jobs(jobs, work, **kw)  # type: ignore[arg-type]

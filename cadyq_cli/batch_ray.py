@@ -33,7 +33,7 @@ import numpy as np
 
 from .tiling import TilingConfig
 from .errors import CadyqError
-from .io import DEFAULT_MAX_PIXELS, temp_files
+from .io import DEFAULT_MAX_PIXELS, PNG_LEVEL, temp_files
 from .batch import Outcome, run_job, skips, upscale_work
 from .paths import Job
 
@@ -56,7 +56,7 @@ class RayOptions:
         workers: model replicas (actors); None: as many as the cluster's CPUs allow.
         threads: torch threads (and CPUs reserved) per worker; 0 means 1.
         bit_bias, target_fab: the compute dial, as for the local engine.
-        overwrite, skip_existing, max_pixels: as for the local engine.
+        overwrite, skip_existing, max_pixels, png_level: as for the local engine.
     """
 
     load: dict[str, Any] = field(default_factory=dict)
@@ -69,6 +69,7 @@ class RayOptions:
     overwrite: bool = False
     skip_existing: bool = False
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    png_level: int = PNG_LEVEL
 
 
 def require_ray() -> None:
@@ -89,13 +90,13 @@ class _Upscaler:
     """One model replica: Ray Data builds one per actor and feeds it batches of jobs."""
 
     def __init__(self, load: dict[str, Any], cfg: TilingConfig, threads: int, max_pixels: int | None,
-                 bit_bias: float = 0.0, target_fab: float | None = None) -> None:
+                 bit_bias: float = 0.0, target_fab: float | None = None, png_level: int = PNG_LEVEL) -> None:
         import torch
 
         from .weights import load_model
 
         torch.set_num_threads(max(1, threads))
-        self.cfg, self.max_pixels, self.target_fab = cfg, max_pixels, target_fab
+        self.cfg, self.max_pixels, self.target_fab, self.png_level = cfg, max_pixels, target_fab, png_level
         self.net, self.broken = None, ""
         try:  # e.g. the weights file is not on this node: every image says so, no endless restarts
             net = load_model(**load)
@@ -112,7 +113,7 @@ class _Upscaler:
             if self.net is None:
                 outs.append(pickle.dumps(Outcome(job, error=f"{job.src}: {self.broken}")))
                 continue
-            work = upscale_work(self.net, self.cfg, bool(overwrite), self.max_pixels, self.target_fab)
+            work = upscale_work(self.net, self.cfg, bool(overwrite), self.max_pixels, self.target_fab, self.png_level)
             outs.append(pickle.dumps(run_job(job, work, skip_existing=bool(skip))))
         return {"index": batch["index"], "outcome": np.array(outs, dtype=object)}
 
@@ -211,7 +212,7 @@ def _dataset(ray: Any, rows: list[dict[str, Any]], workers: int, per_worker: int
     kwargs: dict[str, Any] = dict(
         batch_size=1, num_cpus=per_worker, num_gpus=gpus, compute=ray.data.ActorPoolStrategy(size=workers),
         fn_constructor_kwargs={"load": opts.load, "cfg": opts.cfg, "threads": per_worker, "max_pixels": opts.max_pixels,
-                               "bit_bias": opts.bit_bias, "target_fab": opts.target_fab},
+                               "bit_bias": opts.bit_bias, "target_fab": opts.target_fab, "png_level": opts.png_level},
     )
     try:  # extra remote arguments are deprecated in Ray Data (no named parameter for this one yet)
         with warnings.catch_warnings():

@@ -131,6 +131,8 @@ KernelsOpt = Annotated[str, typer.Option("--kernels", help="quantized convs: aut
 FpLayersOpt = Annotated[FpLayers, typer.Option("--fp-layers", help="full-precision upsampling tail: fp32 (default) or bf16 (faster on CPUs with bf16)")]
 BitBiasOpt = Annotated[float, typer.Option("--bit-bias", help="compute dial: > 0 fewer bits, < 0 more, 0 as trained (dynamic mode)")]
 MaxPxOpt = Annotated[int, typer.Option("--max-pixels", help="refuse inputs larger than this many pixels (0: no limit)")]
+PngLevelOpt = Annotated[Optional[int], typer.Option("--png-level", min=0, max=9, help="zlib level of PNG outputs, 0-9 "
+                        "(default 4: 2-3x faster to write than 6 for files 2% larger; 9: smallest)")]
 
 
 def _openvino_serves(model: str | None, weights: Path | None, arch: str | None, scale: int, mode: str, device: str,
@@ -279,7 +281,7 @@ def upscale(
     threads: ThreadsOpt = 0, device: DeviceOpt = "cpu", kernels: KernelsOpt = "auto", fp_layers: FpLayersOpt = FpLayers.fp32,
     bit_bias: BitBiasOpt = 0.0,
     target_fab: Annotated[Optional[float], typer.Option("--target-fab", help="fit the bit bias per image to this FAB (4..8; dynamic mode)")] = None,
-    max_pixels: MaxPxOpt = 64_000_000,
+    max_pixels: MaxPxOpt = 64_000_000, png_level: PngLevelOpt = None,
     engine: Annotated[EngineKind, typer.Option("--engine", help="local (this process) or ray (a Ray cluster; pip install 'cadyq[ray]')")] = EngineKind.local,
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="ray engine: cluster to join (auto, HOST:PORT); default: start a local one")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="ray engine: model replicas (default: one per CPU, or per --threads CPUs)")] = None,
@@ -298,6 +300,7 @@ def upscale(
     if target_fab is not None and (bit_bias or mode != Mode.dynamic or not 4.0 <= target_fab <= 8.0):
         raise _fail("--target-fab takes a FAB between 4 and 8, in --mode dynamic, without --bit-bias")
     cfg = TilingConfig(tiling=tiling.value, tile=tile, overlap=overlap, region=region)
+    png = {} if png_level is None else {"png_level": png_level}  # else the writer's default (io.PNG_LEVEL)
     try:  # everything that can be refused is refused before the model loads
         cfg.validate(quantized=mode != Mode.fp32)
         input, output = local_path(input), None if output is None else local_path(output)  # file:// URIs
@@ -313,6 +316,8 @@ def upscale(
         net = _load(model, weights, arch, scale, mode.value, device, threads, kernels, fp_layers, bit_bias,
                     openvino=engine is EngineKind.local, quiet=quiet,
                     target_fab=target_fab)
+        if engine is EngineKind.local:
+            _keep_until_exit(net)
         if not jobs[0].stdin and Path(input).is_dir():
             out_dir = output_folder(input, output, scale)
             try:
@@ -329,7 +334,7 @@ def upscale(
                 load=dict(model=model, weights=weights, arch=arch, scale=scale, mode=mode.value, device=device, kernels=kernels,
                           fp_layers=fp_layers.value), bit_bias=bit_bias, target_fab=target_fab,
                 cfg=cfg, address=ray_address, workers=workers, threads=threads, overwrite=overwrite,
-                skip_existing=skip_existing, max_pixels=max_pixels or None))
+                skip_existing=skip_existing, max_pixels=max_pixels or None, **png))
     except (CadyqError, ValueError, OSError) as e:
         if debug:
             raise
@@ -349,7 +354,7 @@ def upscale(
     if engine is EngineKind.local:
         outcomes = upscale_jobs(
             net, jobs, cfg, overwrite=overwrite, skip_existing=skip_existing, max_pixels=max_pixels or None,
-            target_fab=target_fab, raise_errors=debug,
+            target_fab=target_fab, raise_errors=debug, **png,
             on_start=lambda job: progress.update(tiles_task, completed=0, description=job.src.name),
             tile_progress=lambda d, t: progress.update(tiles_task, completed=d, total=t),
         )
@@ -412,7 +417,7 @@ def bitmap(
     layer: Annotated[Optional[int], typer.Option("--layer", help="show selector K instead of the mean over layers")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing file")] = False,
     threads: ThreadsOpt = 0, device: DeviceOpt = "cpu", kernels: KernelsOpt = "auto", fp_layers: FpLayersOpt = FpLayers.fp32,
-    bit_bias: BitBiasOpt = 0.0, max_pixels: MaxPxOpt = 64_000_000,
+    bit_bias: BitBiasOpt = 0.0, max_pixels: MaxPxOpt = 64_000_000, png_level: PngLevelOpt = None,
     quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Save the bit-allocation heatmap of an image: mean selected bits per region."""
@@ -429,11 +434,12 @@ def bitmap(
         check_output(job, overwrite)
         net = _load(model, weights, arch, scale, mode.value, device, threads, kernels, fp_layers, bit_bias, openvino=True,
                     quiet=quiet)
+        _keep_until_exit(net)
         if layer is not None and not 0 <= layer < net.n_selectors:
             raise CadyqError(f"--layer must be between 0 and {net.n_selectors - 1} for {net.arch}")
         with stop_on_signals():
             out = next(bitmap_jobs(net, [job], cfg, layer=layer, overwrite=overwrite, max_pixels=max_pixels or None,
-                                   raise_errors=True))
+                                   raise_errors=True, **({} if png_level is None else {"png_level": png_level})))
     except (CadyqError, ValueError, OSError) as e:
         if debug:
             raise
@@ -656,6 +662,29 @@ def _train_recipe(spec: str, stage: Optional[str], data: Optional[list[Path]], r
         raise _fail(str(e).splitlines()[0], 1) from None
 
 
+#: the model of the command that ran, when the process may end without tearing it down (see :func:`main`)
+_KEPT: list[object] = []
+
+
+def _keep_until_exit(model: object) -> None:
+    """Keep ``model`` alive until the process ends and let :func:`main` end it at once: freeing a compiled
+    model and its working memory took 0.1 s, 5-11 % of a one-image ``cadyq upscale`` (bench/peers.py compare),
+    and the operating system reclaims it all at exit anyway. Local engine only (Ray's shutdown runs at exit)."""
+    _KEPT.append(model)
+
+
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point. After ``upscale`` or ``bitmap`` on the local engine, whose files are written and
+    closed by then, the process flushes stdout and stderr and exits without the interpreter's teardown
+    (``os._exit``): the exit code is the command's."""
+    try:
+        app()
+    except SystemExit as e:
+        if not _KEPT or not (e.code is None or isinstance(e.code, int)):
+            raise
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - e.g. a closed pipe: the usual exit reports it
+            raise e from None
+        os._exit(e.code or 0)

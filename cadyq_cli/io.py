@@ -34,6 +34,7 @@ from .errors import ImageReadError, ImageTooLargeError, ImageWriteError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "PNG_LEVEL",
     "OUTPUT_FORMATS",
     "INPUT_EXTENSIONS",
     "LoadedImage",
@@ -45,6 +46,11 @@ __all__ = [
 
 DEFAULT_MAX_PIXELS = 64_000_000
 """Default limit on the declared width * height of an input image (decompression bombs)."""
+
+PNG_LEVEL = 4
+"""Default zlib level of PNG outputs (0-9; Pillow's own default is 6). Measured on a 1280x960 x4 output (Pillow 13
+with zlib-ng): level 4 encodes 2.3-2.9x faster than 6 (0.13 s against 0.38 s, a fifth of a whole ``cadyq upscale``
+process of a 320x240 image) for a file 2 % larger; 9 is 4x slower than 6 for 2.4 % smaller."""
 
 #: File extensions of the images cadyq reads (upscale, eval and training folders alike).
 INPUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
@@ -484,7 +490,7 @@ def _splice_after_ihdr(png: bytes, chunks: bytes, ihdr: bytes | None = None) -> 
     return head + chunks + png[end:]
 
 
-def _encode_png16(arr: np.ndarray, icc: bytes | None, exif: bytes | None) -> bytes:
+def _encode_png16(arr: np.ndarray, icc: bytes | None, exif: bytes | None, level: int = PNG_LEVEL) -> bytes:
     """Encode (H, W, C) uint16, C in 1..4 (gray, gray+alpha, RGB, RGBA), as a 16-bit PNG.
 
     OpenCV encodes the pixels; iCCP and eXIf chunks (which OpenCV does not write) are spliced in
@@ -495,7 +501,7 @@ def _encode_png16(arr: np.ndarray, icc: bytes | None, exif: bytes | None) -> byt
     import cv2  # local, as for reading: only 16-bit colour needs it
 
     h, w, c = arr.shape
-    params = [cv2.IMWRITE_PNG_COMPRESSION, 6]
+    params = [cv2.IMWRITE_PNG_COMPRESSION, level]
     ihdr = None
     if c == 2:
         img = arr.reshape(h, 2 * w)
@@ -532,7 +538,7 @@ def _encode_tiff16(arr: np.ndarray, icc: bytes | None) -> bytes:
 
 def _encode(
     fmt: str, colour: np.ndarray, alpha: np.ndarray | None, bit_depth: int,
-    icc: bytes | None, exif: bytes | None, quality: int, warnings: list[str],
+    icc: bytes | None, exif: bytes | None, quality: int, warnings: list[str], png_level: int = PNG_LEVEL,
 ) -> bytes:
     """Encode arrays to file bytes in ``fmt``; appends notes about dropped data to ``warnings``."""
     if bit_depth == 16 and fmt not in ("PNG", "TIFF"):
@@ -556,7 +562,7 @@ def _encode(
 
     if bit_depth == 16:
         if fmt == "PNG":
-            return _encode_png16(arr, icc, exif)
+            return _encode_png16(arr, icc, exif, png_level)
         if exif:
             warnings.append("EXIF is not written to 16-bit TIFF")
         return _encode_tiff16(arr, icc)
@@ -568,7 +574,9 @@ def _encode(
         options["icc_profile"] = icc
     if exif and fmt in ("PNG", "JPEG", "WEBP", "TIFF"):
         options["exif"] = exif
-    if fmt == "JPEG":
+    if fmt == "PNG":
+        options["compress_level"] = png_level
+    elif fmt == "JPEG":
         options.update(quality=quality, subsampling=0 if quality >= 90 else 2)
     elif fmt == "WEBP":
         options.update(quality=quality, method=4)
@@ -679,6 +687,7 @@ def encode_image(
     icc_profile: bytes | None = None,
     exif: bytes | None = None,
     quality: int = 95,
+    png_level: int = PNG_LEVEL,
 ) -> tuple[bytes, list[str]]:
     """The bytes :func:`write_image` would write to ``path`` (whose extension picks the format).
 
@@ -691,6 +700,8 @@ def encode_image(
         raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
     if not 1 <= int(quality) <= 100:
         raise ValueError(f"quality must be in 1..100, got {quality}")
+    if not 0 <= int(png_level) <= 9:
+        raise ValueError(f"png_level must be in 0..9, got {png_level}")
     rgb = np.asarray(rgb)
     if gray and rgb.ndim == 2:
         rgb = rgb[:, :, None]
@@ -707,7 +718,7 @@ def encode_image(
         colour = colour.mean(axis=2, keepdims=True, dtype=np.float32)
     warnings: list[str] = []
     try:
-        data = _encode(fmt, colour, alpha, bit_depth, icc_profile, exif, int(quality), warnings)
+        data = _encode(fmt, colour, alpha, bit_depth, icc_profile, exif, int(quality), warnings, int(png_level))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ImageWriteError(f"cannot write {path}: {fmt} encoding failed ({_describe_exc(exc)})") from exc
     return data, warnings
@@ -723,6 +734,7 @@ def write_image(
     icc_profile: bytes | None = None,
     exif: bytes | None = None,
     quality: int = 95,
+    png_level: int = PNG_LEVEL,
     overwrite: bool = False,
 ) -> list[str]:
     """Write an image atomically; the format follows the extension.
@@ -743,6 +755,7 @@ def write_image(
         exif: EXIF block to embed (PNG, JPEG, WebP, 8-bit TIFF); pass the one from
             ``LoadedImage`` whose orientation is already 1.
         quality: JPEG/WebP quality, 1..100 (JPEG uses 4:4:4 chroma from 90 up).
+        png_level: zlib level of PNG output, 0..9 (default :data:`PNG_LEVEL`).
         overwrite: replace an existing file.
 
     Returns:
@@ -751,7 +764,7 @@ def write_image(
     Raises:
         ImageWriteError: unknown extension, missing parent directory, existing file without
             ``overwrite``, or any encoding/OS failure. No partial file is left behind.
-        ValueError: inconsistent arguments (array shapes, ``bit_depth``, ``quality``).
+        ValueError: inconsistent arguments (array shapes, ``bit_depth``, ``quality``, ``png_level``).
     """
     path = Path(path)
     _format_of(path)
@@ -765,6 +778,6 @@ def write_image(
     if not overwrite and os.path.lexists(path):
         raise ImageWriteError(f"cannot write {path}: file exists (allow overwriting to replace it)")
     data, warnings = encode_image(path, rgb, alpha=alpha, gray=gray, bit_depth=bit_depth, icc_profile=icc_profile,
-                                  exif=exif, quality=quality)
+                                  exif=exif, quality=quality, png_level=png_level)
     _atomic_write(path, data, overwrite)
     return warnings

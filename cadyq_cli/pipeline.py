@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from .errors import CadyqError, ImageWriteError
-from .io import DEFAULT_MAX_PIXELS, LoadedImage, encode_image, read_image, write_image
+from .io import DEFAULT_MAX_PIXELS, PNG_LEVEL, LoadedImage, encode_image, read_image, write_image
 from .paths import STDIO, Job, check_output
 from .report import ImageReport, bit_heatmap
 from .tiling import TilingConfig
@@ -37,13 +37,15 @@ def upscale_file(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     progress: Callable[[int, int], None] | None = None,
     target_fab: float | None = None,
+    png_level: int = PNG_LEVEL,
 ) -> tuple[ImageReport, list[str]]:
     """Upscale one file; returns the report and warnings. Never leaves a partial output.
 
     Alpha is upscaled separately (bicubic) and reattached; grayscale stays grayscale; 16-bit
     stays 16-bit (PNG/TIFF); ICC profile and EXIF (orientation reset) are carried over.
     ``job.stdin`` reads the input from stdin; ``job.stdout_ext`` writes the output to stdout.
-    With ``target_fab`` the bit bias is fitted to that FAB for this image (:mod:`cadyq_cli.dial`).
+    With ``target_fab`` the bit bias is fitted to that FAB for this image (:mod:`cadyq_cli.dial`);
+    ``png_level``: zlib level of a PNG output.
     ``model`` is a PyTorch backbone, or an object with its own ``upscale_array(rgb, cfg, progress,
     out_dtype)`` (the OpenVINO runtime, :mod:`cadyq_cli.runtime`).
     """
@@ -71,7 +73,8 @@ def upscale_file(
 
         alpha = cv2.resize(img.alpha.astype(np.float32), (img.width * s, img.height * s), interpolation=cv2.INTER_CUBIC)
         alpha = np.clip(alpha, 0.0, 1.0)
-    meta = dict(alpha=alpha, gray=img.gray, bit_depth=img.bit_depth, icc_profile=img.icc_profile, exif=img.exif)
+    meta = dict(alpha=alpha, gray=img.gray, bit_depth=img.bit_depth, icc_profile=img.icc_profile, exif=img.exif,
+                png_level=png_level)
     return report, list(img.warnings) + _write(job, sr, overwrite, **meta)
 
 
@@ -83,6 +86,7 @@ def bitmap_file(
     overwrite: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     progress: Callable[[int, int], None] | None = None,
+    png_level: int = PNG_LEVEL,
 ) -> tuple[ImageReport, list[str]]:
     """Draw one file's bit-allocation heatmap (mean bits per region, or selector ``layer``'s) to
     ``job.dst``; the bits are chosen without running the upsampling tail. Never leaves a partial output."""
@@ -95,11 +99,11 @@ def bitmap_file(
 
         _, report = upscale_array(model, img.rgb, cfg, progress, bits_only=True)
     pic = bit_heatmap(img.rgb, report, layer)
-    return report, list(img.warnings) + _write(job, pic.astype(np.float32), overwrite)
+    return report, list(img.warnings) + _write(job, pic.astype(np.float32), overwrite, png_level=png_level)
 
 
 def _write(job: Job, rgb: np.ndarray, overwrite: bool, **meta: object) -> list[str]:
-    """Write ``rgb`` (and ``meta``: alpha, gray, bit depth, ICC, EXIF) to the job's output or stdout; warnings."""
+    """Write ``rgb`` (and ``meta``: alpha, gray, bit depth, ICC, EXIF, PNG level) to the job's output or stdout; warnings."""
     if job.stdout_ext is not None:
         data, warnings = encode_image(Path(STDIO + job.stdout_ext), rgb, **meta)  # type: ignore[arg-type]
         sys.stdout.buffer.write(data)

@@ -54,19 +54,15 @@ def _mixed(report: object) -> bool:
 
 
 def _run_cli(args: list[str], env: dict[str, str]) -> tuple[list[str], bool]:
-    """Run ``cadyq ARGS`` in a fresh process with ``env`` added; (its stdout lines, whether it imported torch)."""
-    code = (
-        "import sys, runpy\n"
-        f"sys.argv = ['cadyq', *{args!r}]\n"
-        "try:\n    runpy.run_module('cadyq_cli', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-        "print('TORCH', 'torch' in sys.modules)\n"
-    )
+    """Run ``cadyq ARGS`` (``python -m cadyq_cli``) in a fresh process with ``env`` added; (its stdout lines,
+    whether it imported torch: from ``-X importtime``, as the command ends the process itself)."""
     full_env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=600)
-    assert res.returncode == 0, res.stderr
-    lines = res.stdout.strip().splitlines()
-    assert lines[-1] in ("TORCH True", "TORCH False")
-    return lines[:-1], lines[-1] == "TORCH True"
+    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "cadyq_cli", *args], capture_output=True, text=True,
+                         env=full_env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time:")]
+    assert "cadyq_cli.cli" in imported
+    return res.stdout.strip().splitlines(), "torch" in imported
 
 
 def _same_report(a: object, b: object) -> None:

@@ -307,6 +307,19 @@ def test_deterministic_output(cli: Callable[..., Result], make_image: Callable[.
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
 
 
+def test_png_level_option(cli: Callable[..., Result], make_image: Callable[..., Path], tmp_path: Path) -> None:
+    """``--png-level`` changes only the zlib effort of upscale and bitmap outputs; out of 0-9 is a usage error."""
+    src = make_image("in.png", 40, 30)
+    for cmd in ("upscale", "bitmap"):
+        _ok(cli(cmd, src, tmp_path / f"{cmd}0.png", "--region", "16", "--png-level", "0", "-q"))
+        _ok(cli(cmd, src, tmp_path / f"{cmd}9.png", "--region", "16", "--png-level", "9", "-q"))
+        small, big = (tmp_path / f"{cmd}9.png"), (tmp_path / f"{cmd}0.png")
+        assert small.stat().st_size < big.stat().st_size
+        assert np.array_equal(read_image(small).rgb, read_image(big).rgb)
+        res = cli(cmd, src, tmp_path / f"{cmd}x.png", "--png-level", "10", "-q")
+        assert res.exit_code == 2 and not (tmp_path / f"{cmd}x.png").exists()
+
+
 def test_threads_do_not_change_output(cli: Callable[..., Result], make_image: Callable[..., Path],
                                       weights_x2: Path, tmp_path: Path) -> None:
     src = make_image("in.png", 20, 16)
@@ -383,6 +396,34 @@ def test_signal_during_folder_job(pattern: Callable[..., np.ndarray], cli: Calla
     _ok(res)
     assert len(list(out.iterdir())) == n and not _tmp_files(out)
     assert all((out / name).stat().st_mtime_ns == t for name, t in stamps.items())
+
+
+def test_console_script_ends_with_every_byte_out(pattern: Callable[..., np.ndarray], weights_x2: Path,
+                                                 tmp_path: Path) -> None:
+    """The installed command ends without the interpreter's teardown after upscale/bitmap (cli.main): its exit
+    code is the command's, and what it wrote to stdout, the JSON file and the outputs is all there."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(2):
+        Image.fromarray(pattern(24, 20, seed=i), "RGB").save(src / f"img{i}.png")
+    (src / "bad.png").write_bytes(b"not an image")
+    common = ["--weights", str(weights_x2), "--scale", "2", "--threads", "1"]
+    res = subprocess.run([str(CADYQ), "upscale", str(src), str(out), "--json", str(tmp_path / "j.jsonl"), *common],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "bad.png" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert "2 upscaled, 0 skipped, 1 failed" in res.stderr
+    assert len((tmp_path / "j.jsonl").read_text().splitlines()) == 3
+    assert sorted(p.name for p in out.iterdir()) == ["img0.png", "img1.png"]
+    res = subprocess.run([str(CADYQ), "upscale", str(src / "img0.png"), "-", "--json", "-", *common],
+                         capture_output=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == (out / "img0.png").read_bytes()
+    records = [json.loads(line) for line in res.stderr.decode().splitlines() if line.startswith("{")]
+    assert [r["output"] for r in records] == ["-"]
+    res = subprocess.run([str(CADYQ), "bitmap", str(src / "img1.png"), str(tmp_path / "map.png"), *common],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "FAB" in res.stderr, res.stderr
+    assert _open(tmp_path / "map.png").width >= 24  # fully written (a truncated PNG does not decode)
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
