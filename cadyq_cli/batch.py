@@ -16,7 +16,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from .errors import CadyqError
-from .io import PNG_LEVEL
+from .io import PNG_LEVEL, check_png_level
 from .paths import Job
 
 if TYPE_CHECKING:
@@ -119,8 +119,9 @@ def _upscale(model: SRModel, cfg: TilingConfig, overwrite: bool, max_pixels: int
 
 def upscale_work(model: SRModel, cfg: TilingConfig, overwrite: bool = False, max_pixels: int | None = None,
                  target_fab: float | None = None, png_level: int = PNG_LEVEL) -> Work:
-    """The work of an upscale job (:func:`~cadyq_cli.pipeline.upscale_file` with these settings)."""
-    return partial(_upscale, model, cfg, overwrite, max_pixels, target_fab, png_level)
+    """The work of an upscale job (:func:`~cadyq_cli.pipeline.upscale_file` with these settings); ValueError for
+    a ``png_level`` outside 0..9."""
+    return partial(_upscale, model, cfg, overwrite, max_pixels, target_fab, check_png_level(png_level))
 
 
 def upscale_jobs(model: SRModel, jobs: Iterable[Job], cfg: TilingConfig, *, overwrite: bool = False,
@@ -142,5 +143,5 @@ def bitmap_jobs(model: SRModel, jobs: Iterable[Job], cfg: TilingConfig, *, layer
                 overwrite: bool = False, max_pixels: int | None = None, png_level: int = PNG_LEVEL,
                 **kw: object) -> Iterator[Outcome]:
     """:func:`run_jobs` drawing each job's bit-allocation heatmap (:func:`~cadyq_cli.pipeline.bitmap_file`)."""
-    work = partial(_bitmap, model, cfg, layer, overwrite, max_pixels, png_level)
+    work = partial(_bitmap, model, cfg, layer, overwrite, max_pixels, check_png_level(png_level))
     return run_jobs(jobs, work, **kw)  # type: ignore[arg-type]

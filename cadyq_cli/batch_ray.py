@@ -33,7 +33,7 @@ import numpy as np
 
 from .tiling import TilingConfig
 from .errors import CadyqError
-from .io import DEFAULT_MAX_PIXELS, PNG_LEVEL, temp_files
+from .io import DEFAULT_MAX_PIXELS, PNG_LEVEL, check_png_level, temp_files
 from .batch import Outcome, run_job, skips, upscale_work
 from .paths import Job
 
@@ -70,6 +70,9 @@ class RayOptions:
     skip_existing: bool = False
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     png_level: int = PNG_LEVEL
+
+    def __post_init__(self) -> None:
+        check_png_level(self.png_level)  # refused here, not once per image in the workers
 
 
 def require_ray() -> None:

@@ -438,8 +438,9 @@ def bitmap(
         if layer is not None and not 0 <= layer < net.n_selectors:
             raise CadyqError(f"--layer must be between 0 and {net.n_selectors - 1} for {net.arch}")
         with stop_on_signals():
-            out = next(bitmap_jobs(net, [job], cfg, layer=layer, overwrite=overwrite, max_pixels=max_pixels or None,
-                                   raise_errors=True, **({} if png_level is None else {"png_level": png_level})))
+            png = {} if png_level is None else {"png_level": png_level}  # else the writer's default (io.PNG_LEVEL)
+        out = next(bitmap_jobs(net, [job], cfg, layer=layer, overwrite=overwrite, max_pixels=max_pixels or None,
+                                   raise_errors=True, **png))
     except (CadyqError, ValueError, OSError) as e:
         if debug:
             raise
@@ -561,6 +562,7 @@ def train(
     recipe: Annotated[Optional[str], typer.Option("--recipe", help="run a recipe end to end: fp → pams → cadyq → pick → eval → export (a .toml file or a shipped recipe's name)")] = None,
     arch: Annotated[str, typer.Option(help="architecture")] = "edsr_baseline",
     scale: Annotated[int, typer.Option(help="upscaling factor")] = 4,
+    scales: Annotated[Optional[str], typer.Option("--scales", metavar="2,3,4", help="multi-scale model (carn): train these scales' upsamplers too, a batch each in turn, each validated; --scale is one of them")] = None,
     init: Annotated[Optional[Path], typer.Option(help="previous stage checkpoint, or a .safetensors backbone/model (fp: warm start from matching tensors, e.g. another scale)")] = None,
     teacher: Annotated[Optional[Path], typer.Option(help="teacher checkpoint (default: --init)")] = None,
     minutes: Annotated[float, typer.Option(help="time budget; stops cleanly and saves")] = 60.0,
@@ -607,6 +609,10 @@ def train(
         return _train_recipe(recipe, stage, data, run_dir, minutes, bf16, threads, device)
     if stage is None or not data or run_dir is None:
         raise _fail("cadyq train needs a STAGE with --data and --run, or --recipe FILE")
+    try:
+        scale_list = [int(v) for v in scales.split(",")] if scales else []
+    except ValueError:
+        raise _fail(f"--scales takes scales separated by commas (e.g. 2,3,4), not {scales!r}") from None
     on_cpu = device == "cpu"
     if on_cpu and (crowded := oversubscribed(threads)):
         typer.echo(crowded, err=True)
@@ -615,7 +621,7 @@ def train(
         why = "measured on this CPU" if on_cpu else f"on {device}"
         typer.echo(f"bf16 autocast: {'on' if use_bf16 else 'off'} ({why})", err=True)
     cfg = TrainConfig(
-        stage=stage, arch=arch, scale=scale, data=[str(d) for d in data], run_dir=str(run_dir),
+        stage=stage, arch=arch, scale=scale, scales=scale_list, data=[str(d) for d in data], run_dir=str(run_dir),
         init=str(init) if init else None, teacher=str(teacher) if teacher else None, minutes=minutes,
         steps=steps, stop_at=stop_at, batch=batch, lr=lr, lr_patch=lr_patch, seed=seed, bf16=use_bf16, threads=threads, device=device,
         val_every=val_every, keep_val=keep_val, bit_weight_max=bit_weight, bit_ramp_steps=bit_ramp, selector_lr=selector_lr,
@@ -662,23 +668,35 @@ def _train_recipe(spec: str, stage: Optional[str], data: Optional[list[Path]], r
         raise _fail(str(e).splitlines()[0], 1) from None
 
 
-#: the model of the command that ran, when the process may end without tearing it down (see :func:`main`)
+#: set by :func:`entry` (the installed ``cadyq`` and ``python -m cadyq_cli``): the process may end without
+#: tearing down the model of the command that ran, kept here until then
+_FAST_EXIT = False
 _KEPT: list[object] = []
 
 
 def _keep_until_exit(model: object) -> None:
-    """Keep ``model`` alive until the process ends and let :func:`main` end it at once: freeing a compiled
-    model and its working memory took 0.1 s, 5-11 % of a one-image ``cadyq upscale`` (bench/peers.py compare),
-    and the operating system reclaims it all at exit anyway. Local engine only (Ray's shutdown runs at exit)."""
-    _KEPT.append(model)
+    """Under :func:`entry`, keep ``model`` alive until the process ends and let it end at once: freeing a
+    compiled model and its working memory took 0.1 s, 5-11 % of a one-image ``cadyq upscale`` (bench/peers.py
+    compare), and the operating system reclaims it all at exit anyway. Local engine only (Ray's shutdown runs
+    at exit). In-process uses of :data:`app` keep nothing."""
+    if _FAST_EXIT:
+        _KEPT.append(model)
 
 
 def main() -> None:
-    """Console-script entry point. After ``upscale`` or ``bitmap`` on the local engine, whose files are written and
-    closed by then, the process flushes stdout and stderr and exits without the interpreter's teardown
-    (``os._exit``): the exit code is the command's."""
+    """Run the command line in this process (it raises ``SystemExit`` with the exit code, as any Typer app)."""
+    app()
+
+
+def entry() -> None:
+    """The ``cadyq`` program (console script and ``python -m cadyq_cli``): :func:`main`, then, after ``upscale``
+    or ``bitmap`` on the local engine (whose outputs are written and closed by then), stdout and stderr are
+    flushed and the process ends with the command's exit code without the interpreter's teardown
+    (``os._exit``: no atexit handlers, nothing freed one object at a time)."""
+    global _FAST_EXIT
+    _FAST_EXIT = True
     try:
-        app()
+        main()
     except SystemExit as e:
         if not _KEPT or not (e.code is None or isinstance(e.code, int)):
             raise

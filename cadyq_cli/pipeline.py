@@ -89,7 +89,8 @@ def bitmap_file(
     png_level: int = PNG_LEVEL,
 ) -> tuple[ImageReport, list[str]]:
     """Draw one file's bit-allocation heatmap (mean bits per region, or selector ``layer``'s) to
-    ``job.dst``; the bits are chosen without running the upsampling tail. Never leaves a partial output."""
+    ``job.dst`` (a PNG at zlib level ``png_level``); the bits are chosen without running the upsampling tail.
+    Never leaves a partial output."""
     check_output(job, overwrite)
     img = _read(job, max_pixels)
     if hasattr(model, "upscale_array"):  # the OpenVINO runtime brings its own engine

@@ -59,7 +59,7 @@ def _run_cli(args: list[str], env: dict[str, str]) -> tuple[list[str], bool]:
     full_env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
     res = subprocess.run([sys.executable, "-X", "importtime", "-m", "cadyq_cli", *args], capture_output=True, text=True,
                          env=full_env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, "\n".join(ln for ln in res.stderr.splitlines() if not ln.startswith("import time:"))
     imported = [line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time:")]
     assert "cadyq_cli.cli" in imported
     return res.stdout.strip().splitlines(), "torch" in imported

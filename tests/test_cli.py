@@ -318,6 +318,13 @@ def test_png_level_option(cli: Callable[..., Result], make_image: Callable[..., 
         assert np.array_equal(read_image(small).rgb, read_image(big).rgb)
         res = cli(cmd, src, tmp_path / f"{cmd}x.png", "--png-level", "10", "-q")
         assert res.exit_code == 2 and not (tmp_path / f"{cmd}x.png").exists()
+    from cadyq_cli import cli as cli_module
+    from cadyq_cli.batch import upscale_jobs
+    from cadyq_cli.io import PNG_LEVEL
+
+    assert f"default {PNG_LEVEL}" in cli_module.PngLevelOpt.__metadata__[0].help
+    with pytest.raises(ValueError, match="png_level"):  # refused before any job, not once per image
+        upscale_jobs(None, [], TilingConfig(), png_level=12)  # type: ignore[arg-type]
 
 
 def test_threads_do_not_change_output(cli: Callable[..., Result], make_image: Callable[..., Path],
@@ -398,6 +405,7 @@ def test_signal_during_folder_job(pattern: Callable[..., np.ndarray], cli: Calla
     assert all((out / name).stat().st_mtime_ns == t for name, t in stamps.items())
 
 
+@pytest.mark.skipif(not CADYQ.exists() or os.name != "posix", reason="needs the installed console script on POSIX")
 def test_console_script_ends_with_every_byte_out(pattern: Callable[..., np.ndarray], weights_x2: Path,
                                                  tmp_path: Path) -> None:
     """The installed command ends without the interpreter's teardown after upscale/bitmap (cli.main): its exit
@@ -424,6 +432,35 @@ def test_console_script_ends_with_every_byte_out(pattern: Callable[..., np.ndarr
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "FAB" in res.stderr, res.stderr
     assert _open(tmp_path / "map.png").width >= 24  # fully written (a truncated PNG does not decode)
+
+
+@pytest.mark.parametrize("fn", ["entry", "main"])
+def test_only_the_program_skips_teardown(make_image: Callable[..., Path], weights_x2: Path, tmp_path: Path,
+                                         fn: str) -> None:
+    """``cli.entry`` (the installed ``cadyq``, ``python -m cadyq_cli``) ends the process after a command that
+    loaded a model without running exit handlers, with the command's exit code (here 2: a usage error found
+    after the load); ``cli.main`` raises SystemExit to its caller as before, whose own handlers run."""
+    src = make_image("in.png", 24, 20)
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('TEARDOWN', flush=True))\n"
+        f"sys.argv = ['cadyq', 'bitmap', {str(src)!r}, {str(tmp_path / 'm.png')!r}, '--weights', {str(weights_x2)!r},"
+        " '--scale', '2', '--layer', '99', '--threads', '1']\n"
+        "from cadyq_cli import cli\n"
+        f"try:\n    cli.{fn}()\nexcept SystemExit as e:\n    print('CAUGHT', e.code, flush=True)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == (2 if fn == "entry" else 0), res.stderr
+    assert "--layer must be between" in res.stderr and "Traceback" not in res.stderr
+    assert res.stdout.split() == ([] if fn == "entry" else ["CAUGHT", "2", "TEARDOWN"])
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_in_process_runs_keep_no_model(cli: Callable[..., Result], make_image: Callable[..., Path], tmp_path: Path) -> None:
+    from cadyq_cli import cli as cli_module
+
+    _ok(cli("upscale", make_image("in.png", 24, 20), tmp_path / "o.png", "-q"))
+    assert cli_module._KEPT == []
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
@@ -596,7 +633,7 @@ def test_train_stopped_by_a_signal_exits_128_plus_signal(tmp_path: Path, monkeyp
 
 
 @pytest.mark.parametrize("case", ["missing-data", "no-images", "too-small", "no-init", "missing-init", "bad-stage",
-                                  "val-every-0"])
+                                  "val-every-0", "scales-text", "scales-edsr"])
 def test_train_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path: Path, case: str) -> None:
     data = tmp_path / "data"
     data.mkdir()
@@ -612,10 +649,13 @@ def test_train_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path: Path, 
         argv += ["--init", str(tmp_path / "nope.pt")]
     if case == "val-every-0":  # was a ZeroDivisionError traceback at the first step
         argv += ["--val-every", "0"]
+    if case.startswith("scales"):
+        argv += ["--scales", "2,x" if case == "scales-text" else "2,4"]
     res = CliRunner().invoke(app, argv)
     assert res.exit_code == 2, res.stderr
     line = _error_line(res, "error:")
     assert {"missing-data": "does not exist", "no-images": "no training images", "too-small": "at least 96 px",
             "no-init": "needs --init", "missing-init": "does not exist", "bad-stage": "unknown stage",
-            "val-every-0": "--val-every"}[case] in line
+            "val-every-0": "--val-every", "scales-text": "separated by commas",
+            "scales-edsr": "multi-scale models"}[case] in line
     assert not run.exists()

@@ -396,3 +396,40 @@ def test_fp_skip_starts_from_an_official_skip_pams_and_is_kept(data_dir: Path, p
     assert load_state(d / "last.pt")["config"]["skip"] == "fp"
     with pytest.raises(SystemExit, match="--skip must be one of official"):
         train_stage(_cfg(data_dir, tmp_path / "bad", stage="cadyq", arch="carn", init=str(c / "last.pt"), skip="fp"))
+
+
+def test_multi_scale_carn_trains_every_scale_and_resumes_exactly(data_dir: Path, tmp_path: Path) -> None:
+    """``scales``: a batch of each scale in turn, so every upsampler of the one CARN learns (with one scale only
+    its own does); validation per scale and the mean; a stopped run resumes to the same weights."""
+    kw = dict(arch="carn", scale=4, lr_patch=12, val_every=4, steps=4)
+    train_stage(_cfg(data_dir, tmp_path / "multi", scales=[2, 3, 4], **kw))
+    train_stage(_cfg(data_dir, tmp_path / "one", **kw))
+    torch.manual_seed(0)
+    fresh, _ = prepare_models(_cfg(data_dir, tmp_path / "x", **kw), None, None)
+    init = fresh.state_dict()
+    multi = load_state(tmp_path / "multi" / "last.pt")["model"]
+    one = load_state(tmp_path / "one" / "last.pt")["model"]
+    for s in (2, 3, 4):
+        keys = [k for k in init if k.startswith(f"upsample.up{s}.")]
+        assert keys and all(not torch.equal(multi[k], init[k]) for k in keys), s
+        assert all(torch.equal(one[k], init[k]) for k in keys) == (s != 4), s
+    val = [r for r in _log(tmp_path / "multi") if "val_psnr" in r]
+    assert len(val) == 2 and val[-1]["final"]
+    for r in val:
+        per = [r[f"val_psnr_x{s}"] for s in (2, 3, 4)]
+        assert r["val_psnr"] == pytest.approx(np.mean(per)) and per[0] > per[2]  # x2 is the easiest
+    train_stage(_cfg(data_dir, tmp_path / "stopped", scales=[2, 3, 4], stop_at=3, **kw))
+    train_stage(_cfg(data_dir, tmp_path / "stopped", scales=[2, 3, 4], **kw))
+    again = load_state(tmp_path / "stopped" / "last.pt")["model"]
+    assert all(torch.equal(again[k], multi[k]) for k in multi)
+    with pytest.raises(SystemExit, match="was trained with scales"):  # a resume keeps its scales
+        train_stage(_cfg(data_dir, tmp_path / "stopped", scales=[2, 4], **kw))
+
+
+@pytest.mark.parametrize("arch, scales, why", [("edsr_baseline", [2, 4], "multi-scale models"),
+                                               ("carn", [2, 3], "including --scale 4"),
+                                               ("carn", [2, 2, 4], "distinct")])
+def test_scales_refused_in_one_line(data_dir: Path, tmp_path: Path, arch: str, scales: list[int], why: str) -> None:
+    with pytest.raises(SystemExit, match=why):
+        train_stage(_cfg(data_dir, tmp_path / "r", arch=arch, scale=4, scales=scales, lr_patch=12))
+    assert not (tmp_path / "r").exists()

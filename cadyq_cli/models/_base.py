@@ -119,6 +119,9 @@ class SRModel(nn.Module):
     receptive_radius: ClassVar[int] = 48
     #: residual-skip semantics the backbone offers (see :meth:`set_skip`); ``official`` first
     skips: ClassVar[tuple[str, ...]] = ("official",)
+    #: one state dict holds an upsampler per supported scale (CARN): ``scale`` picks the one that runs, and
+    #: training may cover several (``cadyq train --scales``)
+    multi_scale: ClassVar[bool] = False
 
     def __init__(self, scale: int) -> None:
         super().__init__()

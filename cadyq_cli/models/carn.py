@@ -152,6 +152,7 @@ class CARN(SRModel):
 
     arch = "carn"
     grad_multiplier = 1.0
+    multi_scale = True
     receptive_radius = 24  # entry 1 + 18 unit convs + upsampler/exit <= 3 (LR px), rounded up
 
     def __init__(self, scale: int = 4, n_feats: int = 64) -> None:

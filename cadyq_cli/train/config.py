@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["STAGES", "TrainConfig", "check_config", "check_resume", "config_changes", "lr_at"]
+__all__ = ["STAGES", "TrainConfig", "check_config", "check_resume", "config_changes", "lr_at", "train_scales"]
 
 STAGES = ("fp", "pams", "cadyq")
 
@@ -16,6 +16,9 @@ class TrainConfig:
     stage: str = "fp"
     arch: str = "edsr_baseline"
     scale: int = 4
+    # a multi-scale model (CARN): the scales trained, one batch each in turn, each validated (``scale``, one
+    # of them, is the model's own afterwards); empty: ``scale`` alone
+    scales: list[int] = field(default_factory=list)
     data: list[str] = field(default_factory=list)
     run_dir: str = "runs/edsr_x4_fp"
     init: str | None = None  # checkpoint to start from (previous stage), ignored when resuming;
@@ -68,18 +71,38 @@ def check_config(cfg: TrainConfig) -> None:
             raise SystemExit(f"--{k.replace('_', '-')} must be at least 1, not {getattr(cfg, k)}")
     if not 0.0 <= cfg.ema < 1.0:
         raise SystemExit(f"--ema must be a decay in [0, 1) (e.g. 0.999; 0: off), not {cfg.ema}")
+    if cfg.scales:
+        from ..errors import CadyqError
+        from ..models import get_arch
+
+        try:
+            cls = get_arch(cfg.arch)
+        except CadyqError as e:
+            raise SystemExit(str(e)) from None
+        if not cls.multi_scale:
+            raise SystemExit(f"--scales is for multi-scale models (carn), not {cfg.arch}: train one --scale")
+        bad = [s for s in cfg.scales if s not in cls.supported_scales]
+        if bad or len(set(cfg.scales)) != len(cfg.scales) or cfg.scale not in cfg.scales:
+            raise SystemExit(f"--scales takes distinct scales of {', '.join(map(str, cls.supported_scales))} "
+                             f"including --scale {cfg.scale}, not {','.join(map(str, cfg.scales))}")
+
+
+def train_scales(cfg: TrainConfig) -> list[int]:
+    """The scales a run trains: ``scales``, or ``scale`` alone."""
+    return list(cfg.scales) or [cfg.scale]
 
 
 #: settings a resumed run must share with its checkpoint (they fix what the saved state means)
-_FIXED_KEYS = ("stage", "arch", "scale", "seed", "batch", "lr_patch")
+_FIXED_KEYS = ("stage", "arch", "scale", "scales", "seed", "batch", "lr_patch")
 
 
 def check_resume(saved: dict, cfg: TrainConfig, ckpt: object) -> None:
     """Before resuming checkpoint ``ckpt`` (whose config is ``saved``): refuse a change of a fixed
     setting, and keep its ``init`` and ``teacher`` where ``cfg`` names none (the teacher's losses go on)."""
     for k in _FIXED_KEYS:
-        if saved[k] != getattr(cfg, k):
-            raise SystemExit(f"{ckpt} was trained with {k}={saved[k]!r}, not {getattr(cfg, k)!r}")
+        was = saved.get(k, _ABSENT.get(k))
+        if was != getattr(cfg, k):
+            raise SystemExit(f"{ckpt} was trained with {k}={was!r}, not {getattr(cfg, k)!r}")
     for k in ("init", "teacher"):
         if getattr(cfg, k) is None and saved.get(k):
             setattr(cfg, k, saved[k])
@@ -90,7 +113,7 @@ def check_resume(saved: dict, cfg: TrainConfig, ckpt: object) -> None:
 _RUNTIME_KEYS = ("minutes", "stop_at", "threads", "run_dir", "data", "val_every", "keep_val", "save_every", "log_every",
                  "device", "wip")
 #: what a setting missing from an older checkpoint's config meant (others: compared only where recorded)
-_ABSENT = {"ema": 0.0}
+_ABSENT: dict[str, object] = {"ema": 0.0, "scales": []}
 
 
 def config_changes(saved: dict, cfg: TrainConfig) -> dict:

@@ -21,7 +21,7 @@ import torch
 from ..models._base import SRModel
 from ..quant.modules import ActQuantizer
 from .calibrate import calibrate, init_selectors
-from .config import TrainConfig, check_config, check_resume, config_changes, lr_at
+from .config import TrainConfig, check_config, check_resume, config_changes, lr_at, train_scales
 from .data import SRPairs, data_fingerprint, list_images, split_pairs
 from .ema import WeightEMA
 from .losses import AttentionTaps, stage_loss
@@ -96,23 +96,45 @@ def _start_ema(cfg: TrainConfig, model: SRModel, resume: dict | None) -> WeightE
     return ema
 
 
-def _validate(model: SRModel, val: SRPairs, bf16: bool, ema: WeightEMA | None) -> dict:
-    """:func:`validate` on the weight average when there is one (recorded as ``val_weights``)."""
+def _validate(model: SRModel, val: dict[int, SRPairs], bf16: bool, ema: WeightEMA | None) -> dict:
+    """:func:`validate` (on the weight average when there is one, recorded as ``val_weights``) at each trained
+    scale: with several (a multi-scale model), ``val_psnr_x<s>`` (and ``val_fab_x<s>``, ``val_psnr_w8a8_x<s>``)
+    per scale and their means as ``val_psnr`` etc."""
+    def run() -> dict:
+        if len(val) == 1:
+            return validate(model, next(iter(val.values())), bf16)
+        own, per = model.scale, {}
+        try:
+            for s, pairs in val.items():
+                model.scale = s
+                per[s] = validate(model, pairs, bf16)
+        finally:
+            model.scale = own
+        rec: dict = {k: float(np.mean([r[k] for r in per.values()])) for k in per[own]}
+        rec.update({f"{k}_x{s}": v for s, r in per.items() for k, v in r.items()})
+        return rec
+
     if ema is None:
-        return validate(model, val, bf16)
+        return run()
     with ema.applied(model):
-        return {**validate(model, val, bf16), "val_weights": "ema"}
+        return {**run(), "val_weights": "ema"}
 
 
 def _train_step(cfg: TrainConfig, step: int, model: SRModel, teacher: SRModel | None, opt: torch.optim.Optimizer,
-                data: SRPairs, np_rng: np.random.Generator, dev: torch.device,
+                data: dict[int, SRPairs], np_rng: np.random.Generator, dev: torch.device,
                 taps: AttentionTaps | None) -> tuple[float, dict[str, torch.Tensor]]:
-    """One optimizer step on a fresh batch; returns its learning rate and the loss parts."""
+    """One optimizer step on a fresh batch (of each trained scale in turn); returns its learning rate and the
+    loss parts."""
     lr_now = lr_at(cfg, step)
     for g in opt.param_groups:
         if not g.get("fixed_lr"):
             g["lr"] = lr_now
-    x, y = data.sample(np_rng, cfg.batch, cfg.lr_patch)
+    scales = list(data)
+    s = scales[step % len(scales)]
+    model.scale = s
+    if teacher is not None:
+        teacher.scale = s
+    x, y = data[s].sample(np_rng, cfg.batch, cfg.lr_patch)
     x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
     if taps is not None:
         taps.clear()
@@ -165,12 +187,18 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
     np_rng = np.random.default_rng(cfg.seed)
 
     t0 = time.time()
-    data, val = split_pairs(paths, cfg.n_val, cfg.seed, cfg.scale, cfg.lr_patch)
-    assert data is not None
-    if not data.hr:
-        raise SystemExit(f"no training image is at least {cfg.lr_patch * cfg.scale} px on each side "
-                         f"(--lr-patch {cfg.lr_patch} at x{cfg.scale}) under {', '.join(cfg.data)}")
-    log(f"data: {len(data.hr)} train / {len(val.hr)} val images, loaded in {time.time() - t0:.0f}s")
+    datas: dict[int, SRPairs] = {}
+    vals: dict[int, SRPairs] = {}
+    for s in train_scales(cfg):
+        pairs, vals[s] = split_pairs(paths, cfg.n_val, cfg.seed, s, cfg.lr_patch)
+        assert pairs is not None
+        if not pairs.hr:
+            raise SystemExit(f"no training image is at least {cfg.lr_patch * s} px on each side "
+                             f"(--lr-patch {cfg.lr_patch} at x{s}) under {', '.join(cfg.data)}")
+        datas[s] = pairs
+    data, val = datas[cfg.scale], vals[cfg.scale]
+    log(f"data: {len(data.hr)} train / {len(val.hr)} val images{' per scale' if len(datas) > 1 else ''}, "
+        f"loaded in {time.time() - t0:.0f}s")
 
     model, teacher = prepare_models(cfg, resume, init)
     del init  # the student and teacher hold copies
@@ -217,7 +245,7 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
     stop = StopSignals()
     try:
         while step < min(cfg.steps, cfg.stop_at or cfg.steps) and time.time() - start < budget_s and not stop.signum:
-            lr_now, parts = _train_step(cfg, step, model, teacher, opt, data, np_rng, dev, taps)
+            lr_now, parts = _train_step(cfg, step, model, teacher, opt, datas, np_rng, dev, taps)
             step += 1
             if ema is not None:
                 ema.update(model, step)
@@ -230,7 +258,7 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
                 rec = {"step": step, "min": round(now / 60, 2), "lr": lr_now, **{k: float(v) / n_acc for k, v in acc.items()}}
                 acc, n_acc = {}, 0
                 if val_now:
-                    rec.update(_validate(model, val, val_bf16, ema))
+                    rec.update(_validate(model, vals, val_bf16, ema))
                     if cfg.keep_val:
                         save_state(run / f"step{step:05d}.pt", model, opt, step, cfg, np_rng, now, ema)
                 logf.write(json.dumps(rec) + "\n")
@@ -242,10 +270,13 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
         stop.restore()
         if taps is not None:
             taps.remove()
+        model.scale = cfg.scale
+        if teacher is not None:
+            teacher.scale = cfg.scale
         now = elapsed + time.time() - start
         _save(ckpt, model, opt, step, cfg, np_rng, now, ema)
         logf.close()
-    rec = {"step": step, "min": round(now / 60, 2), "final": True, **_validate(model, val, val_bf16, ema)}
+    rec = {"step": step, "min": round(now / 60, 2), "final": True, **_validate(model, vals, val_bf16, ema)}
     if cfg.keep_val:
         save_state(run / f"step{step:05d}.pt", model, opt, step, cfg, np_rng, now, ema)
     with open(run / "log.jsonl", "a") as f:

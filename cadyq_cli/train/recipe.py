@@ -133,6 +133,8 @@ def _check_type(where: str, key: str, value: object) -> None:
         raise SystemExit(f"{where}: {key} = {value!r} must be {' or '.join(t.__name__ for t in want)}")
     if key == "bf16" and isinstance(value, str) and value not in ("auto", "on", "off"):
         raise SystemExit(f"{where}: bf16 = {value!r} must be true, false, \"auto\", \"on\" or \"off\"")
+    if key == "scales" and not (isinstance(value, list) and all(type(v) is int for v in value)):
+        raise SystemExit(f"{where}: scales = {value!r} must be a list of scales, e.g. [2, 3, 4]")
     if key == "ema" and not 0 <= value < 1:  # type: ignore[operator]
         raise SystemExit(f"{where}: ema = {value!r} must be a decay in [0, 1) (e.g. 0.999; 0: off)")
 
