@@ -29,10 +29,11 @@ OPSET = 17
 def cache_path(weights: str | os.PathLike[str]) -> Path:
     """Where the .onnx of ``weights`` is cached (``$CADYQ_CACHE_DIR/onnx``, default ``~/.cache/cadyq/onnx``).
 
-    The base folder is :func:`cadyq_cli.runtime.engine.cache_dir`'s, restated: importing that module would
-    add its imports to the timed process."""
-    base = os.environ.get("CADYQ_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "cadyq")
-    return Path(base) / "onnx" / f"edsr-fp32-v{ONNX_GRAPH_VERSION}-{file_sha256(weights)[:16]}.onnx"
+    The base folder is :func:`cadyq_cli.runtime.cache.cache_base` (a module with no heavy imports)."""
+    from cadyq_cli.runtime.cache import cache_base
+
+    base = cache_base() or Path(tempfile.gettempdir()) / "cadyq"
+    return base / "onnx" / f"edsr-fp32-v{ONNX_GRAPH_VERSION}-{file_sha256(weights)[:16]}.onnx"
 
 
 def build_onnx(weights: str | os.PathLike[str]) -> object:

@@ -683,6 +683,10 @@ def _keep_until_exit(model: object) -> None:
         _KEPT.append(model)
 
 
+#: options that take ``upscale``/``bitmap`` off the OpenVINO runtime (no graph to prefetch)
+_AWAY_FROM_OPENVINO = {"--kernels", "--engine", "--arch", "--weights", "--bit-bias", "--target-fab", "--device", "--help"}
+
+
 def main() -> None:
     """Run the command line in this process (it raises ``SystemExit`` with the exit code, as any Typer app)."""
     app()
@@ -695,6 +699,12 @@ def entry() -> None:
     (``os._exit``: no atexit handlers, nothing freed one object at a time)."""
     global _FAST_EXIT
     _FAST_EXIT = True
+    if len(sys.argv) > 1 and sys.argv[1] in ("upscale", "bitmap") and not _AWAY_FROM_OPENVINO.intersection(sys.argv) \
+            and os.environ.get("CADYQ_KERNELS", "").lower() != "torch":
+        from .runtime.cache import cache_dir
+        from .runtime.prefetch import start
+
+        start(cache_dir())  # the graph the last run used, imported on another thread while we start
     try:
         main()
     except SystemExit as e:

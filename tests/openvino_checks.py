@@ -180,6 +180,33 @@ def test_later_models_import_the_exported_graphs(cache: Path) -> None:
     assert blob.is_file() and blob.parent.parent == cache and not blob.with_suffix(".seen").exists()
 
 
+def test_the_last_graph_is_prefetched_and_a_wrong_guess_dropped(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache's marker names the body graph prepared last; a process that starts importing it on another
+    thread (runtime/prefetch.py) hands it to the engine when that is the graph the image needs, else drops it;
+    the output is the same bytes either way. A damaged marker, or CADYQ_PREFETCH=0, prefetches nothing."""
+    from cadyq_cli.runtime import prefetch
+
+    img, other = _image(44, 61, seed=5), _image(40, 56, seed=6)  # sizes no other check runs
+    cfg = TilingConfig(region=24)
+    runs = []
+    for pick in (img, img, img, other, img):  # the third run of a size has its own graph, then imported
+        started = prefetch.start(cache / "openvino")
+        m = load_openvino_model(scale=2)
+        runs.append((started, m.upscale_array(pick, cfg)[0], {k: how for k, (_, how) in m.prepare_log.items()}))
+        assert not prefetch._pending  # taken or dropped
+    assert all(started for started, _, _ in runs[1:])  # the first finds a marker when other checks ran before
+    # the second run compiles the size's own graph; the third guesses it right; the fourth (another size: the
+    # graph of free size) and the fifth (the own graph again) guess wrong
+    assert ["prefetched" in r[2].values() for r in runs[1:]] == [False, True, False, False]
+    assert all(np.array_equal(r[1], runs[0][1]) for r in (runs[1], runs[2], runs[4]))
+    mark = json.loads((cache / "openvino" / prefetch.MARKER).read_text())
+    assert mark["blob"] == m._blob_path(next(iter(m.prepare_log))).name and mark["config"] == m.config
+    (cache / "openvino" / prefetch.MARKER).write_text("{not json")
+    assert not prefetch.start(cache / "openvino") and not prefetch._pending
+    monkeypatch.setenv("CADYQ_PREFETCH", "0")
+    assert not prefetch.start(cache / "openvino")
+
+
 @pytest.mark.parametrize("size, region, mode, int8, layout", [
     ((50, 20), 24, "dynamic", True, "rows"),
     ((20, 50), 24, "dynamic", True, "cols"),

@@ -23,6 +23,7 @@ CHECKS = [
     "test_mixed_bit_windows_equal_the_integer_sum_over_bit_widths",
     "test_outputs_are_deterministic_across_runs_and_thread_counts",
     "test_later_models_import_the_exported_graphs",
+    "test_the_last_graph_is_prefetched_and_a_wrong_guess_dropped",
     "test_images_of_new_sizes_compile_no_graph",
     "test_free_size_and_one_geometry_graphs_give_the_same_bytes",
     "test_default_upscale_runs_on_openvino_where_it_serves",

@@ -26,11 +26,13 @@ from ..accounting import edsr_cost_table
 from ..errors import CadyqError
 from ..report import ImageReport, RegionBits, build_report
 from ..tiling import TilingConfig, plan_tiles
+from . import prefetch
+from .cache import CACHE_MAX_BYTES, MAX_SEEN, cache_dir, cache_max_bytes, trim_cache
 from .ov_edsr import (FP_LAYERS, EdsrWeights, Geometry, bits_from_idx, build_body, build_tail, describe, read_edsr,
                       tail_strips)
 
 __all__ = ["OVModel", "load_openvino_model", "openvino_available", "cache_dir", "cache_max_bytes", "trim_cache",
-           "RECEPTIVE_RADIUS"]
+           "CACHE_MAX_BYTES", "RECEPTIVE_RADIUS"]
 
 #: LR px of context a pixel depends on (as :attr:`cadyq_cli.models.edsr.EDSRBaseline.receptive_radius`)
 RECEPTIVE_RADIUS = 40
@@ -40,10 +42,6 @@ MAX_COMPILED = 2
 #: largest tile (LR px) that runs on a body graph of free size: that graph plans its memory per inference and
 #: takes more of it (a 320x240 process: 1.4 GB against 0.55 GB), so bigger tiles always get their own graph
 DYNAMIC_MAX_PIXELS = 320 * 240
-#: markers of tile geometries seen once kept in the cache folder (see OVModel.body_kind)
-MAX_SEEN = 4096
-#: default size cap of the compiled-graph cache (see cache_max_bytes)
-CACHE_MAX_BYTES = 2 << 30
 #: compile settings: FP32 for the full-precision layers, one stream; no "snippets" (OpenVINO's JIT-fused
 #: elementwise subgraphs): the CADyQ graph has ~400 of them, each compiled again when a cached graph is
 #: imported, which doubled the import time (0.61 -> 0.30 s at 128x128) for no faster inference
@@ -64,56 +62,6 @@ def free_size_graphs() -> bool:
     """Whether a tile seen for the first time may run on a body graph of free size (default; ``CADYQ_FREE_SIZE=0``:
     every geometry compiles its own graph at once, the runtime before graphs of free size: for benchmarks)."""
     return os.environ.get("CADYQ_FREE_SIZE", "") != "0"
-
-
-def cache_dir() -> Path | None:
-    """Folder of exported compiled graphs (None when no home folder can be found: no cache)."""
-    base = os.environ.get("CADYQ_CACHE_DIR") or os.environ.get("XDG_CACHE_HOME")
-    if not os.environ.get("CADYQ_CACHE_DIR"):
-        try:
-            base = os.path.join(base or Path.home() / ".cache", "cadyq")
-        except RuntimeError:  # Path.home() without HOME or a passwd entry
-            return None
-    return Path(base) / "openvino"
-
-
-def cache_max_bytes() -> int:
-    """Size cap of the compiled-graph cache: ``$CADYQ_CACHE_MAX_MB`` (default 2048 MB; 0: no cap)."""
-    raw = os.environ.get("CADYQ_CACHE_MAX_MB", "")
-    try:
-        return max(0, int(float(raw) * (1 << 20))) if raw.strip() else CACHE_MAX_BYTES
-    except ValueError:
-        return CACHE_MAX_BYTES
-
-
-def trim_cache(folder: Path, max_bytes: int, keep: Path | None = None) -> None:
-    """Delete the least recently used ``*.blob`` files of ``folder`` until they take at most ``max_bytes``
-    (0: no cap); ``keep`` is never deleted. A tile geometry that recurs gets its own compiled graph (5-17 MB),
-    so a folder of images of many sizes would otherwise fill the disk. Markers of geometries seen once
-    (``*.seen``, empty) are kept for the MAX_SEEN most recent."""
-    marks = []
-    for f in folder.glob("*.seen"):
-        with suppress(OSError):
-            marks.append((f.stat().st_mtime, f))
-    for _, f in sorted(marks, key=lambda m: m[0])[:max(0, len(marks) - MAX_SEEN)]:
-        with suppress(OSError):
-            f.unlink()
-    if max_bytes <= 0:
-        return
-    blobs = []
-    for f in folder.glob("*.blob"):
-        with suppress(OSError):
-            st = f.stat()
-            blobs.append((st.st_mtime, st.st_size, f))
-    total = sum(b[1] for b in blobs)
-    for _, size, f in sorted(blobs, key=lambda b: b[0]):
-        if total <= max_bytes:
-            break
-        if keep is not None and f == keep:
-            continue
-        with suppress(OSError):
-            f.unlink()
-            total -= size
 
 
 class OVModel:
@@ -227,15 +175,19 @@ class OVModel:
             return self._compiled[kind]
         t0 = time.perf_counter()
         path = self._blob_path(kind) if self.cache else None
-        cm = None
-        if path is not None and path.is_file():
+        # imported on another thread while the program was starting (runtime/prefetch.py), when it guessed this
+        # graph; the first body graph asked for ends the prefetch either way
+        cm = prefetch.take(path, self.config) if kind != "tail" and path is not None else None
+        how = "prefetched"
+        if cm is None and path is not None and path.is_file():
             try:
                 cm = self.core.import_model(path.read_bytes(), "CPU", self.config)
                 how = "imported"
-                with suppress(OSError):  # recently used: the last to go when the cache is trimmed
-                    os.utime(path)
             except Exception:  # noqa: BLE001 - a stale or damaged blob: compile again
                 cm = None
+        if cm is not None and path is not None:
+            with suppress(OSError):  # recently used: the last to go when the cache is trimmed
+                os.utime(path)
         if cm is None:
             cm = self.core.compile_model(self._build(kind), "CPU", self.config)
             how = "compiled"
@@ -259,6 +211,8 @@ class OVModel:
             del self._compiled[next(k for k in self._compiled if k != "tail")]  # the least recently used body
         self._compiled[kind] = (cm, cm.create_infer_request())
         self.prepare_log[kind] = (time.perf_counter() - t0, how)
+        if kind != "tail" and path is not None and path.is_file():
+            prefetch.remember(path, self.config)  # the graph the next process starts importing at once
         return self._compiled[kind]
 
     def forward(self, x: np.ndarray, geo: Geometry, bits_only: bool = False,

@@ -1,0 +1,88 @@
+"""Start importing the compiled graph the previous run used while the program is still starting.
+
+Importing a cached compiled graph takes ~0.25 s (about 3,000 compiled nodes), and the program needs
+~0.3 s of Python start-up (imports, options, the model's file, the image) before it knows which graph
+an image needs. ``import_model`` releases the GIL, so :func:`start` (called by ``cli.entry`` for
+``upscale`` and ``bitmap``) imports the graph named by the cache's marker file (:data:`MARKER`, written
+by :func:`remember` whenever a body graph is prepared) on a second thread meanwhile. :func:`take` hands
+it to the engine when the engine asks for that very file with that very configuration, and drops it
+otherwise: the blob's bytes and the compile settings are the same either way, so is the output.
+``CADYQ_PREFETCH=0`` turns it off.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from contextlib import suppress
+from pathlib import Path
+
+__all__ = ["MARKER", "enabled", "remember", "start", "take"]
+
+#: file in the compiled-graph cache naming the last body graph prepared, and its compile settings
+MARKER = "last-graph.json"
+
+_lock = threading.Lock()
+_pending: dict[str, object] = {}  # "path", "config", "thread" and "holder" (its "result") of this process's prefetch
+
+
+def enabled() -> bool:
+    """False under ``CADYQ_PREFETCH=0``."""
+    return os.environ.get("CADYQ_PREFETCH", "") != "0"
+
+
+def remember(path: Path, config: dict[str, object]) -> None:
+    """Name ``path`` (a compiled graph in the cache folder) and its settings as the one to prefetch next time;
+    written atomically, and only when it changes. A cache that cannot be written is no cache: nothing raised."""
+    mark = path.parent / MARKER
+    text = json.dumps({"blob": path.name, "config": config}, sort_keys=True)
+    with suppress(OSError, ValueError, TypeError):
+        if mark.is_file() and mark.read_text() == text:
+            return
+        tmp = mark.with_name(f"{MARKER}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, mark)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def start(folder: Path | None) -> bool:
+    """Begin importing the graph named by ``folder``'s marker on a daemon thread; True when one started."""
+    if folder is None or not enabled() or _pending:
+        return False
+    try:
+        mark = json.loads((folder / MARKER).read_text())
+        path, config = folder / str(mark["blob"]), dict(mark["config"])
+        data = path.read_bytes()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+    import openvino as ov  # here, not on the thread: Python-level imports on two threads take turns on the GIL
+
+    holder: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            holder["result"] = ov.Core().import_model(data, "CPU", config)
+        except Exception:  # noqa: BLE001 - a stale or damaged blob: the engine imports or compiles its own
+            holder["result"] = None
+
+    thread = threading.Thread(target=run, name="cadyq-prefetch", daemon=True)
+    _pending.update(path=path, config=config, thread=thread, holder=holder)
+    thread.start()
+    return True
+
+
+def take(path: Path, config: dict[str, object]) -> object | None:
+    """The prefetched compiled graph if it is ``path`` compiled with ``config`` (waits for the import to end),
+    else None; either way the prefetch is over (a wrong guess is dropped)."""
+    with _lock:
+        if not _pending:
+            return None
+        same = _pending["path"] == path and _pending["config"] == dict(config)
+        if same:
+            _pending["thread"].join()  # type: ignore[attr-defined]
+        result = _pending["holder"].get("result") if same else None  # type: ignore[attr-defined]
+        _pending.clear()
+        return result
