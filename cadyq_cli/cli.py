@@ -702,9 +702,9 @@ def entry() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in ("upscale", "bitmap") and not _AWAY_FROM_OPENVINO.intersection(sys.argv) \
             and os.environ.get("CADYQ_KERNELS", "").lower() != "torch":
         from .runtime.cache import cache_dir
-        from .runtime.prefetch import start
+        from .runtime.prefetch import request_key, start
 
-        start(cache_dir())  # the graph the last run used, imported on another thread while we start
+        start(cache_dir(), request_key(sys.argv))  # the graph the last such run used, imported on another thread
     try:
         main()
     except SystemExit as e:

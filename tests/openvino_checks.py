@@ -190,7 +190,7 @@ def test_the_last_graph_is_prefetched_and_a_wrong_guess_dropped(cache: Path, mon
     cfg = TilingConfig(region=24)
     runs = []
     for pick in (img, img, img, other, img):  # the third run of a size has its own graph, then imported
-        started = prefetch.start(cache / "openvino")
+        started = prefetch.start(cache / "openvino", "a request")
         m = load_openvino_model(scale=2)
         runs.append((started, m.upscale_array(pick, cfg)[0], {k: how for k, (_, how) in m.prepare_log.items()}))
         assert not prefetch._pending  # taken or dropped
@@ -201,10 +201,30 @@ def test_the_last_graph_is_prefetched_and_a_wrong_guess_dropped(cache: Path, mon
     assert all(np.array_equal(r[1], runs[0][1]) for r in (runs[1], runs[2], runs[4]))
     mark = json.loads((cache / "openvino" / prefetch.MARKER).read_text())
     assert mark["blob"] == m._blob_path(next(iter(m.prepare_log))).name and mark["config"] == m.config
+    assert mark["key"] == "a request" and not prefetch.start(cache / "openvino", "another request")
     (cache / "openvino" / prefetch.MARKER).write_text("{not json")
-    assert not prefetch.start(cache / "openvino") and not prefetch._pending
+    assert not prefetch.start(cache / "openvino", "a request") and not prefetch._pending
     monkeypatch.setenv("CADYQ_PREFETCH", "0")
-    assert not prefetch.start(cache / "openvino")
+    assert not prefetch.start(cache / "openvino", "a request")
+
+
+def test_a_prefetch_is_keyed_by_what_decides_the_graph(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from cadyq_cli.runtime.prefetch import request_key
+
+    for name, size in (("a.png", (30, 20)), ("b.jpg", (30, 20)), ("c.png", (31, 20))):
+        Image.new("RGB", size).save(tmp_path / name)
+    a, b, c = (str(tmp_path / n) for n in ("a.png", "b.jpg", "c.png"))
+    key = request_key(["cadyq", "upscale", a, "out.png", "--scale", "2", "-q"])
+    assert key is not None
+    # paths and options that leave the graph alone do not matter; the image size, the command and graph options do
+    assert request_key(["cadyq", "upscale", "--overwrite", b, "x.png", "--json", "-", "--scale=2"]) == key
+    assert request_key(["cadyq", "upscale", c, "out.png", "--scale", "2"]) != key
+    assert request_key(["cadyq", "bitmap", a, "out.png", "--scale", "2"]) != key
+    assert request_key(["cadyq", "upscale", a, "out.png", "--scale", "2", "--fp-layers", "bf16"]) != key
+    assert request_key(["cadyq", "upscale", str(tmp_path), "out"]) is None  # a folder
+    assert request_key(["cadyq", "upscale", "-", "out.png"]) is None  # stdin
 
 
 @pytest.mark.parametrize("size, region, mode, int8, layout", [

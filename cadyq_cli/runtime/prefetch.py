@@ -4,8 +4,9 @@ Importing a cached compiled graph takes ~0.25 s (about 3,000 compiled nodes), an
 ~0.3 s of Python start-up (imports, options, the model's file, the image) before it knows which graph
 an image needs. ``import_model`` releases the GIL, so :func:`start` (called by ``cli.entry`` for
 ``upscale`` and ``bitmap``) imports the graph named by the cache's marker file (:data:`MARKER`, written
-by :func:`remember` whenever a body graph is prepared) on a second thread meanwhile. :func:`take` hands
-it to the engine when the engine asks for that very file with that very configuration, and drops it
+by :func:`remember` whenever a body graph is prepared) on a second thread meanwhile, when the marker was
+left by the same request (:func:`request_key`: command, graph options, image size). :func:`take` hands it
+to the engine when the engine asks for that very file with that very configuration, and drops it
 otherwise: the blob's bytes and the compile settings are the same either way, so is the output.
 ``CADYQ_PREFETCH=0`` turns it off.
 """
@@ -17,12 +18,17 @@ import threading
 from contextlib import suppress
 from pathlib import Path
 
-__all__ = ["MARKER", "enabled", "remember", "start", "take"]
+__all__ = ["MARKER", "enabled", "request_key", "remember", "start", "take"]
 
-#: file in the compiled-graph cache naming the last body graph prepared, and its compile settings
+#: file in the compiled-graph cache naming the last body graph prepared, its compile settings and the request
+#: (:func:`request_key`) that prepared it
 MARKER = "last-graph.json"
+#: options of ``upscale``/``bitmap`` that decide which graph an image runs on, and the flags (no value)
+GRAPH_OPTIONS = ("--model", "--scale", "--mode", "--tiling", "--tile", "--overlap", "--region", "--threads", "--fp-layers")
+FLAGS = ("--overwrite", "--skip-existing", "--recursive", "--quiet", "-q", "--debug")
 
 _lock = threading.Lock()
+_key: str | None = None  # this process's request (set by start), recorded by remember
 _pending: dict[str, object] = {}  # "path", "config", "thread" and "holder" (its "result") of this process's prefetch
 
 
@@ -31,11 +37,45 @@ def enabled() -> bool:
     return os.environ.get("CADYQ_PREFETCH", "") != "0"
 
 
+def request_key(argv: list[str]) -> str | None:
+    """What decides the graph of a command line ``cadyq upscale|bitmap IN ...``: the command, the graph options
+    given (:data:`GRAPH_OPTIONS`), ``CADYQ_FREE_SIZE`` and the input image's size (read from its header); None
+    when the input is not one image file (a folder, stdin) or its size cannot be read. A guess is only made for
+    the same request as the run that left the marker: a wrong guess costs a core for ~0.25 s."""
+    if len(argv) < 3:
+        return None
+    opts: dict[str, str] = {}
+    positional: list[str] = []
+    it = iter(argv[2:])
+    for tok in it:
+        if tok.startswith("-") and tok != "-":
+            name, eq, value = tok.partition("=")
+            if not eq and name not in FLAGS:
+                value = next(it, "")
+            if name in GRAPH_OPTIONS:
+                opts[name] = value
+        else:
+            positional.append(tok)
+    if not positional or not os.path.isfile(positional[0]):
+        return None
+    try:
+        from PIL import Image
+
+        with Image.open(positional[0]) as im:  # the header only
+            size = im.size
+    except Exception:  # noqa: BLE001 - not an image: the command says so itself
+        return None
+    return json.dumps([argv[1], sorted(opts.items()), os.environ.get("CADYQ_FREE_SIZE", ""), list(size)])
+
+
 def remember(path: Path, config: dict[str, object]) -> None:
-    """Name ``path`` (a compiled graph in the cache folder) and its settings as the one to prefetch next time;
-    written atomically, and only when it changes. A cache that cannot be written is no cache: nothing raised."""
+    """Name ``path`` (a compiled graph in the cache folder) and its settings as the one to prefetch next time for
+    this process's request (nothing without one: a library call); written atomically, and only when it changes.
+    A cache that cannot be written is no cache: nothing raised."""
+    if _key is None:
+        return
     mark = path.parent / MARKER
-    text = json.dumps({"blob": path.name, "config": config}, sort_keys=True)
+    text = json.dumps({"key": _key, "blob": path.name, "config": config}, sort_keys=True)
     with suppress(OSError, ValueError, TypeError):
         if mark.is_file() and mark.read_text() == text:
             return
@@ -47,12 +87,17 @@ def remember(path: Path, config: dict[str, object]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def start(folder: Path | None) -> bool:
-    """Begin importing the graph named by ``folder``'s marker on a daemon thread; True when one started."""
-    if folder is None or not enabled() or _pending:
+def start(folder: Path | None, key: str | None) -> bool:
+    """Record ``key`` (:func:`request_key`) as this process's request and, when ``folder``'s marker names a graph
+    prepared for the same request, begin importing it on a daemon thread; True when one started."""
+    global _key
+    if folder is None or key is None or not enabled() or _pending:
         return False
+    _key = key
     try:
         mark = json.loads((folder / MARKER).read_text())
+        if mark["key"] != key:
+            return False
         path, config = folder / str(mark["blob"]), dict(mark["config"])
         data = path.read_bytes()
     except (OSError, ValueError, KeyError, TypeError):
