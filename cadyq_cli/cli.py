@@ -668,7 +668,7 @@ def _train_recipe(spec: str, stage: Optional[str], data: Optional[list[Path]], r
         raise _fail(str(e).splitlines()[0], 1) from None
 
 
-#: set by :func:`entry` (the installed ``cadyq`` and ``python -m cadyq_cli``): the process may end without
+#: set by :func:`entry` (the ``cadyq`` program, :mod:`cadyq_cli.program`): the process may end without
 #: tearing down the model of the command that ran, kept here until then
 _FAST_EXIT = False
 _KEPT: list[object] = []
@@ -683,28 +683,18 @@ def _keep_until_exit(model: object) -> None:
         _KEPT.append(model)
 
 
-#: options that take ``upscale``/``bitmap`` off the OpenVINO runtime (no graph to prefetch)
-_AWAY_FROM_OPENVINO = {"--kernels", "--engine", "--arch", "--weights", "--bit-bias", "--target-fab", "--device", "--help"}
-
-
 def main() -> None:
     """Run the command line in this process (it raises ``SystemExit`` with the exit code, as any Typer app)."""
     app()
 
 
 def entry() -> None:
-    """The ``cadyq`` program (console script and ``python -m cadyq_cli``): :func:`main`, then, after ``upscale``
+    """The ``cadyq`` program (:func:`cadyq_cli.program.entry`): :func:`main`, then, after ``upscale``
     or ``bitmap`` on the local engine (whose outputs are written and closed by then), stdout and stderr are
     flushed and the process ends with the command's exit code without the interpreter's teardown
     (``os._exit``: no atexit handlers, nothing freed one object at a time)."""
     global _FAST_EXIT
     _FAST_EXIT = True
-    if len(sys.argv) > 1 and sys.argv[1] in ("upscale", "bitmap") and not _AWAY_FROM_OPENVINO.intersection(sys.argv) \
-            and os.environ.get("CADYQ_KERNELS", "").lower() != "torch":
-        from .runtime.cache import cache_dir
-        from .runtime.prefetch import request_key, start
-
-        start(cache_dir(), request_key(sys.argv))  # the graph the last such run used, imported on another thread
     try:
         main()
     except SystemExit as e:

@@ -58,14 +58,25 @@ def request_key(argv: list[str]) -> str | None:
             positional.append(tok)
     if not positional or not os.path.isfile(positional[0]):
         return None
-    try:
-        from PIL import Image
+    size = _png_size(positional[0])
+    if size is None:
+        try:
+            from PIL import Image
 
-        with Image.open(positional[0]) as im:  # the header only
-            size = im.size
-    except Exception:  # noqa: BLE001 - not an image: the command says so itself
-        return None
+            with Image.open(positional[0]) as im:  # the header only
+                size = im.size
+        except Exception:  # noqa: BLE001 - not an image: the command says so itself
+            return None
     return json.dumps([argv[1], sorted(opts.items()), os.environ.get("CADYQ_FREE_SIZE", ""), list(size)])
+
+
+def _png_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk without importing Pillow (None: not a PNG)."""
+    with suppress(OSError), open(path, "rb") as f:
+        head = f.read(24)
+        if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+            return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    return None
 
 
 def remember(path: Path, config: dict[str, object]) -> None:
