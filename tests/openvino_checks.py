@@ -379,3 +379,18 @@ def test_unsupported_requests_are_one_line_errors() -> None:
         load_openvino_model(scale=2, mode="w8a4")
     with pytest.raises(CadyqError, match="x2, not x4"):
         load_openvino_model(weights=resolve_weights("edsr-baseline", 2).path, scale=4)
+
+
+def test_a_damaged_weights_file_is_refused_at_load(tmp_path: Path) -> None:
+    """The tensors are decoded only when a graph is built, so a truncated or foreign file must be refused when it
+    is read: one line, before any image."""
+    from cadyq_cli.errors import CadyqError
+
+    blob = resolve_weights("edsr-baseline", 2).path.read_bytes()
+    for name, data in (("cut", blob[:-64]), ("text", b"not weights"), ("padded", blob + b"\0" * 8)):
+        (tmp_path / f"{name}.safetensors").write_bytes(data)
+        with pytest.raises(CadyqError, match="not a safetensors file"):
+            load_openvino_model(weights=tmp_path / f"{name}.safetensors", scale=2)
+    wts = read_edsr(resolve_weights("edsr-baseline", 2).path)
+    assert wts.sd._data is None and wts.n_blocks == 16 and wts.n_feats == 64  # type: ignore[attr-defined]
+    assert wts.sd["head.0.weight"].dtype == np.float32 and wts.sd._data is not None  # type: ignore[attr-defined]

@@ -34,6 +34,7 @@ CHECKS = [
     "test_bits_only_graph_gives_the_full_graphs_report",
     "test_an_unwritable_cache_is_no_cache",
     "test_unsupported_requests_are_one_line_errors",
+    "test_a_damaged_weights_file_is_refused_at_load",
 ]
 
 

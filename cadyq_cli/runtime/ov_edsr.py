@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,7 @@ def _qmax(bits: int, signed: bool) -> int:
     return 2 ** (bits - 1) - 1 if signed else 2**bits - 1
 
 
-def edsr_blocks(sd: dict[str, np.ndarray]) -> int:
+def edsr_blocks(sd: Mapping[str, np.ndarray]) -> int:
     """Number of residual blocks of an EDSR state dict."""
     n = 0
     while f"body.{n}.body.0.weight" in sd:
@@ -66,11 +67,48 @@ def edsr_blocks(sd: dict[str, np.ndarray]) -> int:
     return n
 
 
+class _Tensors(Mapping[str, np.ndarray]):
+    """The tensors of a safetensors file's bytes, decoded (as contiguous float32) on first access; the names and
+    shapes come from its header. A process that imports a cached compiled graph never decodes them."""
+
+    def __init__(self, blob: bytes, header: dict[str, dict]) -> None:
+        self._blob, self._shapes = blob, {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        self._data: dict[str, np.ndarray] | None = None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of tensor ``key`` (without decoding)."""
+        return self._shapes[key]
+
+    def _all(self) -> dict[str, np.ndarray]:
+        if self._data is None:
+            from safetensors.numpy import load
+
+            self._data = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in load(self._blob).items()}
+            self._blob = b""
+        return self._data
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._all()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._shapes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+
+def _shape(sd: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:
+    return sd.shape(key) if isinstance(sd, _Tensors) else tuple(sd[key].shape)
+
+
 @dataclass
 class EdsrWeights:
-    """An EDSR-baseline CADyQ checkpoint as numpy arrays."""
+    """An EDSR-baseline CADyQ checkpoint as numpy arrays (``sd``: name -> float32 array)."""
 
-    sd: dict[str, np.ndarray]
+    sd: Mapping[str, np.ndarray]
     scale: int
     act_grid: str = "signed"
     skip: str = "official"
@@ -80,27 +118,33 @@ class EdsrWeights:
 
     def __post_init__(self) -> None:
         self.n_blocks = edsr_blocks(self.sd)
-        self.n_feats = int(self.sd["head.0.weight"].shape[0])
+        self.n_feats = int(_shape(self.sd, "head.0.weight")[0])
 
 
 def read_edsr(path: str | Path) -> EdsrWeights:
-    """Read one of our EDSR-baseline safetensors files (metadata ``arch``, ``scale``, ``act_grid``, ``skip``).
+    """Read one of our EDSR-baseline safetensors files (metadata ``arch``, ``scale``, ``act_grid``, ``skip``); the
+    tensors are decoded when a graph is built from them.
 
     Raises:
         ValueError: not an EDSR-baseline CADyQ safetensors file.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     blob = path.read_bytes()
-    with safe_open(str(path), framework="np") as f:
-        meta = dict(f.metadata() or {})
-        sd = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        n = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8 : 8 + n])
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        if 8 + n + max(ends, default=0) != len(blob):  # a truncated (or padded) file
+            raise ValueError
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError):
+        raise ValueError(f"{path}: not a safetensors file (or a truncated one)") from None
+    meta = dict(header.get("__metadata__") or {})
+    sd = _Tensors(blob, header)
     if meta.get("arch", "edsr_baseline") != "edsr_baseline" or "body.0.bitsel1.net_small.0.weight" not in sd:
         raise ValueError(f"{path}: the OpenVINO runtime runs EDSR-baseline CADyQ weights only")
-    scale = int(meta["scale"]) if meta.get("scale", "").isdigit() else (
-        3 if sd["tail.0.0.weight"].shape[0] == 9 * sd["tail.0.0.weight"].shape[1] else 4 if "tail.0.2.weight" in sd else 2)
-    sd = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sd.items()}
+    t0 = sd.shape("tail.0.0.weight") if "tail.0.0.weight" in sd else (0, 0)
+    scale = int(meta["scale"]) if str(meta.get("scale", "")).isdigit() else (
+        3 if t0[0] == 9 * t0[1] else 4 if "tail.0.2.weight" in sd else 2)
     return EdsrWeights(sd, scale, meta.get("act_grid", "signed"), meta.get("skip", "official"),
                        hashlib.sha256(blob).hexdigest())
 
