@@ -30,6 +30,11 @@ def _prefetch(argv: list[str]) -> None:
 def entry() -> None:
     """Run ``cadyq`` with ``sys.argv``."""
     _prefetch(sys.argv)
-    from .cli import entry as run
+    try:
+        from .cli import entry as run
 
-    run()
+        run()
+    finally:  # the process ends normally (it did not end itself): no prefetch may still be inside OpenVINO
+        prefetch = sys.modules.get("cadyq_cli.runtime.prefetch")
+        if prefetch is not None:
+            prefetch.settle()

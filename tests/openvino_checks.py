@@ -206,6 +206,27 @@ def test_the_last_graph_is_prefetched_and_a_wrong_guess_dropped(cache: Path, mon
     assert not prefetch.start(cache / "openvino", "a request") and not prefetch._pending
     monkeypatch.setenv("CADYQ_PREFETCH", "0")
     assert not prefetch.start(cache / "openvino", "a request")
+    prefetch.settle()
+    assert not prefetch._threads
+
+
+def test_a_command_that_fails_while_its_prefetch_runs_exits_cleanly(tmp_path: Path) -> None:
+    """A usage error found right after the program started its prefetch: the process waits for the import
+    before Python shuts down (it crashed with exit 139 when OpenVINO was still importing on the other thread)."""
+    from PIL import Image
+
+    src = tmp_path / "in.png"
+    Image.fromarray(_image(120, 140, seed=7).astype(np.uint8)).save(src)  # regions cut it: a ~3,000-node graph
+    args = ["upscale", str(src), "--scale", "2", "--threads", "1", "-q", "--overwrite"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for _ in range(2):  # the second run leaves a marker for this request with the size's own graph
+        res = subprocess.run([sys.executable, "-m", "cadyq_cli", *args[:2], str(tmp_path / "out.png"), *args[2:]],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr
+    for _ in range(6):  # without the wait, 3 of 8 such runs crashed
+        res = subprocess.run([sys.executable, "-m", "cadyq_cli", *args[:2], str(tmp_path / "out.xyz"), *args[2:]],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 2 and "unknown extension" in res.stderr, (res.returncode, res.stderr[-2000:])
 
 
 def test_a_prefetch_is_keyed_by_what_decides_the_graph(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import threading
 from contextlib import suppress
 from pathlib import Path
 
-__all__ = ["MARKER", "enabled", "request_key", "remember", "start", "take"]
+__all__ = ["MARKER", "enabled", "request_key", "remember", "settle", "start", "take"]
 
 #: file in the compiled-graph cache naming the last body graph prepared, its compile settings and the request
 #: (:func:`request_key`) that prepared it
@@ -29,6 +29,7 @@ FLAGS = ("--overwrite", "--skip-existing", "--recursive", "--quiet", "-q", "--de
 
 _lock = threading.Lock()
 _key: str | None = None  # this process's request (set by start), recorded by remember
+_threads: list[threading.Thread] = []  # every prefetch thread started, until settle() has joined it
 _pending: dict[str, object] = {}  # "path", "config", "thread" and "holder" (its "result") of this process's prefetch
 
 
@@ -126,8 +127,19 @@ def start(folder: Path | None, key: str | None) -> bool:
 
     thread = threading.Thread(target=run, name="cadyq-prefetch", daemon=True)
     _pending.update(path=path, config=config, thread=thread, holder=holder)
+    _threads.append(thread)
     thread.start()
     return True
+
+
+def settle() -> None:
+    """Wait for any prefetch still importing and drop what it made. Call it before the interpreter shuts down
+    normally: a thread still inside OpenVINO while Python finalizes crashed the process (exit 139, measured on a
+    usage error right after start); ``os._exit`` needs no settling."""
+    with _lock:
+        _pending.clear()
+        while _threads:
+            _threads.pop().join()
 
 
 def take(path: Path, config: dict[str, object]) -> object | None:
