@@ -4,7 +4,7 @@ Usage:
     python -m cadyq_cli.train.export runs/edsr_x4_cadyq/last.pt --name edsr-baseline-x4 \
         --run runs/edsr_x4_fp --run runs/edsr_x4_pams --run runs/edsr_x4_cadyq \
         [--eval eval_x4.json] [--data "T91 + BSD200 + BSDS500test (../shared/data/train), 10 held out"]
-    python -m cadyq_cli.train.export runs/edsr_x4_fp5/last.pt --name edsr-baseline-x4-fp --backbone
+    python -m cadyq_cli.train.export runs/edsr_x4_fp7/last.pt --name edsr-baseline-x4-fp3 --backbone
 
 The manifest (``weights/manifest.json``) records per model: arch, scale, parameters, the
 stages with steps and minutes (read from each run's last checkpoint), data, seed, sha256 and
