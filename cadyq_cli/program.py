@@ -17,20 +17,25 @@ AWAY_FROM_OPENVINO = {"--kernels", "--engine", "--arch", "--weights", "--bit-bia
 
 
 def _prefetch(argv: list[str]) -> None:
-    """Start the prefetch of ``argv``'s graph where it may run on the OpenVINO runtime."""
-    if len(argv) < 2 or argv[1] not in ("upscale", "bitmap") or AWAY_FROM_OPENVINO.intersection(argv) \
+    """Start the prefetch of ``argv``'s graph where it may run on the OpenVINO runtime (never an error: an
+    environment whose OpenVINO does not import just runs without it)."""
+    names = {tok.partition("=")[0] for tok in argv}
+    if len(argv) < 2 or argv[1] not in ("upscale", "bitmap") or AWAY_FROM_OPENVINO & names \
             or os.environ.get("CADYQ_KERNELS", "").lower() == "torch":
         return
-    from .runtime.cache import cache_dir
-    from .runtime.prefetch import request_key, start
+    try:
+        from .runtime.cache import cache_dir
+        from .runtime.prefetch import request_key, start
 
-    start(cache_dir(), request_key(argv))
+        start(cache_dir(), request_key(argv))
+    except Exception:  # noqa: BLE001 - an optimization only
+        return
 
 
 def entry() -> None:
     """Run ``cadyq`` with ``sys.argv``."""
-    _prefetch(sys.argv)
     try:
+        _prefetch(sys.argv)
         from .cli import entry as run
 
         run()

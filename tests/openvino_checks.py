@@ -180,11 +180,24 @@ def test_later_models_import_the_exported_graphs(cache: Path) -> None:
     assert blob.is_file() and blob.parent.parent == cache and not blob.with_suffix(".seen").exists()
 
 
-def test_the_last_graph_is_prefetched_and_a_wrong_guess_dropped(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture()
+def fresh_prefetch() -> object:
+    """The prefetch module with no request, no pending import; settled and reset afterwards."""
+    from cadyq_cli.runtime import prefetch
+
+    prefetch.settle()
+    prefetch._key, prefetch._remembered = None, False
+    yield prefetch
+    prefetch.settle()
+    prefetch._key, prefetch._remembered = None, False
+
+
+def test_the_last_graph_is_prefetched_and_a_wrong_guess_dropped(cache: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               fresh_prefetch: object) -> None:
     """The cache's marker names the body graph prepared last; a process that starts importing it on another
     thread (runtime/prefetch.py) hands it to the engine when that is the graph the image needs, else drops it;
     the output is the same bytes either way. A damaged marker, or CADYQ_PREFETCH=0, prefetches nothing."""
-    from cadyq_cli.runtime import prefetch
+    prefetch = fresh_prefetch
 
     img, other = _image(44, 61, seed=5), _image(40, 56, seed=6)  # sizes no other check runs
     cfg = TilingConfig(region=24)
@@ -208,6 +221,22 @@ def test_the_last_graph_is_prefetched_and_a_wrong_guess_dropped(cache: Path, mon
     assert not prefetch.start(cache / "openvino", "a request")
     prefetch.settle()
     assert not prefetch._threads
+
+
+def test_an_image_of_several_tiles_prefetches_its_first_graph(cache: Path, fresh_prefetch: object) -> None:
+    """The marker names the first body graph of a run (the one a rerun asks for first), not the last tile's."""
+    prefetch = fresh_prefetch
+    img = _image(40, 900, seed=8)
+    cfg = TilingConfig(region=24)  # three 384 px tiles across, each of its own geometry
+    hows = []
+    for _ in range(4):
+        prefetch.start(cache / "openvino", "tiles")
+        m = load_openvino_model(scale=2)
+        out = m.upscale_array(img, cfg)[0]
+        hows.append(list(m.prepare_log.values()))
+        assert not prefetch._pending
+    assert len(hows[-1]) > 2 and hows[-1][0][1] == "prefetched"  # the first graph of the last run was the guess
+    assert out is not None
 
 
 def test_a_command_that_fails_while_its_prefetch_runs_exits_cleanly(tmp_path: Path) -> None:
@@ -246,6 +275,9 @@ def test_a_prefetch_is_keyed_by_what_decides_the_graph(tmp_path: Path) -> None:
     assert request_key(["cadyq", "upscale", a, "out.png", "--scale", "2", "--fp-layers", "bf16"]) != key
     assert request_key(["cadyq", "upscale", str(tmp_path), "out"]) is None  # a folder
     assert request_key(["cadyq", "upscale", "-", "out.png"]) is None  # stdin
+    assert request_key(["cadyq", "upscale", "-r", a, "o.png", "--scale", "2"]) == key  # flags take no value
+    assert request_key(["cadyq", "upscale", "-qr", "--scale", "2", "--", a, "o.png"]) == key
+    assert request_key(["cadyq", "upscale", str(tmp_path / "missing.png"), "o.png"]) is None
 
 
 @pytest.mark.parametrize("size, region, mode, int8, layout", [
@@ -408,7 +440,9 @@ def test_a_damaged_weights_file_is_refused_at_load(tmp_path: Path) -> None:
     from cadyq_cli.errors import CadyqError
 
     blob = resolve_weights("edsr-baseline", 2).path.read_bytes()
-    for name, data in (("cut", blob[:-64]), ("text", b"not weights"), ("padded", blob + b"\0" * 8)):
+    f16 = blob.replace(b'"dtype":"F32"', b'"dtype":"F16"', 1)  # a header that does not describe the bytes
+    assert f16 != blob
+    for name, data in (("cut", blob[:-64]), ("text", b"not weights"), ("padded", blob + b"\0" * 8), ("f16", f16)):
         (tmp_path / f"{name}.safetensors").write_bytes(data)
         with pytest.raises(CadyqError, match="not a safetensors file"):
             load_openvino_model(weights=tmp_path / f"{name}.safetensors", scale=2)

@@ -426,10 +426,12 @@ def test_multi_scale_carn_trains_every_scale_and_resumes_exactly(data_dir: Path,
         train_stage(_cfg(data_dir, tmp_path / "stopped", scales=[2, 4], **kw))
 
 
-@pytest.mark.parametrize("arch, scales, why", [("edsr_baseline", [2, 4], "multi-scale models"),
-                                               ("carn", [2, 3], "including --scale 4"),
-                                               ("carn", [2, 2, 4], "distinct")])
-def test_scales_refused_in_one_line(data_dir: Path, tmp_path: Path, arch: str, scales: list[int], why: str) -> None:
+@pytest.mark.parametrize("arch, scales, why, stage", [("edsr_baseline", [2, 4], "multi-scale models", "fp"),
+                                                      ("carn", [2, 3], "including --scale 4", "fp"),
+                                                      ("carn", [2, 2, 4], "distinct", "fp"),
+                                                      ("carn", [2, 3, 4], "trains one --scale", "pams")])
+def test_scales_refused_in_one_line(data_dir: Path, tmp_path: Path, arch: str, scales: list[int], why: str,
+                                    stage: str) -> None:
     with pytest.raises(SystemExit, match=why):
-        train_stage(_cfg(data_dir, tmp_path / "r", arch=arch, scale=4, scales=scales, lr_patch=12))
+        train_stage(_cfg(data_dir, tmp_path / "r", arch=arch, scale=4, scales=scales, lr_patch=12, stage=stage))
     assert not (tmp_path / "r").exists()

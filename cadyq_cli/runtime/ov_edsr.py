@@ -72,20 +72,24 @@ class _Tensors(Mapping[str, np.ndarray]):
     shapes come from its header. A process that imports a cached compiled graph never decodes them."""
 
     def __init__(self, blob: bytes, header: dict[str, dict]) -> None:
+        import threading
+
         self._blob, self._shapes = blob, {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
         self._data: dict[str, np.ndarray] | None = None
+        self._lock = threading.Lock()
 
     def shape(self, key: str) -> tuple[int, ...]:
         """Shape of tensor ``key`` (without decoding)."""
         return self._shapes[key]
 
     def _all(self) -> dict[str, np.ndarray]:
-        if self._data is None:
-            from safetensors.numpy import load
+        with self._lock:
+            if self._data is None:
+                from safetensors.numpy import load
 
-            self._data = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in load(self._blob).items()}
-            self._blob = b""
-        return self._data
+                self._data = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in load(self._blob).items()}
+                self._blob = b""
+            return self._data
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self._all()[key]
@@ -98,6 +102,10 @@ class _Tensors(Mapping[str, np.ndarray]):
 
     def __len__(self) -> int:
         return len(self._shapes)
+
+
+#: bytes per element of the safetensors dtypes the runtime reads (decoded to float32)
+_ITEMSIZE = {"F32": 4, "F16": 2, "F64": 8}
 
 
 def _shape(sd: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:
@@ -133,9 +141,17 @@ def read_edsr(path: str | Path) -> EdsrWeights:
     try:
         n = int.from_bytes(blob[:8], "little")
         header = json.loads(blob[8 : 8 + n])
-        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-        if 8 + n + max(ends, default=0) != len(blob):  # a truncated (or padded) file
-            raise ValueError
+        spans = []
+        for k, v in header.items():
+            if k == "__metadata__":
+                continue
+            start, end = (int(o) for o in v["data_offsets"])
+            if end - start != _ITEMSIZE[v["dtype"]] * int(np.prod(v["shape"], dtype=np.int64)):
+                raise ValueError
+            spans.append((start, end))
+        spans.sort()
+        if any(a[1] > b[0] for a, b in zip(spans, spans[1:])) or 8 + n + (spans[-1][1] if spans else 0) != len(blob):
+            raise ValueError  # overlapping tensors, or a truncated (or padded) file
     except (ValueError, TypeError, KeyError, AttributeError, IndexError):
         raise ValueError(f"{path}: not a safetensors file (or a truncated one)") from None
     meta = dict(header.get("__metadata__") or {})

@@ -25,10 +25,11 @@ __all__ = ["MARKER", "enabled", "request_key", "remember", "settle", "start", "t
 MARKER = "last-graph.json"
 #: options of ``upscale``/``bitmap`` that decide which graph an image runs on, and the flags (no value)
 GRAPH_OPTIONS = ("--model", "--scale", "--mode", "--tiling", "--tile", "--overlap", "--region", "--threads", "--fp-layers")
-FLAGS = ("--overwrite", "--skip-existing", "--recursive", "--quiet", "-q", "--debug")
+FLAGS = ("--overwrite", "--skip-existing", "--recursive", "-r", "--quiet", "-q", "--debug")
 
 _lock = threading.Lock()
 _key: str | None = None  # this process's request (set by start), recorded by remember
+_remembered = False  # the first body graph of the process is the one recorded: the one a rerun asks for first
 _threads: list[threading.Thread] = []  # every prefetch thread started, until settle() has joined it
 _pending: dict[str, object] = {}  # "path", "config", "thread" and "holder" (its "result") of this process's prefetch
 
@@ -49,8 +50,14 @@ def request_key(argv: list[str]) -> str | None:
     positional: list[str] = []
     it = iter(argv[2:])
     for tok in it:
-        if tok.startswith("-") and tok != "-":
+        if tok == "--":
+            positional += list(it)
+        elif tok.startswith("-") and tok != "-":
             name, eq, value = tok.partition("=")
+            if not name.startswith("--") and len(name) > 2:  # bundled short flags (-qr)
+                if any(f"-{c}" not in FLAGS for c in name[1:]):
+                    return None
+                continue
             if not eq and name not in FLAGS:
                 value = next(it, "")
             if name in GRAPH_OPTIONS:
@@ -62,10 +69,14 @@ def request_key(argv: list[str]) -> str | None:
     size = _png_size(positional[0])
     if size is None:
         try:
+            import warnings
+
             from PIL import Image
 
-            with Image.open(positional[0]) as im:  # the header only
-                size = im.size
+            with warnings.catch_warnings():  # e.g. a decompression-bomb warning: the command reports what matters
+                warnings.simplefilter("ignore")
+                with Image.open(positional[0]) as im:  # the header only
+                    size = im.size
         except Exception:  # noqa: BLE001 - not an image: the command says so itself
             return None
     return json.dumps([argv[1], sorted(opts.items()), os.environ.get("CADYQ_FREE_SIZE", ""), list(size)])
@@ -82,10 +93,14 @@ def _png_size(path: str) -> tuple[int, int] | None:
 
 def remember(path: Path, config: dict[str, object]) -> None:
     """Name ``path`` (a compiled graph in the cache folder) and its settings as the one to prefetch next time for
-    this process's request (nothing without one: a library call); written atomically, and only when it changes.
+    this process's request (nothing without one: a library call). Only the process's first body graph counts: it
+    is the one the same request asks for first (:func:`take`), whatever other tiles need later. Written
+    atomically, and only when it changes.
     A cache that cannot be written is no cache: nothing raised."""
-    if _key is None:
+    global _remembered
+    if _key is None or _remembered:
         return
+    _remembered = True
     mark = path.parent / MARKER
     text = json.dumps({"key": _key, "blob": path.name, "config": config}, sort_keys=True)
     with suppress(OSError, ValueError, TypeError):
@@ -102,10 +117,10 @@ def remember(path: Path, config: dict[str, object]) -> None:
 def start(folder: Path | None, key: str | None) -> bool:
     """Record ``key`` (:func:`request_key`) as this process's request and, when ``folder``'s marker names a graph
     prepared for the same request, begin importing it on a daemon thread; True when one started."""
-    global _key
+    global _key, _remembered
     if folder is None or key is None or not enabled() or _pending:
         return False
-    _key = key
+    _key, _remembered = key, False
     try:
         mark = json.loads((folder / MARKER).read_text())
         if mark["key"] != key:
@@ -138,8 +153,13 @@ def settle() -> None:
     usage error right after start); ``os._exit`` needs no settling."""
     with _lock:
         _pending.clear()
-        while _threads:
-            _threads.pop().join()
+        for thread in list(_threads):
+            while thread.is_alive():
+                try:
+                    thread.join()
+                except KeyboardInterrupt:  # at most the rest of one import (~0.25 s): never leave it running
+                    continue
+        _threads.clear()
 
 
 def take(path: Path, config: dict[str, object]) -> object | None:

@@ -71,6 +71,8 @@ def check_config(cfg: TrainConfig) -> None:
             raise SystemExit(f"--{k.replace('_', '-')} must be at least 1, not {getattr(cfg, k)}")
     if not 0.0 <= cfg.ema < 1.0:
         raise SystemExit(f"--ema must be a decay in [0, 1) (e.g. 0.999; 0: off), not {cfg.ema}")
+    if cfg.scales and cfg.stage != "fp":  # a teacher (and calibration) for every scale: not built yet
+        raise SystemExit(f"--scales trains the fp stage of a multi-scale model; {cfg.stage} trains one --scale")
     if cfg.scales:
         from ..errors import CadyqError
         from ..models import get_arch
