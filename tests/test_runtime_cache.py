@@ -37,3 +37,16 @@ def test_cap_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cache_max_bytes() == 0
     monkeypatch.setenv("CADYQ_CACHE_MAX_MB", "lots")
     assert cache_max_bytes() == CACHE_MAX_BYTES
+
+
+def test_trim_deletes_what_killed_writers_left(tmp_path: Path) -> None:
+    """A blob or marker write killed half-way leaves ``<name>.<pid>.tmp``: gone once it is an hour old; a
+    write in progress (a fresh temporary file) is left alone."""
+    import time
+
+    stale, fresh = tmp_path / "g.blob.123.tmp", tmp_path / "last-graph.json.456.tmp"
+    stale.write_bytes(b"half a graph")
+    fresh.write_bytes(b"{")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    trim_cache(tmp_path, 0)
+    assert not stale.exists() and fresh.exists()

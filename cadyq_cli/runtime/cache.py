@@ -8,12 +8,14 @@ import os
 from contextlib import suppress
 from pathlib import Path
 
-__all__ = ["CACHE_MAX_BYTES", "MAX_SEEN", "cache_base", "cache_dir", "cache_max_bytes", "trim_cache"]
+__all__ = ["CACHE_MAX_BYTES", "MAX_SEEN", "STALE_TMP_S", "cache_base", "cache_dir", "cache_max_bytes", "trim_cache"]
 
 #: markers of tile geometries seen once kept in the cache folder (see OVModel.body_kind)
 MAX_SEEN = 4096
 #: default size cap of the compiled-graph cache (see cache_max_bytes)
 CACHE_MAX_BYTES = 2 << 30
+#: a temporary file (``<name>.<pid>.tmp``) older than this is a leftover of a killed process (see trim_cache)
+STALE_TMP_S = 3600
 
 
 def cache_base() -> Path | None:
@@ -46,7 +48,14 @@ def trim_cache(folder: Path, max_bytes: int, keep: Path | None = None) -> None:
     """Delete the least recently used ``*.blob`` files of ``folder`` until they take at most ``max_bytes``
     (0: no cap); ``keep`` is never deleted. A tile geometry that recurs gets its own compiled graph (5-17 MB),
     so a folder of images of many sizes would otherwise fill the disk. Markers of geometries seen once
-    (``*.seen``, empty) are kept for the MAX_SEEN most recent."""
+    (``*.seen``, empty) are kept for the MAX_SEEN most recent; temporary files of writes that a killed
+    process left (``*.tmp`` older than STALE_TMP_S) are deleted."""
+    import time
+
+    for f in folder.glob("*.tmp"):
+        with suppress(OSError):
+            if time.time() - f.stat().st_mtime > STALE_TMP_S:
+                f.unlink()
     marks = []
     for f in folder.glob("*.seen"):
         with suppress(OSError):
