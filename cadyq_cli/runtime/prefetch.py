@@ -2,9 +2,10 @@
 
 Importing a cached compiled graph takes ~0.25 s (about 3,000 compiled nodes), and the program needs
 ~0.3 s of Python start-up (imports, options, the model's file, the image) before it knows which graph
-an image needs. ``import_model`` releases the GIL, so :func:`start` (called by ``cli.entry`` for
-``upscale`` and ``bitmap``) imports the graph named by the cache's marker file (:data:`MARKER`, written
-by :func:`remember` whenever a body graph is prepared) on a second thread meanwhile, when the marker was
+an image needs. ``import_model`` releases the GIL, so :func:`start` (called by :mod:`cadyq_cli.program` for
+``upscale`` and ``bitmap``, before the command line's own imports) imports the graph named by the cache's
+marker file (:data:`MARKER`, written by :func:`remember`: the first body graph a run prepared) on a second
+thread meanwhile, when the marker was
 left by the same request (:func:`request_key`: command, graph options, image size). :func:`take` hands it
 to the engine when the engine asks for that very file with that very configuration, and drops it
 otherwise: the blob's bytes and the compile settings are the same either way, so is the output.
