@@ -135,6 +135,12 @@ PngLevelOpt = Annotated[Optional[int], typer.Option("--png-level", min=0, max=9,
                         "(default 4: 2-3x faster to write than 6 for files 2% larger; 9: smallest)")]
 
 
+def _png_kw(png_level: int | None) -> dict[str, int]:
+    """``--png-level`` as keyword arguments of the batch layer: none when not given (the writer's default,
+    io.PNG_LEVEL, which this module does not import at start-up)."""
+    return {} if png_level is None else {"png_level": png_level}
+
+
 def _openvino_serves(model: str | None, weights: Path | None, arch: str | None, scale: int, mode: str, device: str,
                      fp_layers: str, bit_bias: float, target_fab: float | None) -> bool:
     """Whether ``--kernels auto`` runs this upscale on the OpenVINO runtime: a shipped EDSR-baseline model in
@@ -300,7 +306,7 @@ def upscale(
     if target_fab is not None and (bit_bias or mode != Mode.dynamic or not 4.0 <= target_fab <= 8.0):
         raise _fail("--target-fab takes a FAB between 4 and 8, in --mode dynamic, without --bit-bias")
     cfg = TilingConfig(tiling=tiling.value, tile=tile, overlap=overlap, region=region)
-    png = {} if png_level is None else {"png_level": png_level}  # else the writer's default (io.PNG_LEVEL)
+    png = _png_kw(png_level)
     try:  # everything that can be refused is refused before the model loads
         cfg.validate(quantized=mode != Mode.fp32)
         input, output = local_path(input), None if output is None else local_path(output)  # file:// URIs
@@ -438,9 +444,8 @@ def bitmap(
         if layer is not None and not 0 <= layer < net.n_selectors:
             raise CadyqError(f"--layer must be between 0 and {net.n_selectors - 1} for {net.arch}")
         with stop_on_signals():
-            png = {} if png_level is None else {"png_level": png_level}  # else the writer's default (io.PNG_LEVEL)
-        out = next(bitmap_jobs(net, [job], cfg, layer=layer, overwrite=overwrite, max_pixels=max_pixels or None,
-                                   raise_errors=True, **png))
+            out = next(bitmap_jobs(net, [job], cfg, layer=layer, overwrite=overwrite, max_pixels=max_pixels or None,
+                                   raise_errors=True, **_png_kw(png_level)))
     except (CadyqError, ValueError, OSError) as e:
         if debug:
             raise

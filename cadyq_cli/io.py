@@ -51,7 +51,9 @@ DEFAULT_MAX_PIXELS = 64_000_000
 PNG_LEVEL = 4
 """Default zlib level of PNG outputs (0-9; Pillow's own default is 6). Measured on a 1280x960 x4 output (Pillow 13
 with zlib-ng): level 4 encodes 2.3-2.9x faster than 6 (0.13 s against 0.38 s, a fifth of a whole ``cadyq upscale``
-process of a 320x240 image) for a file 2 % larger; 9 is 4x slower than 6 for 2.4 % smaller."""
+process of a 320x240 image) for a file 2 % larger; 9 is 4x slower than 6 for 2.4 % smaller
+(``python bench/startup.py png OUT.png``)."""
+
 
 def check_png_level(level: int) -> int:
     """``level`` as a zlib level of PNG output; ValueError outside 0..9."""
@@ -708,7 +710,7 @@ def encode_image(
         raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
     if not 1 <= int(quality) <= 100:
         raise ValueError(f"quality must be in 1..100, got {quality}")
-    check_png_level(png_level)
+    png_level = check_png_level(png_level)
     rgb = np.asarray(rgb)
     if gray and rgb.ndim == 2:
         rgb = rgb[:, :, None]
@@ -725,7 +727,7 @@ def encode_image(
         colour = colour.mean(axis=2, keepdims=True, dtype=np.float32)
     warnings: list[str] = []
     try:
-        data = _encode(fmt, colour, alpha, bit_depth, icc_profile, exif, int(quality), warnings, int(png_level))
+        data = _encode(fmt, colour, alpha, bit_depth, icc_profile, exif, int(quality), warnings, png_level)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ImageWriteError(f"cannot write {path}: {fmt} encoding failed ({_describe_exc(exc)})") from exc
     return data, warnings

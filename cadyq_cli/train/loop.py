@@ -131,9 +131,7 @@ def _train_step(cfg: TrainConfig, step: int, model: SRModel, teacher: SRModel | 
             g["lr"] = lr_now
     scales = list(data)
     s = scales[step % len(scales)]
-    model.scale = s
-    if teacher is not None:
-        teacher.scale = s
+    model.scale = s  # a teacher (pams/cadyq) trains one scale only (config.check_config)
     x, y = data[s].sample(np_rng, cfg.batch, cfg.lr_patch)
     x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
     if taps is not None:
@@ -271,8 +269,6 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
         if taps is not None:
             taps.remove()
         model.scale = cfg.scale
-        if teacher is not None:
-            teacher.scale = cfg.scale
         now = elapsed + time.time() - start
         _save(ckpt, model, opt, step, cfg, np_rng, now, ema)
         logf.close()
