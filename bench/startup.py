@@ -1,0 +1,101 @@
+"""What the start-up and exit work of the `cadyq` program saves, and what the PNG zlib level costs.
+
+    python bench/startup.py process IN.png [--runs 7] [--threads 2]
+        Whole `cadyq upscale IN.png` processes, interleaved, medians (after two warm-up rounds that fill
+        the compiled-graph cache and the prefetch marker):
+        (a) `python -m cadyq_cli` (the program: prefetch of the last graph, exit without teardown),
+        (b) the same with CADYQ_PREFETCH=0 (exit without teardown only),
+        (c) `cli.main()` called by a plain script (neither: the interpreter's normal teardown).
+        Prints seconds and ratios to (c).
+
+    python bench/startup.py png IMAGE.png [--runs 3]
+        Pillow's encode time and file size of IMAGE (e.g. an x4 output) at zlib levels 1, 3, 4, 6 and 9,
+        medians, as io.write_image writes 8-bit PNGs; sizes relative to level 6 (Pillow's default).
+
+Run with nothing else on the machine: only ratios measured in one run mean anything.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _timing import interleaved  # noqa: E402
+
+
+def process(args: argparse.Namespace) -> None:
+    """Whole processes of the three variants, interleaved."""
+    py = sys.executable
+    out = Path(tempfile.mkdtemp(prefix="cadyq_startup_"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    opts = ["--overwrite", "-q", "--threads", str(args.threads)]
+    plain = "import sys; from cadyq_cli.cli import main; sys.argv[0] = 'cadyq'; main()"
+    cmds = {
+        "program": ([py, "-m", "cadyq_cli", "upscale", args.input, str(out / "a.png"), *opts], {}),
+        "no_prefetch": ([py, "-m", "cadyq_cli", "upscale", args.input, str(out / "b.png"), *opts], {"CADYQ_PREFETCH": "0"}),
+        "plain_main": ([py, "-c", plain, "upscale", args.input, str(out / "c.png"), *opts], {}),
+    }
+
+    def runner(cmd: list[str], extra: dict[str, str]):  # noqa: ANN202
+        def run() -> None:
+            res = subprocess.run(cmd, env={**env, **extra}, capture_output=True, text=True)
+            if res.returncode:
+                raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
+        return run
+
+    fns = {k: runner(*v) for k, v in cmds.items()}
+    interleaved(fns, 2)
+    times, med = interleaved(fns, args.runs)
+    base = med["plain_main"]
+    print(f"{Path(args.input).name}, whole `cadyq upscale` processes, median of {args.runs} (interleaved):")
+    for k, v in med.items():
+        print(f"  {k:12s} {v:6.3f} s  ({min(times[k]):.3f}-{max(times[k]):.3f})  {v / base:5.2f}x plain_main")
+
+
+def png(args: argparse.Namespace) -> None:
+    """Encode time and size per zlib level."""
+    from PIL import Image
+
+    im = Image.open(args.input)
+    im.load()
+    rows = {}
+    for level in (1, 3, 4, 6, 9):
+        ts = []
+        for _ in range(args.runs):
+            buf = io.BytesIO()
+            t = time.perf_counter()
+            im.save(buf, "PNG", compress_level=level)
+            ts.append(time.perf_counter() - t)
+        rows[level] = (statistics.median(ts), len(buf.getvalue()))
+    print(f"{Path(args.input).name} {im.size[0]}x{im.size[1]}, Pillow PNG encode, median of {args.runs}:")
+    for level, (t, size) in rows.items():
+        print(f"  level {level}: {t:6.3f} s  {size:>10,d} bytes  {100 * (size / rows[6][1] - 1):+5.1f} % vs level 6")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("process")
+    a.add_argument("input")
+    a.add_argument("--runs", type=int, default=7)
+    a.add_argument("--threads", type=int, default=2)
+    a.set_defaults(fn=process)
+    b = sub.add_parser("png")
+    b.add_argument("input")
+    b.add_argument("--runs", type=int, default=3)
+    b.set_defaults(fn=png)
+    args = p.parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
