@@ -4,14 +4,15 @@
         Whole processes (read PNG, upscale, write PNG), interleaved, medians of --runs after two
         warm-up rounds each (they fill the compiled-graph cache: an image size seen twice gets its own graph):
         (a) OpenVINO FP32 plain EDSR-baseline of the same weights (bench/peer_openvino_fp32.py), its PNG
-        written at Pillow's default zlib level 6, and (a4) the same at level 4 (cadyq's default),
+        written at Pillow's default zlib level 6, and (a4) the same at level 4 (cadyq's default) with one OpenBLAS
+        thread (OPENBLAS_NUM_THREADS=1, as the `cadyq` program sets for itself: numpy's pool spins at import),
         (b) `cadyq upscale` (default: the OpenVINO runtime for a shipped EDSR-baseline model; PNG level 4),
         (b6) `cadyq upscale --png-level 6` (the peer's encoder settings),
         (c) `CADYQ_KERNELS=torch cadyq upscale` (the PyTorch engine, int8 kernels),
         (e) `cadyq upscale --fp-layers bf16` (the default engine with a bf16 upsampling tail),
         (d) ONNX Runtime FP32 plain EDSR-baseline of the same weights (bench/peer_onnxruntime_fp32.py,
         PNG level 6; when onnxruntime + onnx import: `pip install cadyq[bench]`).
-        Prints seconds and ratios to (a), and (b) to (a4): the same network work and the same encoder.
+        Prints seconds and ratios to (a), and (b) to (a4): the same network work, encoder and BLAS setting.
 
     python bench/peers.py sizes IN.png [--count 6] [--runs 3]
         `cadyq upscale FOLDER` on a folder of --count crops of IN.png of distinct sizes (up to 320x240), each
@@ -71,8 +72,8 @@ def compare(args: argparse.Namespace) -> None:
     for inp in args.inputs:
         cmds = {
             "openvino_fp32": [py, str(ROOT / "bench/peer_openvino_fp32.py"), wts, inp, str(out / "a.png"), *thr],
-            "openvino_fp32_png4": [py, str(ROOT / "bench/peer_openvino_fp32.py"), wts, inp, str(out / "a4.png"),
-                                   "--png-level", "4", *thr],
+            "openvino_fp32_png4": ["env", "OPENBLAS_NUM_THREADS=1", py, str(ROOT / "bench/peer_openvino_fp32.py"), wts,
+                                   inp, str(out / "a4.png"), "--png-level", "4", *thr],
             "cadyq_default": [py, "-m", "cadyq_cli", "upscale", inp, str(out / "b.png"), "--scale", str(args.scale),
                               "--overwrite", "-q", *thr],
             "cadyq_png6": [py, "-m", "cadyq_cli", "upscale", inp, str(out / "b6.png"), "--scale", str(args.scale),
@@ -104,7 +105,7 @@ def compare(args: argparse.Namespace) -> None:
             spread = f"{min(times[k]):.2f}-{max(times[k]):.2f}"
             print(f"  {k:18s} {v:6.2f} s  ({spread})  {v / base:5.2f}x openvino_fp32")
         same = med["cadyq_default"] / med["openvino_fp32_png4"]
-        print(f"  cadyq_default / openvino_fp32_png4 (both PNGs at level 4): {same:.2f}x")
+        print(f"  cadyq_default / openvino_fp32_png4 (both PNGs at level 4, one OpenBLAS thread): {same:.2f}x")
 
 
 def sizes(args: argparse.Namespace) -> None:

@@ -3,7 +3,9 @@
     python bench/startup.py process IN.png [--runs 7] [--threads 2]
         Whole `cadyq upscale IN.png` processes, interleaved, medians (after two warm-up rounds that fill
         the compiled-graph cache and the prefetch marker):
-        (a) `python -m cadyq_cli` (the program: prefetch of the last graph, exit without teardown),
+        (a) `python -m cadyq_cli` (the program: OpenVINO imported without its model-conversion package, prefetch
+            of the last graph, exit without teardown),
+        (a1) the program after a whole `import openvino` (what the lean import saves),
         (b) the same with CADYQ_PREFETCH=0 (exit without teardown only),
         (c) `cli.main()` called by a plain script (neither: the interpreter's normal teardown).
         Prints seconds and ratios to (c).
@@ -39,8 +41,10 @@ def process(args: argparse.Namespace) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     opts = ["--overwrite", "-q", "--threads", str(args.threads)]
     plain = "import sys; from cadyq_cli.cli import main; sys.argv[0] = 'cadyq'; main()"
+    whole_ov = "import sys, openvino; from cadyq_cli.program import entry; sys.argv[0] = 'cadyq'; entry()"
     cmds = {
         "program": ([py, "-m", "cadyq_cli", "upscale", args.input, str(out / "a.png"), *opts], {}),
+        "whole_ov": ([py, "-c", whole_ov, "upscale", args.input, str(out / "d.png"), *opts], {}),
         "no_prefetch": ([py, "-m", "cadyq_cli", "upscale", args.input, str(out / "b.png"), *opts], {"CADYQ_PREFETCH": "0"}),
         "plain_main": ([py, "-c", plain, "upscale", args.input, str(out / "c.png"), *opts], {}),
     }

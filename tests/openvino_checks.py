@@ -212,7 +212,7 @@ def test_the_last_graph_is_prefetched_and_a_wrong_guess_dropped(cache: Path, mon
     # graph of free size) and the fifth (the own graph again) guess wrong
     assert ["prefetched" in r[2].values() for r in runs[1:]] == [False, True, False, False]
     assert all(np.array_equal(r[1], runs[0][1]) for r in (runs[1], runs[2], runs[4]))
-    mark = json.loads((cache / "openvino" / prefetch.MARKER).read_text())
+    mark = json.loads((cache / "openvino" / prefetch.MARKER).read_text())["requests"][-1]
     assert mark["blob"] == m._blob_path(next(iter(m.prepare_log))).name and mark["config"] == m.config
     assert mark["key"] == "a request" and not prefetch.start(cache / "openvino", "another request")
     (cache / "openvino" / prefetch.MARKER).write_text("{not json")
@@ -221,6 +221,32 @@ def test_the_last_graph_is_prefetched_and_a_wrong_guess_dropped(cache: Path, mon
     assert not prefetch.start(cache / "openvino", "a request")
     prefetch.settle()
     assert not prefetch._threads
+
+
+def test_alternating_requests_each_find_their_graph(cache: Path, fresh_prefetch: object) -> None:
+    """The marker remembers the last REQUESTS requests: two jobs that alternate (two image sizes here) each
+    prefetch their own graph, and the oldest request is forgotten beyond REQUESTS."""
+    prefetch = fresh_prefetch
+    a, b = _image(44, 58, seed=11), _image(42, 50, seed=12)  # sizes no other check runs
+    cfg = TilingConfig(region=24)
+    hows = []
+    for _ in range(3):  # a size's third run imports its own graph (the first two compile it)
+        for key, img in (("req a", a), ("req b", b)):
+            prefetch.start(cache / "openvino", key)
+            m = load_openvino_model(scale=2)
+            m.upscale_array(img, cfg)
+            hows.append((key, list(m.prepare_log.values())[0][1]))
+            assert not prefetch._pending
+    assert [how for _, how in hows[4:]] == ["prefetched", "prefetched"]
+    marker = cache / "openvino" / prefetch.MARKER
+    keys = [r["key"] for r in json.loads(marker.read_text())["requests"]]
+    assert keys[-2:] == ["req a", "req b"] and len(keys) <= prefetch.REQUESTS
+    for i in range(prefetch.REQUESTS):  # as many other requests push the two out
+        prefetch._key, prefetch._remembered = f"other {i}", False
+        prefetch.remember(cache / "openvino" / f"other-{i}.blob", {"k": i})
+    keys = [r["key"] for r in json.loads(marker.read_text())["requests"]]
+    assert len(keys) == prefetch.REQUESTS and "req a" not in keys and keys[-1] == f"other {prefetch.REQUESTS - 1}"
+    assert not prefetch.start(cache / "openvino", "req a")
 
 
 def test_an_image_of_several_tiles_prefetches_its_first_graph(cache: Path, fresh_prefetch: object) -> None:

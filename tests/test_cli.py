@@ -456,6 +456,32 @@ def test_only_the_program_skips_teardown(make_image: Callable[..., Path], weight
     assert not (tmp_path / "m.png").exists()
 
 
+@pytest.mark.parametrize("command", ["upscale", "models"])
+def test_the_program_starts_lean(tmp_path: Path, command: str) -> None:
+    """For upscale/bitmap the program keeps numpy's OpenBLAS to one thread unless the environment set it, and
+    imports OpenVINO without its model-conversion package, which stays importable afterwards; other commands
+    are left alone."""
+    code = (
+        "import os, sys\n"
+        f"sys.argv = ['cadyq', {command!r}, 'in.png']\n"
+        "from cadyq_cli import program\n"
+        "program._quiet_blas(sys.argv)\n"
+        "program._import_openvino_lean()\n"
+        "import openvino\n"
+        "print(os.environ.get('OPENBLAS_NUM_THREADS'), hasattr(openvino, 'convert_model'))\n"
+        "import openvino.tools.ovc as ovc\n"
+        "print(callable(ovc.convert_model))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr
+    blas = "1" if command == "upscale" else "None"
+    assert res.stdout.split() == [blas, "False", "True"]
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**env, "OPENBLAS_NUM_THREADS": "2"})
+    assert res.stdout.split()[0] == "2"  # the user's setting wins
+
+
 def test_in_process_runs_keep_no_model(cli: Callable[..., Result], make_image: Callable[..., Path], tmp_path: Path) -> None:
     from cadyq_cli import cli as cli_module
 

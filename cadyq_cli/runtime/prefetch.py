@@ -4,9 +4,9 @@ Importing a cached compiled graph takes ~0.25 s (about 3,000 compiled nodes), an
 ~0.3 s of Python start-up (imports, options, the model's file, the image) before it knows which graph
 an image needs. ``import_model`` releases the GIL, so :func:`start` (called by :mod:`cadyq_cli.program` for
 ``upscale`` and ``bitmap``, before the command line's own imports) imports the graph named by the cache's
-marker file (:data:`MARKER`, written by :func:`remember`: the first body graph a run prepared) on a second
-thread meanwhile, when the marker was
-left by the same request (:func:`request_key`: command, graph options, image size). :func:`take` hands it
+marker file (:data:`MARKER`, written by :func:`remember`: the first body graph each of the last
+:data:`REQUESTS` requests prepared) names for this request (:func:`request_key`: command, graph options, image size)
+on a second thread meanwhile. :func:`take` hands it
 to the engine when the engine asks for that very file with that very configuration, and drops it
 otherwise: the blob's bytes and the compile settings are the same either way, so is the output.
 ``CADYQ_PREFETCH=0`` turns it off.
@@ -19,11 +19,13 @@ import threading
 from contextlib import suppress
 from pathlib import Path
 
-__all__ = ["MARKER", "enabled", "request_key", "remember", "settle", "start", "take"]
+__all__ = ["MARKER", "REQUESTS", "enabled", "request_key", "remember", "settle", "start", "take"]
 
-#: file in the compiled-graph cache naming the last body graph prepared, its compile settings and the request
-#: (:func:`request_key`) that prepared it
+#: file in the compiled-graph cache naming, for each of the last :data:`REQUESTS` requests (:func:`request_key`), the
+#: first body graph it prepared and its compile settings, the most recent last
 MARKER = "last-graph.json"
+#: requests the marker remembers: a script that alternates a few kinds of job guesses right for each
+REQUESTS = 8
 #: options of ``upscale``/``bitmap`` that decide which graph an image runs on, and the flags (no value)
 GRAPH_OPTIONS = ("--model", "--scale", "--mode", "--tiling", "--tile", "--overlap", "--region", "--threads", "--fp-layers")
 FLAGS = ("--overwrite", "--skip-existing", "--recursive", "-r", "--quiet", "-q", "--debug")
@@ -92,21 +94,35 @@ def _png_size(path: str) -> tuple[int, int] | None:
     return None
 
 
+def _requests(mark: Path) -> dict[str, dict[str, object]]:
+    """The marker's requests, oldest first: key -> {"blob", "config"} (empty when it is missing or damaged)."""
+    with suppress(OSError, ValueError, TypeError, AttributeError):
+        data = json.loads(mark.read_text())
+        if isinstance(data, dict) and isinstance(data.get("requests"), list):
+            return {str(r["key"]): {"blob": str(r["blob"]), "config": dict(r["config"])} for r in data["requests"]}
+    return {}
+
+
 def remember(path: Path, config: dict[str, object]) -> None:
     """Name ``path`` (a compiled graph in the cache folder) and its settings as the one to prefetch next time for
-    this process's request (nothing without one: a library call). Only the process's first body graph counts: it
-    is the one the same request asks for first (:func:`take`), whatever other tiles need later. Written
-    atomically, and only when it changes.
+    this process's request (nothing without one: a library call), beside the other requests the marker holds (the
+    :data:`REQUESTS` most recent). Only the process's first body graph counts: it is the one the same request asks
+    for first (:func:`take`), whatever other tiles need later. Written atomically, and only when it changes.
     A cache that cannot be written is no cache: nothing raised."""
     global _remembered
     if _key is None or _remembered:
         return
     _remembered = True
     mark = path.parent / MARKER
-    text = json.dumps({"key": _key, "blob": path.name, "config": config}, sort_keys=True)
     with suppress(OSError, ValueError, TypeError):
-        if mark.is_file() and mark.read_text() == text:
+        requests = _requests(mark)
+        entry = {"blob": path.name, "config": config}
+        if list(requests)[-1:] == [_key] and requests[_key] == json.loads(json.dumps(entry)):
             return
+        requests.pop(_key, None)
+        requests[_key] = entry
+        kept = list(requests.items())[-REQUESTS:]
+        text = json.dumps({"requests": [{"key": k, **v} for k, v in kept]}, sort_keys=True)
         tmp = mark.with_name(f"{MARKER}.{os.getpid()}.tmp")
         try:
             tmp.write_text(text)
@@ -117,16 +133,16 @@ def remember(path: Path, config: dict[str, object]) -> None:
 
 def start(folder: Path | None, key: str | None) -> bool:
     """Record ``key`` (:func:`request_key`) as this process's request and, when ``folder``'s marker names a graph
-    prepared for the same request, begin importing it on a daemon thread; True when one started."""
+    prepared for this request, begin importing it on a daemon thread; True when one started."""
     global _key, _remembered
     if folder is None or key is None or not enabled() or _pending:
         return False
     _key, _remembered = key, False
+    mark = _requests(folder / MARKER).get(key)
+    if mark is None:
+        return False
     try:
-        mark = json.loads((folder / MARKER).read_text())
-        if mark["key"] != key:
-            return False
-        path, config = folder / str(mark["blob"]), dict(mark["config"])
+        path, config = folder / str(mark["blob"]), dict(mark["config"])  # type: ignore[call-overload]
         data = path.read_bytes()
     except (OSError, ValueError, KeyError, TypeError):
         return False
