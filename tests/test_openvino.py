@@ -25,6 +25,7 @@ CHECKS = [
     "test_later_models_import_the_exported_graphs",
     "test_the_last_graph_is_prefetched_and_a_wrong_guess_dropped",
     "test_a_prefetch_is_keyed_by_what_decides_the_graph",
+    "test_alternating_requests_each_find_their_graph",
     "test_an_image_of_several_tiles_prefetches_its_first_graph",
     "test_a_command_that_fails_while_its_prefetch_runs_exits_cleanly",
     "test_images_of_new_sizes_compile_no_graph",
