@@ -50,7 +50,7 @@ GRAD_MULTIPLIER = 1000.0
 TAIL_BUDGET_BYTES = 1 << 28
 TAIL_HALO = 3
 #: bump whenever the graph this module builds changes: compiled graphs cached on disk are keyed by it
-GRAPH_VERSION = 8
+GRAPH_VERSION = 9
 _F = np.float32
 
 
@@ -418,7 +418,7 @@ class _Builder:
         std = op.multiply(op.sqrt(op.maximum(var, self.c(0.0))), has)
         if self.cl:
             z = op.concat([self.gradf5, std], 4)
-            logits, axis = op.add(op.matmul(z, self.c(np.ascontiguousarray(wl.T)), False, False), self.c(bl)), 4
+            logits, axis = op.add(op.matmul(z, self.c(np.ascontiguousarray(wl)), False, True), self.c(bl)), 4
         else:
             z = op.concat([self.gradf, std], 1)
             logits, axis = self.conv(z, wl[:, :, None, None], bl, (0, 0)), 1
