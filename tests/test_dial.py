@@ -115,3 +115,22 @@ def test_eval_curve(weights_x2: Path, tmp_path: Path, pattern: Callable[..., np.
     assert res.exit_code == 2 and not (tmp_path / "c2.png").exists()
     res = CliRunner().invoke(app, ["eval", str(d), "--scale", "2", "--weights", str(weights_x2), "--modes", "w8a8@2"])
     assert res.exit_code == 2 and "dynamic@" in res.output
+
+
+def test_a_folded_bias_picks_as_the_dial(weights_x2: Path, pattern: Callable[..., np.ndarray]) -> None:
+    """An operating point folded into the weights (SRModel.fold_bit_bias, export --fold-bit-bias) gives the bits
+    the dial gives at that bias, with the dial at 0; non-finite biases are refused."""
+    rgb = pattern(48, 40, seed=4).astype(np.float32)
+    from cadyq_cli.weights import load_model
+
+    dial, folded = (load_model(weights=weights_x2, scale=2, mode="dynamic") for _ in range(2))
+    dial.set_bit_bias(1.5)
+    ref = upscale_array(dial, rgb, CFG)[1]
+    dial.set_bit_bias(0.0)
+    plain = upscale_array(folded, rgb, CFG)[1]
+    folded.fold_bit_bias(1.5)
+    rep = upscale_array(folded, rgb, CFG)[1]
+    assert [r.bits for r in rep.regions] == [r.bits for r in ref.regions] and rep.bit_bias == 0.0
+    assert rep.fab < plain.fab  # it moved the bits, as the dial did
+    with pytest.raises(ValueError):
+        folded.fold_bit_bias(float("nan"))

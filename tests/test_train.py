@@ -435,3 +435,19 @@ def test_scales_refused_in_one_line(data_dir: Path, tmp_path: Path, arch: str, s
     with pytest.raises(SystemExit, match=why):
         train_stage(_cfg(data_dir, tmp_path / "r", arch=arch, scale=4, scales=scales, lr_patch=12, stage=stage))
     assert not (tmp_path / "r").exists()
+
+
+def test_export_folds_an_operating_point(fp_run: Path, tmp_path: Path) -> None:
+    """export --fold-bit-bias B: every selector's output bias moves by (+B, 0, -B) and the file and manifest say B."""
+    from cadyq_cli.checkpoint import read_state_dict
+    from cadyq_cli.train.export import export
+
+    plain = export(fp_run / "last.pt", "m", tmp_path / "a", [], [], "data", "")
+    folded = export(fp_run / "last.pt", "m", tmp_path / "b", [], [], "data", "", fold_bit_bias=0.75)
+    sd_a, meta_a = read_state_dict(tmp_path / "a" / plain["file"])
+    sd_b, meta_b = read_state_dict(tmp_path / "b" / folded["file"])
+    keys = [k for k in sd_a if k.endswith("net_small.0.bias")]
+    assert keys and all(torch.allclose(sd_b[k] - sd_a[k], torch.tensor([0.75, 0.0, -0.75])) for k in keys)
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a if k not in keys)
+    assert "bit_bias_folded" not in meta_a and float(meta_b["bit_bias_folded"]) == 0.75
+    assert folded["bit_bias_folded"] == 0.75 and "bit_bias_folded" not in plain

@@ -159,6 +159,18 @@ class SRModel(nn.Module):
             sel.bit_bias = bias
         self.bit_bias = bias
 
+    @torch.no_grad()
+    def fold_bit_bias(self, bias: float) -> None:
+        """Make the compute dial's ``bias`` part of the weights: each selector's output bias gets ``+bias`` on
+        the 4-bit logit and ``-bias`` on the 8-bit one, so the model picks at ``bias`` with the dial at 0 (the
+        same choices as :meth:`set_bit_bias` up to float rounding at exact ties). Official format unchanged."""
+        bias = float(bias)
+        if bias != bias or abs(bias) == float("inf"):
+            raise ValueError(f"the bit bias must be a finite number, not {bias}")
+        for sel in self.selectors:
+            b = sel.net_small[0].bias
+            b.add_(b.new_tensor([bias, 0.0, -bias]))
+
     @contextmanager
     def bits_only(self) -> Iterator[None]:
         """Inside, an inference forward chooses every selector's bits but skips the upsampling tail

@@ -3,7 +3,8 @@
 Usage:
     python -m cadyq_cli.train.export runs/edsr_x4_cadyq/last.pt --name edsr-baseline-x4 \
         --run runs/edsr_x4_fp --run runs/edsr_x4_pams --run runs/edsr_x4_cadyq \
-        [--eval eval_x4.json] [--data "T91 + BSD200 + BSDS500test (../shared/data/train), 10 held out"]
+        [--eval eval_x4.json] [--data "T91 + BSD200 + BSDS500test (../shared/data/train), 10 held out"] \
+        [--fold-bit-bias 0.3]
     python -m cadyq_cli.train.export runs/edsr_x4_fp7/last.pt --name edsr-baseline-x4-fp3 --backbone
 
 The manifest (``weights/manifest.json``) records per model: arch, scale, parameters, the
@@ -63,15 +64,20 @@ def _metrics_from_eval(path: Path) -> dict:
 
 
 def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json: list[Path], data: str, notes: str,
-           recipe: str = "", backbone: str = "") -> dict:
+           recipe: str = "", backbone: str = "", fold_bit_bias: float = 0.0) -> dict:
     """Write ``<weights_dir>/<name>.safetensors`` and update the manifest; return the entry.
 
     ``recipe`` / ``backbone``: the recipe that trains the model and the backbone it starts from
-    (default: those of the entry it replaces)."""
+    (default: those of the entry it replaces). ``fold_bit_bias``: an operating point chosen for the model
+    (:meth:`~cadyq_cli.models._base.SRModel.fold_bit_bias`), recorded in the file's metadata and the entry."""
     model = load_model_file(ckpt)
+    extra: dict[str, object] = {"name": name}
+    if fold_bit_bias:
+        model.fold_bit_bias(fold_bit_bias)
+        extra["bit_bias_folded"] = repr(float(fold_bit_bias))
     weights_dir.mkdir(parents=True, exist_ok=True)
     out = weights_dir / f"{name}.safetensors"
-    save_weights(model, out, {"name": name})
+    save_weights(model, out, extra)
     sha = file_sha256(out)
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     manifest_path = weights_dir / "manifest.json"
@@ -87,6 +93,8 @@ def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json
         "data": data, "license": "MIT (weights trained by the cadyq project)",
         "stages": [_stage_info(r) for r in runs] or old.get("stages", []), "metrics": metrics, "notes": notes or old.get("notes", ""),
     }
+    if fold_bit_bias:
+        entry["bit_bias_folded"] = float(fold_bit_bias)
     for key, value in (("recipe", recipe), ("backbone", backbone)):
         if value or old.get(key):
             entry[key] = value or old[key]
@@ -139,13 +147,15 @@ def main() -> None:
     p.add_argument("--eval", type=Path, action="append", default=[])
     p.add_argument("--data", default="T91 + BSD200 + BSDS500test (490 images of ../shared/data/train; 10 held out for validation)")
     p.add_argument("--notes", default="")
+    p.add_argument("--fold-bit-bias", type=float, default=0.0,
+                   help="fold this compute-dial bias into the selectors (an operating point chosen on non-benchmark data)")
     p.add_argument("--backbone", action="store_true", help="export an fp checkpoint as a backbone (weights/backbones/)")
     a = p.parse_args()
     if a.backbone:
         e = export_backbone(a.ckpt, a.name, a.weights_dir)
         print(json.dumps({k: e[k] for k in ("name", "file", "sha256")}))  # noqa: T201
         return
-    e = export(a.ckpt, a.name, a.weights_dir, a.run, a.eval, a.data, a.notes)
+    e = export(a.ckpt, a.name, a.weights_dir, a.run, a.eval, a.data, a.notes, fold_bit_bias=a.fold_bit_bias)
     print(json.dumps({k: e[k] for k in ("name", "file", "sha256", "params")}))  # noqa: T201
 
 
