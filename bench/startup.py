@@ -5,7 +5,8 @@
         the compiled-graph cache and the prefetch marker):
         (a) `python -m cadyq_cli` (the program: OpenVINO imported without its model-conversion package, prefetch
             of the last graph, exit without teardown),
-        (a1) the program after a whole `import openvino` (what the lean import saves),
+        (a1) the program after a whole `import openvino` (what the lean import and the one-thread OpenBLAS save:
+            numpy, imported with OpenVINO, then starts its thread pool before the program can limit it),
         (b) the same with CADYQ_PREFETCH=0 (exit without teardown only),
         (c) `cli.main()` called by a plain script (neither: the interpreter's normal teardown).
         Prints seconds and ratios to (c).

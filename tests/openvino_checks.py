@@ -262,6 +262,17 @@ def test_alternating_requests_each_find_their_graph(cache: Path, fresh_prefetch:
     keys = [r["key"] for r in json.loads(marker.read_text())["requests"]]
     assert len(keys) == prefetch.REQUESTS and "req a" not in keys and keys[-1] == f"other {prefetch.REQUESTS - 1}"
     assert not prefetch.start(cache / "openvino", "req a")
+    # a damaged marker (valid JSON with a broken entry, a foreign layout, deep nesting) is no marker: nothing
+    # raised, the good entries kept, and the next run rewrites it
+    good = {"key": "req b", "blob": "b.blob", "config": {"k": 1}}
+    for text in (json.dumps({"requests": [{}, {"key": "x"}, good]}), json.dumps([good]), "[" * 100_000):
+        marker.write_text(text)
+        assert not prefetch.start(cache / "openvino", "x") and not prefetch._pending
+        prefetch.settle()
+        prefetch._key, prefetch._remembered = "req c", False
+        prefetch.remember(cache / "openvino" / "c.blob", {"k": 2})
+        keys = [r["key"] for r in json.loads(marker.read_text())["requests"]]
+        assert keys == (["req b", "req c"] if text.startswith("{") else ["req c"])
 
 
 def test_an_image_of_several_tiles_prefetches_its_first_graph(cache: Path, fresh_prefetch: object) -> None:

@@ -95,12 +95,19 @@ def _png_size(path: str) -> tuple[int, int] | None:
 
 
 def _requests(mark: Path) -> dict[str, dict[str, object]]:
-    """The marker's requests, oldest first: key -> {"blob", "config"} (empty when it is missing or damaged)."""
-    with suppress(OSError, ValueError, TypeError, AttributeError):
+    """The marker's requests, oldest first: key -> {"blob", "config"} (empty when it is missing or damaged; a damaged
+    entry is skipped)."""
+    try:
         data = json.loads(mark.read_text())
-        if isinstance(data, dict) and isinstance(data.get("requests"), list):
-            return {str(r["key"]): {"blob": str(r["blob"]), "config": dict(r["config"])} for r in data["requests"]}
-    return {}
+    except Exception:  # noqa: BLE001 - missing, unreadable, not JSON, nested too deep: no marker
+        return {}
+    entries = data.get("requests") if isinstance(data, dict) else None
+    out: dict[str, dict[str, object]] = {}
+    for r in entries if isinstance(entries, list) else []:
+        if isinstance(r, dict) and isinstance(r.get("key"), str) and isinstance(r.get("blob"), str) \
+                and isinstance(r.get("config"), dict):
+            out[r["key"]] = {"blob": r["blob"], "config": dict(r["config"])}
+    return out
 
 
 def remember(path: Path, config: dict[str, object]) -> None:
@@ -114,7 +121,7 @@ def remember(path: Path, config: dict[str, object]) -> None:
         return
     _remembered = True
     mark = path.parent / MARKER
-    with suppress(OSError, ValueError, TypeError):
+    with suppress(Exception):  # an optimization only: never the command's failure
         requests = _requests(mark)
         entry = {"blob": path.name, "config": config}
         if list(requests)[-1:] == [_key] and requests[_key] == json.loads(json.dumps(entry)):
