@@ -16,6 +16,8 @@ __all__ = ["entry"]
 #: OpenVINO's model-conversion package: ``import openvino`` loads it (and with it OpenVINO's telemetry, which scans
 #: the installed distributions) for ``openvino.convert_model``, which the runtime never calls; ~50 ms of start-up
 LEAN_SKIP = "openvino.tools.ovc"
+#: the commands whose start-up the program shortens (each runs a model on images)
+IMAGE_COMMANDS = ("upscale", "bitmap")
 #: options that take ``upscale``/``bitmap`` off the OpenVINO runtime (no graph to prefetch)
 AWAY_FROM_OPENVINO = {"--kernels", "--engine", "--arch", "--weights", "--bit-bias", "--target-fab", "--device", "--help"}
 
@@ -24,7 +26,7 @@ def _prefetch(argv: list[str]) -> None:
     """Start the prefetch of ``argv``'s graph where it may run on the OpenVINO runtime (never an error: an
     environment whose OpenVINO does not import just runs without it)."""
     names = {tok.partition("=")[0] for tok in argv}
-    if len(argv) < 2 or argv[1] not in ("upscale", "bitmap") or AWAY_FROM_OPENVINO & names \
+    if len(argv) < 2 or argv[1] not in IMAGE_COMMANDS or AWAY_FROM_OPENVINO & names \
             or os.environ.get("CADYQ_KERNELS", "").lower() == "torch":
         return
     try:
@@ -41,7 +43,7 @@ def _quiet_blas(argv: list[str]) -> None:
     """One OpenBLAS thread for ``upscale``/``bitmap`` (unless the environment says otherwise): numpy's OpenBLAS
     starts a thread pool at import whose threads spin for a while (~0.08 s of CPU in the first 0.3 s), taking a
     core from the graph import and the inference; these commands do no BLAS work in numpy."""
-    if len(argv) > 1 and argv[1] in ("upscale", "bitmap"):
+    if len(argv) > 1 and argv[1] in IMAGE_COMMANDS:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 

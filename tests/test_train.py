@@ -451,3 +451,13 @@ def test_export_folds_an_operating_point(fp_run: Path, tmp_path: Path) -> None:
     assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a if k not in keys)
     assert "bit_bias_folded" not in meta_a and float(meta_b["bit_bias_folded"]) == 0.75
     assert folded["bit_bias_folded"] == 0.75 and "bit_bias_folded" not in plain
+
+
+def test_export_refuses_a_folded_bias_on_a_backbone(fp_run: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "cadyq_cli.train.export", str(fp_run / "last.pt"), "--name", "b",
+                          "--weights-dir", str(tmp_path), "--backbone", "--fold-bit-bias", "0.5"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--fold-bit-bias" in res.stderr and not list(tmp_path.iterdir())

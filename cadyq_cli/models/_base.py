@@ -98,6 +98,14 @@ def _bf16(tail: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tenso
     return run
 
 
+def _finite_bias(bias: float) -> float:
+    """``bias`` as a float; ValueError unless it is finite (the compute dial's and its folded form's check)."""
+    bias = float(bias)
+    if bias != bias or abs(bias) == float("inf"):
+        raise ValueError(f"the bit bias must be a finite number, not {bias}")
+    return bias
+
+
 class SRModel(nn.Module):
     """Base of the four backbones.
 
@@ -152,9 +160,7 @@ class SRModel(nn.Module):
         """The compute dial: ``bias`` is added to every selector's 4-bit logit and subtracted from
         its 8-bit logit at inference, so ``bias > 0`` picks fewer bits and ``bias < 0`` more;
         0 is the model as trained (bit for bit). Training ignores it."""
-        bias = float(bias)
-        if bias != bias or abs(bias) == float("inf"):
-            raise ValueError(f"the bit bias must be a finite number, not {bias}")
+        bias = _finite_bias(bias)
         for sel in self.selectors:
             sel.bit_bias = bias
         self.bit_bias = bias
@@ -164,9 +170,7 @@ class SRModel(nn.Module):
         """Make the compute dial's ``bias`` part of the weights: each selector's output bias gets ``+bias`` on
         the 4-bit logit and ``-bias`` on the 8-bit one, so the model picks at ``bias`` with the dial at 0 (the
         same choices as :meth:`set_bit_bias` up to float rounding at exact ties). Official format unchanged."""
-        bias = float(bias)
-        if bias != bias or abs(bias) == float("inf"):
-            raise ValueError(f"the bit bias must be a finite number, not {bias}")
+        bias = _finite_bias(bias)
         for sel in self.selectors:
             b = sel.net_small[0].bias
             b.add_(b.new_tensor([bias, 0.0, -bias]))

@@ -46,10 +46,10 @@ CANDIDATE_BITS = (4, 6, 8)
 FP_LAYERS = ("fp32", "bf16")
 GRAD_MULTIPLIER = 1000.0
 #: the tail's strips, cut like :meth:`cadyq_cli.models._base.SRModel.run_tail` (which keeps 3 rows, 256 MB): bytes
-#: of high-resolution intermediates, and LR rows of context. EDSR's tail reaches 1 + 1/2 + 1/4 LR px at x4 (1 + 1/2 at x2, 1 + 1/3 at
-#: x3), so 2 rows give every kept row exactly its own inputs. 128 MB rather than PyTorch's 256: the first
-#: inference of a 320x240 tile takes 47k page faults instead of 80k, ~0.03 s less at the same steady speed,
-#: 120 MB less peak memory (bench/tail_strips.py)
+#: of high-resolution intermediates, and LR rows of context. EDSR's tail reaches 1 + 1/2 + 1/4 LR px at x4
+#: (1 + 1/2 at x2, 1 + 1/3 at x3), so 2 rows give every kept row exactly its own inputs. 128 MB rather than
+#: PyTorch's 256: the first inference of a 320x240 tile takes 47k page faults instead of 80k, ~0.03 s less at
+#: the same steady speed, 120 MB less peak memory (bench/tail_strips.py)
 TAIL_BUDGET_BYTES = 1 << 27
 TAIL_HALO = 2
 #: bump whenever the graph this module builds changes: compiled graphs cached on disk are keyed by it

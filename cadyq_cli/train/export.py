@@ -151,6 +151,8 @@ def main() -> None:
                    help="fold this compute-dial bias into the selectors (an operating point chosen on non-benchmark data)")
     p.add_argument("--backbone", action="store_true", help="export an fp checkpoint as a backbone (weights/backbones/)")
     a = p.parse_args()
+    if a.backbone and a.fold_bit_bias:
+        p.error("--fold-bit-bias folds into selectors: a backbone (--backbone) has none trained")
     if a.backbone:
         e = export_backbone(a.ckpt, a.name, a.weights_dir)
         print(json.dumps({k: e[k] for k in ("name", "file", "sha256")}))  # noqa: T201
