@@ -23,12 +23,12 @@ CHILD = r"""
 import json, resource, sys, time
 import numpy as np, openvino as ov
 import cadyq_cli.runtime.ov_edsr as E
+from cadyq_cli.runtime.engine import GRAPH_CONFIG
 mb, halo, h, w, threads = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 E.TAIL_BUDGET_BYTES, E.TAIL_HALO = int(mb * (1 << 20)), halo
 wts = E.read_edsr(sys.argv[6])
 geo = E.Geometry(h, w, 96, 0, 0)
-cfg = {"INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY", "SNIPPETS_MODE": "DISABLE",
-       "INFERENCE_NUM_THREADS": threads}
+cfg = {**GRAPH_CONFIG, "INFERENCE_NUM_THREADS": threads}  # as the engine compiles it
 cm = ov.Core().compile_model(E.build_body(wts, geo.layout(), geo=geo, with_tail=True), "CPU", cfg)
 x = np.random.default_rng(0).uniform(0, 255, (1, 3, h, w)).astype(np.float32)
 rq = cm.create_infer_request()
