@@ -11,6 +11,12 @@
         (c) `cli.main()` called by a plain script (neither: the interpreter's normal teardown).
         Prints seconds and ratios to (c).
 
+    python bench/startup.py versions REV IN.png [--runs 9] [--threads 2]
+        `python -m cadyq_cli upscale IN.png` of the code at git revision REV (`git archive`) against this tree's,
+        both on this tree's weights, each with its own compiled-graph cache, interleaved, medians after two
+        warm-up rounds; says whether the two outputs are the same bytes. What a series of commits changed in
+        the code, whole process.
+
     python bench/startup.py png IMAGE.png [--runs 3]
         Pillow's encode time and file size of IMAGE (e.g. an x4 output) at zlib levels 1, 3, 4, 6 and 9,
         medians, as io.write_image writes 8-bit PNGs; sizes relative to level 6 (Pillow's default).
@@ -35,6 +41,40 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _timing import interleaved  # noqa: E402
 
 
+def _runner(cmd: list[str], env: dict[str, str], cwd: Path | None = None):  # noqa: ANN202
+    """A function running ``cmd`` in ``env`` (and ``cwd``) once (SystemExit with its stderr if it fails)."""
+    def run() -> None:
+        res = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+        if res.returncode:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
+    return run
+
+
+def versions(args: argparse.Namespace) -> None:
+    """The program of git revision REV against this tree's, whole processes, interleaved."""
+    work = Path(tempfile.mkdtemp(prefix="cadyq_versions_"))
+    old = work / "old"
+    old.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.rev], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+    opts = ["--overwrite", "-q", "--threads", str(args.threads)]
+    fns, outs = {}, {}
+    for name, tree in ((args.rev, old), ("this tree", ROOT)):
+        outs[name] = work / f"{len(outs)}.png"
+        env = dict(os.environ, PYTHONPATH=str(tree), CADYQ_CACHE_DIR=str(work / f"cache{len(outs)}"),
+                   CADYQ_WEIGHTS_DIR=str(ROOT / "weights"))
+        # run inside the tree: `python -m` puts the working folder first on sys.path, before PYTHONPATH
+        fns[name] = _runner([sys.executable, "-m", "cadyq_cli", "upscale", str(Path(args.input).resolve()),
+                             str(outs[name]), *opts], env, cwd=tree)
+    interleaved(fns, 2)
+    times, med = interleaved(fns, args.runs)
+    a, b = (outs[k].read_bytes() for k in fns)
+    print(f"{Path(args.input).name}, whole `python -m cadyq_cli upscale` processes, median of {args.runs} (interleaved):")
+    for k, v in med.items():
+        print(f"  {k:12s} {v:6.3f} s  ({min(times[k]):.3f}-{max(times[k]):.3f})  {v / med[args.rev]:5.2f}x {args.rev}")
+    print(f"  outputs {'identical' if a == b else 'DIFFERENT'} ({len(a):,d} / {len(b):,d} bytes)")
+
+
 def process(args: argparse.Namespace) -> None:
     """Whole processes of the three variants, interleaved."""
     py = sys.executable
@@ -50,14 +90,7 @@ def process(args: argparse.Namespace) -> None:
         "plain_main": ([py, "-c", plain, "upscale", args.input, str(out / "c.png"), *opts], {}),
     }
 
-    def runner(cmd: list[str], extra: dict[str, str]):  # noqa: ANN202
-        def run() -> None:
-            res = subprocess.run(cmd, env={**env, **extra}, capture_output=True, text=True)
-            if res.returncode:
-                raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
-        return run
-
-    fns = {k: runner(*v) for k, v in cmds.items()}
+    fns = {k: _runner(cmd, {**env, **extra}) for k, (cmd, extra) in cmds.items()}
     interleaved(fns, 2)
     times, med = interleaved(fns, args.runs)
     base = med["plain_main"]
@@ -94,6 +127,12 @@ def main() -> None:
     a.add_argument("--runs", type=int, default=7)
     a.add_argument("--threads", type=int, default=2)
     a.set_defaults(fn=process)
+    v = sub.add_parser("versions")
+    v.add_argument("rev")
+    v.add_argument("input")
+    v.add_argument("--runs", type=int, default=9)
+    v.add_argument("--threads", type=int, default=2)
+    v.set_defaults(fn=versions)
     b = sub.add_parser("png")
     b.add_argument("input")
     b.add_argument("--runs", type=int, default=3)
