@@ -501,3 +501,20 @@ def test_a_damaged_weights_file_is_refused_at_load(tmp_path: Path) -> None:
     wts = read_edsr(resolve_weights("edsr-baseline", 2).path)
     assert wts.sd._data is None and wts.n_blocks == 16 and wts.n_feats == 64  # type: ignore[attr-defined]
     assert wts.sd["head.0.weight"].dtype == np.float32 and wts.sd._data is not None  # type: ignore[attr-defined]
+
+
+def test_tiles_are_placed_clamped_and_rounded_as_the_pytorch_engine() -> None:
+    """A tile's SR core goes into the output clamped to [0, 255]; into uint8 rounded half to even with NaN as 0
+    (the PyTorch engine's clamp, nan_to_num and round), in blocks of rows across several buffers' worth."""
+    from cadyq_cli.runtime.engine import _place
+
+    rng = np.random.default_rng(3)
+    part = (rng.standard_normal((3, 300, 230)) * 200 + 128).astype(np.float32)
+    part[0, 0, 0], part[1, 2, 3], part[2, 299, 4] = np.nan, np.inf, -np.inf
+    part[0, 5, :4] = [2.5, 3.5, 254.5, 255.5]
+    clamped = np.clip(part, 0, 255).transpose(1, 2, 0)
+    u8 = _place(part, np.zeros((300, 230, 3), np.uint8))
+    assert np.array_equal(u8, np.rint(np.nan_to_num(clamped, nan=0.0)).astype(np.uint8))
+    assert list(u8[5, :4, 0]) == [2, 4, 254, 255]
+    f32 = _place(part, np.zeros((300, 230, 3), np.float32))
+    assert np.array_equal(f32, clamped, equal_nan=True)

@@ -437,8 +437,7 @@ def test_write_argument_errors(tmp_path: Path) -> None:
 
 
 def test_png_level_trades_size_for_speed_and_keeps_the_pixels(tmp_path: Path) -> None:
-    """``png_level`` reaches the zlib of both PNG writers (Pillow for 8 bits, OpenCV for 16): a higher
-    level gives a smaller file of the same pixels; the default is :data:`cio.PNG_LEVEL`; 0..9 only."""
+    """``png_level`` reaches the PNG writer's zlib at 8 and 16 bits: a higher level gives a smaller file of the same pixels; the default is :data:`cio.PNG_LEVEL`; 0..9 only."""
     yy, xx = np.mgrid[0:96, 0:128]
     smooth = np.stack([xx * 2, yy * 2, (xx + yy)], axis=2).astype(np.float32)
     img = np.clip(smooth + np.random.default_rng(1).normal(0, 3, smooth.shape), 0, 255)
@@ -471,17 +470,19 @@ def test_uint8_samples_and_floats_write_the_same_file(tmp_path: Path) -> None:
     assert np.array_equal(read_image(tmp_path / "u16.png").rgb, expect.astype(np.float32))
 
 
+@pytest.mark.parametrize("depth", [8, 16])
 @pytest.mark.parametrize("channels", [1, 2, 3, 4])
-def test_16bit_png_is_valid_with_metadata_chunks_before_the_pixels(tmp_path: Path, channels: int) -> None:
-    """OpenCV encodes the pixels, iCCP and eXIf are spliced in after IHDR: every chunk's CRC holds,
-    IHDR says 16 bits of the right colour type, and the pixels decode unchanged."""
+def test_png_is_valid_with_metadata_chunks_before_the_pixels(tmp_path: Path, channels: int, depth: int) -> None:
+    """libpng encodes the pixels, iCCP and eXIf are spliced in after IHDR: every chunk's CRC holds,
+    IHDR says the bit depth and colour type, and the pixels decode unchanged."""
     from cadyq_cli.io import encode_image
 
-    vals = RNG.integers(0, 65536, (7, 9, channels), dtype=np.uint16)
-    colour, alpha = (vals, None) if channels in (1, 3) else (vals[..., :-1], vals[..., -1] / 65535.0)
+    top = (1 << depth) - 1
+    vals = RNG.integers(0, top + 1, (7, 9, channels), dtype=np.uint16)
+    colour, alpha = (vals, None) if channels in (1, 3) else (vals[..., :-1], vals[..., -1] / top)
     icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB" if channels >= 3 else "LAB")).tobytes()
-    data, _ = encode_image("x.png", colour.astype(np.float32) / 257.0, alpha=alpha, gray=channels <= 2, bit_depth=16,
-                           icc_profile=icc if channels >= 3 else None, exif=_exif(1))
+    data, _ = encode_image("x.png", colour.astype(np.float32) / (top / 255), alpha=alpha, gray=channels <= 2,
+                           bit_depth=depth, icc_profile=icc if channels >= 3 else None, exif=_exif(1))
     pos, kinds = 8, []
     while pos < len(data):
         (n,) = struct.unpack(">I", data[pos:pos + 4])
@@ -489,19 +490,19 @@ def test_16bit_png_is_valid_with_metadata_chunks_before_the_pixels(tmp_path: Pat
         assert struct.unpack(">I", crc)[0] == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
         kinds.append(kind)
         if kind == b"IHDR":
-            w, h, depth, ctype = struct.unpack(">IIBB", body[:10])
-            assert (w, h, depth, ctype) == (9, 7, 16, {1: 0, 2: 4, 3: 2, 4: 6}[channels])
+            w, h, bits, ctype = struct.unpack(">IIBB", body[:10])
+            assert (w, h, bits, ctype) == (9, 7, depth, {1: 0, 2: 4, 3: 2, 4: 6}[channels])
         pos += 12 + n
     expect = [b"IHDR"] + ([b"iCCP"] if channels >= 3 else []) + [b"eXIf"]
     assert kinds[:len(expect)] == expect and kinds[-1] == b"IEND" and b"IDAT" in kinds
     p = tmp_path / "x.png"
     p.write_bytes(data)
     img = read_image(p)
-    assert img.bit_depth == 16
-    got = np.rint(img.rgb * 257).astype(np.uint16)
+    assert img.bit_depth == depth
+    got = np.rint(img.rgb * (top / 255)).astype(np.uint16)
     assert np.array_equal(got[..., :1] if channels <= 2 else got, vals[..., :1] if channels <= 2 else vals[..., :3])
     if alpha is not None:
-        assert np.array_equal(np.rint(img.alpha * 65535).astype(np.uint16), vals[..., -1])
+        assert np.array_equal(np.rint(img.alpha * top).astype(np.uint16), vals[..., -1])
 
 
 # --------------------------------------------------------------------------- decoder diagnostics (found by tests/test_fuzz.py)
