@@ -712,7 +712,7 @@ def encode_image(
     warnings: list[str] = []
     try:
         data = _encode(fmt, colour, alpha, bit_depth, icc_profile, exif, int(quality), warnings, png_level)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:  # RuntimeError: imagecodecs' PngError
         raise ImageWriteError(f"cannot write {path}: {fmt} encoding failed ({_describe_exc(exc)})") from exc
     return data, warnings
 

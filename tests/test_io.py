@@ -397,12 +397,16 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert os.listdir(tmp_path) == []  # ...and removed
 
 
-def test_encoding_failure_is_write_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def boom(*args: object, **kwargs: object) -> None:
-        raise OSError("encoder exploded")
+@pytest.mark.parametrize("ext", [".webp", ".png"])
+def test_encoding_failure_is_write_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ext: str) -> None:
+    import imagecodecs
 
-    monkeypatch.setattr(Image.Image, "save", boom)
-    out = tmp_path / "x.webp"
+    def boom(*args: object, **kwargs: object) -> None:
+        raise (OSError if ext == ".webp" else imagecodecs.PngError)("encoder exploded")
+
+    monkeypatch.setattr(Image.Image, "save", boom)  # WebP: Pillow
+    monkeypatch.setattr(imagecodecs, "png_encode", boom)  # PNG: libpng
+    out = tmp_path / f"x{ext}"
     with pytest.raises(ImageWriteError, match="encoder exploded"):
         write_image(out, np.zeros((4, 4, 3)))
     assert os.listdir(tmp_path) == []
