@@ -50,9 +50,9 @@ DEFAULT_MAX_PIXELS = 64_000_000
 
 PNG_LEVEL = 4
 """Default zlib level of PNG outputs (0-9; Pillow's and libpng's usual default is 6). Measured on a 1280x960 x4
-output with the encoder PNGs are written with (libpng through imagecodecs, zlib-ng): level 4 encodes in 0.25x the
-time of level 6 (0.072 s against 0.288 s) for a file 5.7 % larger; 9 is 5x slower than 6 for 3 % smaller
-(``python bench/startup.py png OUT.png``, which also times Pillow's encoder: 0.116 s at level 4)."""
+output with the encoder PNGs are written with (libpng through imagecodecs): level 4 encodes in 0.25x the time of
+level 6 (0.071 s against 0.284 s) for a file 5.7 % larger; 9 is 5x slower than 6 for 3 % smaller
+(``python bench/startup.py png OUT.png``, which also times Pillow's encoder: 0.115 s at level 4)."""
 
 
 def check_png_level(level: int) -> int:
