@@ -14,8 +14,8 @@
     python bench/startup.py versions REV IN.png [--runs 9] [--threads 2]
         `python -m cadyq_cli upscale IN.png` of the code at git revision REV (`git archive`) against this tree's,
         both on this tree's weights, each with its own compiled-graph cache, interleaved, medians after two
-        warm-up rounds; says whether the two outputs are the same bytes (or else the same pixels). What a series of commits changed in
-        the code, whole process.
+        warm-up rounds; says whether the two outputs are the same bytes (or else the same pixels). What a
+        series of commits changed in the code, whole process.
 
     python bench/startup.py png IMAGE.png [--runs 3]
         Encode time and file size of IMAGE (e.g. an x4 output) at zlib levels 1, 3, 4, 6 and 9: libpng through
@@ -77,9 +77,9 @@ def versions(args: argparse.Namespace) -> None:
         same = "identical"
     else:  # e.g. another PNG encoder: compare what the files decode to
         import numpy as np
-        from PIL import Image
+        from imagecodecs import png_decode  # every bit depth as stored (Pillow reads 16-bit RGB as 8 bits)
 
-        pa, pb = (np.asarray(Image.open(outs[k])) for k in fns)
+        pa, pb = (png_decode(outs[k].read_bytes()) for k in fns)
         same = "other bytes, the same pixels" if np.array_equal(pa, pb) else "DIFFERENT pixels"
     print(f"  outputs: {same} ({len(a):,d} / {len(b):,d} bytes)")
 
@@ -116,6 +116,8 @@ def png(args: argparse.Namespace) -> None:
     from PIL import Image
 
     im = Image.open(args.input)
+    if im.mode not in ("L", "LA", "RGB", "RGBA"):  # as io.write_image gets it: 8-bit gray or colour samples
+        im = im.convert("RGBA" if "A" in im.getbands() or "transparency" in im.info else "RGB")
     im.load()
     arr = np.asarray(im)
     encoders = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -412,6 +413,13 @@ def test_encoding_failure_is_write_error(tmp_path: Path, monkeypatch: pytest.Mon
     assert os.listdir(tmp_path) == []
 
 
+def test_png_without_imagecodecs_is_a_one_line_write_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "imagecodecs", None)  # a broken install: the import fails
+    with pytest.raises(ImageWriteError, match="needs the imagecodecs package"):
+        write_image(tmp_path / "x.png", np.zeros((4, 4, 3)))
+    assert os.listdir(tmp_path) == []
+
+
 def test_write_path_errors(tmp_path: Path) -> None:
     rgb = np.zeros((2, 2, 3))
     cases = [
@@ -441,7 +449,8 @@ def test_write_argument_errors(tmp_path: Path) -> None:
 
 
 def test_png_level_trades_size_for_speed_and_keeps_the_pixels(tmp_path: Path) -> None:
-    """``png_level`` reaches the PNG writer's zlib at 8 and 16 bits: a higher level gives a smaller file of the same pixels; the default is :data:`cio.PNG_LEVEL`; 0..9 only."""
+    """``png_level`` reaches the PNG writer's zlib at 8 and 16 bits: a higher level gives a smaller file of the
+    same pixels; the default is :data:`cio.PNG_LEVEL`; 0..9 only."""
     yy, xx = np.mgrid[0:96, 0:128]
     smooth = np.stack([xx * 2, yy * 2, (xx + yy)], axis=2).astype(np.float32)
     img = np.clip(smooth + np.random.default_rng(1).normal(0, 3, smooth.shape), 0, 255)
