@@ -22,6 +22,11 @@
         imagecodecs (as io.write_image writes PNGs) and Pillow's encoder, interleaved, medians; relative to
         Pillow at level 6 (its default).
 
+    python bench/startup.py imports [--runs 5] [--threads 2]
+        Whether two compiled graphs import faster on two threads than one after the other: the one-geometry
+        graphs of a 240x320 and a 128x128 tile (shipped x4, compiled once and exported as the engine caches
+        them), imported by `import_model` in fresh processes, sequentially and on two threads, interleaved.
+
 Run with nothing else on the machine: only ratios measured in one run mean anything.
 """
 from __future__ import annotations
@@ -148,6 +153,63 @@ def _pillow_png(im: object, level: int) -> bytes:
     return buf.getvalue()
 
 
+IMPORT_CHILD = r"""
+import sys, threading, time
+sys.modules["openvino.tools.ovc"] = None  # as the program imports it
+import openvino as ov
+from cadyq_cli.runtime.engine import GRAPH_CONFIG
+threads, mode, blobs = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+cfg = {**GRAPH_CONFIG, "INFERENCE_NUM_THREADS": threads}
+data = [open(b, "rb").read() for b in blobs]
+core = ov.Core()
+t = time.perf_counter()
+if mode == "sequential":
+    for d in data:
+        core.import_model(d, "CPU", cfg)
+else:
+    ts = [threading.Thread(target=core.import_model, args=(d, "CPU", cfg)) for d in data]
+    for th in ts:
+        th.start()
+    for th in ts:
+        th.join()
+print(time.perf_counter() - t)
+"""
+
+
+def imports(args: argparse.Namespace) -> None:
+    """Two graph imports: one after the other against two threads at once."""
+    import openvino as ov
+
+    import cadyq_cli.runtime.ov_edsr as E
+    from cadyq_cli.runtime.engine import GRAPH_CONFIG
+
+    work = Path(tempfile.mkdtemp(prefix="cadyq_imports_"))
+    wts = E.read_edsr(ROOT / "weights" / "edsr-baseline-x4.safetensors")
+    cfg = {**GRAPH_CONFIG, "INFERENCE_NUM_THREADS": args.threads}
+    blobs = []
+    for h, w in ((240, 320), (128, 128)):
+        geo = E.Geometry(h, w, 96, 0, 0)
+        cm = ov.Core().compile_model(E.build_body(wts, geo.layout(), geo=geo, with_tail=True), "CPU", cfg)
+        buf = io.BytesIO()
+        cm.export_model(buf)
+        blobs.append(work / f"{h}x{w}.blob")
+        blobs[-1].write_bytes(buf.getvalue())
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    times: dict[str, list[float]] = {"sequential": [], "two threads": []}
+    for r in range(args.runs + 1):  # the first round warms the file cache, untimed
+        for mode in times:
+            res = subprocess.run([sys.executable, "-c", IMPORT_CHILD, str(args.threads), mode, *map(str, blobs)],
+                                 capture_output=True, text=True, cwd=ROOT, env=env)
+            if res.returncode:
+                raise SystemExit(res.stderr[-2000:])
+            if r:
+                times[mode].append(float(res.stdout.split()[-1]))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"import_model of the 240x320 and 128x128 graphs in fresh processes, median of {args.runs} (interleaved):")
+    for k, v in med.items():
+        print(f"  {k:12s} {v:6.3f} s  ({min(times[k]):.3f}-{max(times[k]):.3f})  {v / med['sequential']:5.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -162,6 +224,10 @@ def main() -> None:
     v.add_argument("--runs", type=int, default=9)
     v.add_argument("--threads", type=int, default=2)
     v.set_defaults(fn=versions)
+    m = sub.add_parser("imports")
+    m.add_argument("--runs", type=int, default=5)
+    m.add_argument("--threads", type=int, default=2)
+    m.set_defaults(fn=imports)
     b = sub.add_parser("png")
     b.add_argument("input")
     b.add_argument("--runs", type=int, default=3)
