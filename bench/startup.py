@@ -27,6 +27,10 @@
         graphs of a 240x320 and a 128x128 tile (shipped x4, compiled once and exported as the engine caches
         them), imported by `import_model` in fresh processes, sequentially and on two threads, interleaved.
 
+    python bench/startup.py place [--runs 5]
+        Placing a 1280x960 x4 tile output into the uint8 image in a fresh process (its memory touched for the first
+        time): the OpenVINO engine's `_place` against clip, nan_to_num, rint and a transposed copy of whole arrays.
+
 Run with nothing else on the machine: only ratios measured in one run mean anything.
 """
 from __future__ import annotations
@@ -210,6 +214,36 @@ def imports(args: argparse.Namespace) -> None:
         print(f"  {k:12s} {v:6.3f} s  ({min(times[k]):.3f}-{max(times[k]):.3f})  {v / med['sequential']:5.2f}x")
 
 
+PLACE_CHILD = r"""
+import sys, time
+import numpy as np
+from cadyq_cli.runtime.engine import _place
+sr = (np.random.default_rng(0).standard_normal((3, 960, 1280), dtype=np.float32) * 80 + 128)
+out = np.empty((960, 1280, 3), np.uint8)
+t = time.perf_counter()
+if sys.argv[1] == "whole arrays":
+    out[:] = np.rint(np.nan_to_num(np.clip(sr, 0, 255), nan=0.0)).transpose(1, 2, 0)
+else:
+    _place(sr, out)
+print(time.perf_counter() - t)
+"""
+
+
+def place(args: argparse.Namespace) -> None:
+    """Tile placement, cold: row blocks through one buffer against whole-array temporaries."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    times: dict[str, list[float]] = {"whole arrays": [], "_place": []}
+    for _ in range(args.runs):
+        for mode in times:
+            res = subprocess.run([sys.executable, "-c", PLACE_CHILD, mode], capture_output=True, text=True, env=env)
+            if res.returncode:
+                raise SystemExit(res.stderr[-2000:])
+            times[mode].append(float(res.stdout.split()[-1]))
+    print(f"placing a 1280x960 tile output in a fresh process, median of {args.runs} (interleaved):")
+    for k, v in times.items():
+        print(f"  {k:12s} {1000 * statistics.median(v):6.1f} ms")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -228,6 +262,9 @@ def main() -> None:
     m.add_argument("--runs", type=int, default=5)
     m.add_argument("--threads", type=int, default=2)
     m.set_defaults(fn=imports)
+    q = sub.add_parser("place")
+    q.add_argument("--runs", type=int, default=5)
+    q.set_defaults(fn=place)
     b = sub.add_parser("png")
     b.add_argument("input")
     b.add_argument("--runs", type=int, default=3)
