@@ -157,6 +157,23 @@ def _pillow_png(im: object, level: int) -> bytes:
     return buf.getvalue()
 
 
+def _child_times(code: str, modes: tuple[str, ...], runs: int, before: tuple[str, ...] = (),
+                 after: tuple[str, ...] = ()) -> dict[str, list[float]]:
+    """Seconds ``python -c code *before MODE *after`` prints, per mode: fresh processes, modes interleaved, after
+    one untimed round (file cache)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for r in range(runs + 1):
+        for mode in modes:
+            res = subprocess.run([sys.executable, "-c", code, *before, mode, *after], capture_output=True, text=True,
+                                 cwd=ROOT, env=env)
+            if res.returncode:
+                raise SystemExit(res.stderr[-2000:])
+            if r:
+                times[mode].append(float(res.stdout.split()[-1]))
+    return times
+
+
 IMPORT_CHILD = r"""
 import sys, threading, time
 sys.modules["openvino.tools.ovc"] = None  # as the program imports it
@@ -198,16 +215,8 @@ def imports(args: argparse.Namespace) -> None:
         cm.export_model(buf)
         blobs.append(work / f"{h}x{w}.blob")
         blobs[-1].write_bytes(buf.getvalue())
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    times: dict[str, list[float]] = {"sequential": [], "two threads": []}
-    for r in range(args.runs + 1):  # the first round warms the file cache, untimed
-        for mode in times:
-            res = subprocess.run([sys.executable, "-c", IMPORT_CHILD, str(args.threads), mode, *map(str, blobs)],
-                                 capture_output=True, text=True, cwd=ROOT, env=env)
-            if res.returncode:
-                raise SystemExit(res.stderr[-2000:])
-            if r:
-                times[mode].append(float(res.stdout.split()[-1]))
+    times = _child_times(IMPORT_CHILD, ("sequential", "two threads"), args.runs, (str(args.threads),),
+                         tuple(map(str, blobs)))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"import_model of the 240x320 and 128x128 graphs in fresh processes, median of {args.runs} (interleaved):")
     for k, v in med.items():
@@ -231,14 +240,7 @@ print(time.perf_counter() - t)
 
 def place(args: argparse.Namespace) -> None:
     """Tile placement, cold: row blocks through one buffer against whole-array temporaries."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    times: dict[str, list[float]] = {"whole arrays": [], "_place": []}
-    for _ in range(args.runs):
-        for mode in times:
-            res = subprocess.run([sys.executable, "-c", PLACE_CHILD, mode], capture_output=True, text=True, env=env)
-            if res.returncode:
-                raise SystemExit(res.stderr[-2000:])
-            times[mode].append(float(res.stdout.split()[-1]))
+    times = _child_times(PLACE_CHILD, ("whole arrays", "_place"), args.runs)
     print(f"placing a 1280x960 tile output in a fresh process, median of {args.runs} (interleaved):")
     for k, v in times.items():
         print(f"  {k:12s} {1000 * statistics.median(v):6.1f} ms")
