@@ -186,6 +186,57 @@ def test_wip_file_continues_a_run_whose_folder_is_gone(data_dir: Path, tmp_path:
     assert not (tmp_path / "other").exists()
 
 
+def test_lean_wip_keeps_the_average_in_float16(data_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """--wip-lean: float16 tensors, the average only; the run goes on from the average."""
+    run, full, lean = tmp_path / "run", tmp_path / "full.safetensors", tmp_path / "lean.safetensors"
+    train_stage(_cfg(data_dir, run, steps=5, stop_at=3, ema=0.9, wip=str(full)))
+    shutil.copy(run / "last.pt", tmp_path / "last.pt")
+    train_stage(_cfg(data_dir, run, steps=5, stop_at=3, ema=0.9, wip=str(lean), wip_lean=True))  # saves as is
+    st = load_state(run / "last.pt")
+    with safe_open(str(lean), framework="pt") as f:
+        keys, dtypes, meta = list(f.keys()), {f.get_tensor(k).dtype for k in f.keys()}, f.metadata()
+    assert keys and all(k.startswith("model/") for k in keys) and dtypes == {torch.float16}
+    assert meta["lean"] == "float16, the average only"
+    assert lean.stat().st_size < 0.3 * full.stat().st_size
+    w = read_wip(lean)
+    assert w["ema"] is None and w["step"] == 3
+    for k, v in st["model"].items():  # the checkpoint's model is the average
+        assert w["model"][k].dtype == torch.float32
+        assert torch.equal(w["model"][k], v.half().float()), k
+    shutil.rmtree(run)
+    train_stage(_cfg(data_dir, run, steps=5, stop_at=3, ema=0.9, wip=str(lean), wip_lean=True))  # from the file
+    st = load_state(run / "last.pt")
+    assert _log(run)[0] == {"step": 3, "resumed_from_wip": str(lean)}
+    assert all(torch.equal(w["model"][k], st["raw_model"][k]) for k in st["raw_model"])  # goes on from the average
+    assert all(torch.equal(w["model"][k], st["ema"][k]) for k in st["ema"])  # and the average starts there
+    with pytest.raises(SystemExit, match="--wip-lean says how to keep the --wip file"):
+        train_stage(_cfg(data_dir, tmp_path / "other", wip_lean=True))
+    assert not (tmp_path / "other").exists()
+
+
+def test_lean_wip_keeps_the_averaged_selectors(tmp_path: Path) -> None:
+    """A lean file of a cadyq model with an average holds the average's selectors, standardized."""
+    torch.manual_seed(5)
+    model = create_model("edsr_baseline", 2)
+    sel = model.selectors[0]
+    n = sel.net_small[0].weight.shape[1]
+    sel.znorm = (torch.rand(n) + 1, torch.rand(n) + 0.5)
+    ema = WeightEMA(model, 0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)  # the raw weights move away from the average
+    cfg = TrainConfig(stage="cadyq", scale=2, act_grid="signed", skip="official", wip="w", wip_lean=True)
+    save_wip(tmp_path / "w.safetensors", model, ema, 7, cfg, 1.0)
+    w = read_wip(tmp_path / "w.safetensors")
+    other = create_model("edsr_baseline", 2)
+    restore_weights(w, other)
+    with ema.applied(model):
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                assert torch.allclose(other.state_dict()[k], v, rtol=2e-3, atol=1e-4), k
+        assert torch.allclose(other.selectors[0].znorm[1], sel.znorm[1], rtol=1e-3)
+
+
 def test_wip_keeps_standardized_selectors(tmp_path: Path) -> None:
     """A cadyq model's selectors trained on standardized features come back in that form."""
     torch.manual_seed(3)

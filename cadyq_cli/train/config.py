@@ -57,13 +57,15 @@ class TrainConfig:
     keep_val: bool = False  # also keep <run>/step<N>.pt at every validation (for picking a step on val)
     save_every: int = 100
     wip: str | None = None  # also keep the run as this one small file at every save, and continue from it (train/wip.py)
+    wip_lean: bool = False  # the --wip file at about a quarter of its size: float16, the weight average only
     log_every: int = 20
     calib_batches: int = 4
     data_id: str | None = None  # set by train_stage: fingerprint of the training image list (names, sizes)
 
 
 def check_config(cfg: TrainConfig) -> None:
-    """Refuse, in one line (``SystemExit``), an unknown stage, a count below 1 or an EMA decay outside [0, 1)."""
+    """Refuse, in one line (``SystemExit``), an unknown stage, a count below 1, an EMA decay outside [0, 1)
+    or ``--wip-lean`` without ``--wip``."""
     if cfg.stage not in STAGES:
         raise SystemExit(f"unknown stage {cfg.stage!r}; choose from {', '.join(STAGES)}")
     for k in ("val_every", "steps", "batch"):
@@ -71,6 +73,8 @@ def check_config(cfg: TrainConfig) -> None:
             raise SystemExit(f"--{k.replace('_', '-')} must be at least 1, not {getattr(cfg, k)}")
     if not 0.0 <= cfg.ema < 1.0:
         raise SystemExit(f"--ema must be a decay in [0, 1) (e.g. 0.999; 0: off), not {cfg.ema}")
+    if cfg.wip_lean and not cfg.wip:
+        raise SystemExit("--wip-lean says how to keep the --wip file: name one with --wip FILE")
     if cfg.scales and cfg.stage != "fp":  # a teacher (and calibration) for every scale: not built yet
         raise SystemExit(f"--scales trains the fp stage of a multi-scale model; {cfg.stage} trains one --scale")
     if cfg.scales:
@@ -113,7 +117,7 @@ def check_resume(saved: dict, cfg: TrainConfig, ckpt: object) -> None:
 # Settings that only say how (or how long) this invocation runs, not what it trains.
 # The training images are compared by their fingerprint (``data_id``), not by their folder paths.
 _RUNTIME_KEYS = ("minutes", "stop_at", "threads", "run_dir", "data", "val_every", "keep_val", "save_every", "log_every",
-                 "device", "wip")
+                 "device", "wip", "wip_lean")
 #: what a setting missing from an older checkpoint's config meant (others: compared only where recorded)
 _ABSENT: dict[str, object] = {"ema": 0.0, "scales": []}
 

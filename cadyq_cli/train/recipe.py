@@ -49,7 +49,7 @@ from .config import STAGES, TrainConfig
 __all__ = ["Recipe", "Segment", "load_recipe", "resolve_recipe", "recipes_dir", "run_recipe", "RecipeResult"]
 
 #: TrainConfig fields a stage may not set: where and how long this invocation runs (the runner's and the CLI's)
-_RUNTIME = {"run_dir", "data", "init", "teacher", "minutes", "threads", "device", "data_id", "wip"}
+_RUNTIME = {"run_dir", "data", "init", "teacher", "minutes", "threads", "device", "data_id", "wip", "wip_lean"}
 _STAGE_KEYS = ({f.name for f in dataclasses.fields(TrainConfig)} - _RUNTIME) | {"run", "init", "continue", "backbone"}
 _TOP_KEYS = {"name", "arch", "scale", "data_root", "data", "start", "notes", "defaults", "stages", "pick", "eval", "export"}
 _PICK_KEYS = {"runs", "max_gap", "max_fab"}

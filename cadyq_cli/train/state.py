@@ -23,6 +23,14 @@ from .ema import WeightEMA
 __all__ = ["save_state", "load_state", "restore_state", "weights_state", "restore_weights"]
 
 
+def averaged_weights(model: SRModel, ema: WeightEMA) -> tuple[dict, dict]:
+    """The weight average as :func:`weights_state` without one would give it: ``model`` (selectors
+    folded) and ``selector_train``, on the CPU (copies)."""
+    with ema.applied(model):
+        sd, sel_train = _folded_state(model)
+        return _to_cpu(_clone(sd)), _to_cpu(_clone(sel_train))
+
+
 def weights_state(model: SRModel, ema: WeightEMA | None = None) -> dict:
     """A checkpoint's weights, on the CPU: ``model`` (selectors folded) and ``selector_train`` (their
     standardized form); with ``ema`` also ``raw_model`` and ``ema``, ``model`` being the average."""
@@ -32,8 +40,7 @@ def weights_state(model: SRModel, ema: WeightEMA | None = None) -> dict:
     # copies: on the CPU these tensors share the parameters' memory, which the average takes for a moment
     out = {"raw_model": _to_cpu(_clone(sd)), "selector_train": _to_cpu(_clone(sel_train)),
            "ema": _to_cpu(_clone(ema.state_dict()))}
-    with ema.applied(model):
-        out["model"] = _to_cpu(_clone(_folded_state(model)[0]))
+    out["model"] = averaged_weights(model, ema)[0]
     return out
 
 

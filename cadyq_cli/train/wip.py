@@ -8,6 +8,11 @@ arch, grid, skip, seconds trained and the whole config. No optimizer state and n
 stage that finds no ``last.pt`` but FILE continues from it with a fresh Adam (its moments restart,
 as at ``--init``) and its RNGs reseeded from ``seed + step``, so it is not bit-identical to an
 uninterrupted run.
+
+With ``--wip-lean`` (``lean``) the file is about a quarter of that size, for models whose file would
+not fit the repository's budget: every float tensor is stored as float16 (where it fits that range),
+and with ``--ema`` only the average is kept (folded like the weights, no ``ema/``), so training goes
+on from the average and the average starts again from there.
 """
 from __future__ import annotations
 
@@ -15,11 +20,13 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from ..checkpoint import read_state_dict, save_state_dict
 from ..models._base import SRModel
 from .config import TrainConfig
 from .ema import WeightEMA
-from .state import weights_state
+from .state import averaged_weights, weights_state
 
 __all__ = ["WIP_FORMAT", "save_wip", "read_wip"]
 
@@ -29,16 +36,30 @@ WIP_FORMAT = "cadyq-wip-1"
 
 def save_wip(path: str | Path, model: SRModel, ema: WeightEMA | None, step: int, cfg: TrainConfig,
              elapsed_s: float) -> None:
-    """Write the --wip file ``path`` (atomically: a temporary file, then a rename)."""
-    w = weights_state(model, ema)
+    """Write the --wip file ``path`` (atomically: a temporary file, then a rename); lean with ``cfg.wip_lean``."""
+    if cfg.wip_lean and ema is not None:
+        sd, sel_train = averaged_weights(model, ema)
+        w = {"model": sd, "selector_train": sel_train}
+    else:
+        w = weights_state(model, ema)
     tensors = {f"model/{k}": v for k, v in w.get("raw_model", w["model"]).items()}
     tensors |= {f"selector_train/{name}/{f}": v for name, t in w["selector_train"].items() for f, v in t.items()}
     tensors |= {f"ema/{k}": v for k, v in (w.get("ema") or {}).items()}
+    if cfg.wip_lean:
+        tensors = {k: _half(v) for k, v in tensors.items()}
     meta = {"format": WIP_FORMAT, "stage": cfg.stage, "arch": cfg.arch, "scale": str(cfg.scale), "step": str(step),
             "steps": str(cfg.steps), "act_grid": cfg.act_grid or "signed", "skip": cfg.skip or "official",
-            "elapsed_s": repr(float(elapsed_s)), "config": json.dumps(asdict(cfg))}
+            "elapsed_s": repr(float(elapsed_s)), "config": json.dumps(asdict(cfg)),
+            "lean": "float16, the average only" if cfg.wip_lean and ema is not None else "float16" if cfg.wip_lean else ""}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_state_dict(tensors, path, meta)
+
+
+def _half(v: torch.Tensor) -> torch.Tensor:
+    """``v`` as float16 where it is a float32 tensor inside float16's range, else unchanged."""
+    if v.dtype != torch.float32 or not v.numel() or v.abs().max() >= 65504:
+        return v
+    return v.half()
 
 
 def read_wip(path: str | Path) -> dict:
@@ -54,9 +75,9 @@ def read_wip(path: str | Path) -> dict:
         part, _, rest = key.partition("/")
         if part == "selector_train":
             name, _, field = rest.rpartition("/")
-            state["selector_train"].setdefault(name, {})[field] = v
+            state["selector_train"].setdefault(name, {})[field] = v.float() if v.dtype == torch.float16 else v
         elif part in ("model", "ema"):
-            state[part][rest] = v
+            state[part][rest] = v.float() if v.dtype == torch.float16 else v  # a lean file's float16
         else:
             raise SystemExit(f"--wip {path}: unexpected tensor {key!r}")
     state["ema"] = state["ema"] or None
