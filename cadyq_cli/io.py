@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageFile, ImageOps, features
 
 from .errors import ImageReadError, ImageTooLargeError, ImageWriteError
+from .samples import round_into
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -468,24 +469,13 @@ def _pillow_to_arrays(
 
 
 def _quantize(values: np.ndarray, bit_depth: int, scale: float) -> np.ndarray:
-    """Clamp and round float samples to uint8/uint16; ``scale`` maps them to 0..max.
-
-    Works through row blocks of about 4 MiB, so converting a large image needs no full-size
-    float temporaries. Samples that already have the target integer type (``scale`` 1) pass through.
-    """
-    top = 255 if bit_depth == 8 else 65535
+    """Clamp and round float samples (H, W[, C]) to uint8/uint16 (:func:`~cadyq_cli.samples.round_into`);
+    ``scale`` maps them to 0..max. Samples that already have the target integer type (``scale`` 1) pass through."""
     dtype = np.uint8 if bit_depth == 8 else np.uint16
     values = np.asarray(values)
     if values.dtype == dtype and scale == 1.0:
         return np.ascontiguousarray(values)
-    out = np.empty(values.shape, dtype)
-    rows = max(1, (1 << 20) // max(1, values[0].size))  # values: (H, W[, C])
-    for y in range(0, values.shape[0], rows):
-        arr = np.multiply(values[y : y + rows], np.float32(scale), dtype=np.float32)
-        np.nan_to_num(arr, copy=False, nan=0.0, posinf=top, neginf=0.0)
-        np.clip(arr, 0, top, out=arr)
-        out[y : y + rows] = np.rint(arr, out=arr)
-    return out
+    return round_into(values, np.empty(values.shape, dtype), 255 if bit_depth == 8 else 65535, scale)
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
