@@ -156,6 +156,42 @@ def test_tiny_recipe_runs_end_to_end_and_the_export_loads(whole) -> None:
     assert y.shape == (1, 3, 40, 40) and set(bits.unique().tolist()) <= {4, 6, 8}
 
 
+def test_a_multi_scale_recipe_ships_one_file_with_an_entry_per_scale(root: Path, tmp_path: Path) -> None:
+    """scales on every stage (CARN): eval at each scale, one exported file, entries NAME-x2 ... each with its
+    own scale's metrics, and the file runs at every scale."""
+    text = (TINY.format(root=root, start="", backbone="").replace('name = "tiny-x2"', 'name = "tinyc"')
+            .replace('arch = "edsr_baseline"\nscale = 2', 'arch = "carn"\nscale = 4')
+            .replace("lr_patch = 16", "lr_patch = 12\nscales = [2, 3, 4]"))
+    path = tmp_path / "tinyc.toml"
+    path.write_text(text)
+    recipe = load_recipe(path)
+    assert recipe.scales == [2, 3, 4]
+    res = run_recipe(recipe, tmp_path / "run", minutes=10, threads=1)
+    assert res.finished and res.export is not None and res.export.name == "tinyc.safetensors"
+    state = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert state["eval_done"] == ["bench_x2", "bench_x3", "bench_x4"]
+    manifest = json.loads((res.export.parent / "manifest.json").read_text())
+    entries = {m["name"]: m for m in manifest["models"]}
+    assert sorted(entries) == ["tinyc-x2", "tinyc-x3", "tinyc-x4"]
+    psnr = {}
+    for s in (2, 3, 4):
+        e = entries[f"tinyc-x{s}"]
+        assert (e["file"], e["scale"], e["scales"], e["sha256"]) == ("tinyc.safetensors", s, [2, 3, 4], res.sha256)
+        psnr[s] = e["metrics"]["bench"]["w8a8"]["psnr"]
+        ev = json.loads((tmp_path / "run" / "eval" / f"bench_x{s}.json").read_text())
+        assert ev["scale"] == s and ev["results"][0]["psnr"] == pytest.approx(psnr[s], abs=1e-4)
+        net = load_model(weights=res.export, scale=s, mode="dynamic", kernels="float")
+        with torch.inference_mode():
+            y, _ = net(torch.rand(1, 3, 10, 12) * 255)
+        assert y.shape == (1, 3, 10 * s, 12 * s)
+    assert len(set(psnr.values())) == 3  # each entry holds its own scale's numbers
+    bad = text.replace("[[stages]]\nrun = \"cq2\"\nsteps = 12", "[[stages]]\nrun = \"cq2\"\nscales = [2, 4]\nsteps = 12")
+    assert bad != text
+    path.write_text(bad)
+    with pytest.raises(SystemExit, match="must train the same scales"):
+        load_recipe(path)
+
+
 def test_a_budget_stop_then_resume_gives_the_same_export(root: Path, whole, tmp_path: Path) -> None:
     ref, _ = whole
     recipe = load_recipe(_write(root, "tiny"))

@@ -426,10 +426,31 @@ def test_multi_scale_carn_trains_every_scale_and_resumes_exactly(data_dir: Path,
         train_stage(_cfg(data_dir, tmp_path / "stopped", scales=[2, 4], **kw))
 
 
+def test_multi_scale_carn_quantizes_every_scale(data_dir: Path, tmp_path: Path) -> None:
+    """pams and cadyq on a multi-scale CARN: a batch of each scale in turn against the teacher at that scale,
+    every upsampler trained, validation (dynamic and w8a8) per scale; one file serves each scale."""
+    kw = dict(arch="carn", scale=4, scales=[2, 3, 4], lr_patch=12, val_every=6, steps=6)
+    train_stage(_cfg(data_dir, tmp_path / "fp", **kw))
+    train_stage(_cfg(data_dir, tmp_path / "pams", stage="pams", init=str(tmp_path / "fp" / "last.pt"), **kw))
+    train_stage(_cfg(data_dir, tmp_path / "cq", stage="cadyq", init=str(tmp_path / "pams" / "last.pt"), **kw))
+    before = load_state(tmp_path / "pams" / "last.pt")["model"]
+    after = load_state(tmp_path / "cq" / "last.pt")["model"]
+    for s in (2, 3, 4):
+        keys = [k for k in before if k.startswith(f"upsample.up{s}.")]
+        assert keys and all(not torch.equal(after[k], before[k]) for k in keys), s
+    last = _log(tmp_path / "cq")[-1]
+    assert last["final"] and all(f"{k}_x{s}" in last for k in ("val_psnr", "val_fab", "val_psnr_w8a8") for s in (2, 3, 4))
+    assert last["val_psnr_x2"] > last["val_psnr_x4"]
+    for s in (2, 3, 4):  # the cadyq checkpoint runs at every scale
+        m = load_model_file(tmp_path / "cq" / "last.pt", "carn", s)
+        y, _ = m(torch.rand(1, 3, 10, 12) * 255)
+        assert y.shape == (1, 3, 10 * s, 12 * s)
+
+
 @pytest.mark.parametrize("arch, scales, why, stage", [("edsr_baseline", [2, 4], "multi-scale models", "fp"),
                                                       ("carn", [2, 3], "including --scale 4", "fp"),
                                                       ("carn", [2, 2, 4], "distinct", "fp"),
-                                                      ("carn", [2, 3, 4], "trains one --scale", "pams")])
+                                                      ("edsr_baseline", [2, 4], "multi-scale models", "pams")])
 def test_scales_refused_in_one_line(data_dir: Path, tmp_path: Path, arch: str, scales: list[int], why: str,
                                     stage: str) -> None:
     with pytest.raises(SystemExit, match=why):

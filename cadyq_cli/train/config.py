@@ -75,8 +75,6 @@ def check_config(cfg: TrainConfig) -> None:
         raise SystemExit(f"--ema must be a decay in [0, 1) (e.g. 0.999; 0: off), not {cfg.ema}")
     if cfg.wip_lean and not cfg.wip:
         raise SystemExit("--wip-lean says how to keep the --wip file: name one with --wip FILE")
-    if cfg.scales and cfg.stage != "fp":  # a teacher (and calibration) for every scale: not built yet
-        raise SystemExit(f"--scales trains the fp stage of a multi-scale model; {cfg.stage} trains one --scale")
     if cfg.scales:
         from ..errors import CadyqError
         from ..models import get_arch

@@ -5,6 +5,7 @@ Usage:
         --run runs/edsr_x4_fp --run runs/edsr_x4_pams --run runs/edsr_x4_cadyq \
         [--eval eval_x4.json] [--data "T91 + BSD200 + BSDS500test (../shared/data/train), 10 held out"] \
         [--fold-bit-bias 0.3]
+    python -m cadyq_cli.train.export runs/carn_cadyq/last.pt --name carn --scales 2,3,4 --eval x2.json ...
     python -m cadyq_cli.train.export runs/edsr_x4_fp7/last.pt --name edsr-baseline-x4-fp3 --backbone
 
 The manifest (``weights/manifest.json``) records per model: arch, scale, parameters, the
@@ -51,9 +52,13 @@ def _stage_info(run: Path) -> dict:
     return info
 
 
-def _metrics_from_eval(path: Path) -> dict:
+def _metrics_from_eval(path: Path, scale: int | None = None) -> dict:
+    """The metrics of ``cadyq eval --json`` output ``path``: {dataset: {mode: metrics}} (nothing where the
+    evaluation ran at another ``scale``)."""
     data = json.loads(path.read_text())
     out: dict = {}
+    if scale is not None and data.get("scale") != scale:
+        return out
     for r in data["results"]:
         entry = {k: (round(r[k], 4) if isinstance(r.get(k), float) else r.get(k)) for k in ("psnr", "ssim", "fab", "bitops_g")}
         entry["images"] = len(r.get("images", []))
@@ -64,13 +69,19 @@ def _metrics_from_eval(path: Path) -> dict:
 
 
 def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json: list[Path], data: str, notes: str,
-           recipe: str = "", backbone: str = "", fold_bit_bias: float = 0.0) -> dict:
+           recipe: str = "", backbone: str = "", fold_bit_bias: float = 0.0, scales: list[int] | None = None) -> dict:
     """Write ``<weights_dir>/<name>.safetensors`` and update the manifest; return the entry.
 
     ``recipe`` / ``backbone``: the recipe that trains the model and the backbone it starts from
     (default: those of the entry it replaces). ``fold_bit_bias``: an operating point chosen for the model
-    (:meth:`~cadyq_cli.models._base.SRModel.fold_bit_bias`), recorded in the file's metadata and the entry."""
+    (:meth:`~cadyq_cli.models._base.SRModel.fold_bit_bias`), recorded in the file's metadata and the entry.
+    ``scales``: a multi-scale model (CARN) ships as one file with an entry ``<name>-x<s>`` per scale, each
+    with the metrics of the evaluations at its scale; the entry at the model's own scale is returned."""
     model = load_model_file(ckpt)
+    if scales and (not model.multi_scale or model.scale not in scales
+                   or any(s not in model.supported_scales for s in scales)):
+        raise SystemExit(f"{ckpt}: --scales {','.join(map(str, scales))} needs a multi-scale model trained at "
+                         f"those scales, including its own x{model.scale} (this one: {model.arch})")
     extra: dict[str, object] = {"name": name}
     if fold_bit_bias:
         model.fold_bit_bias(fold_bit_bias)
@@ -82,26 +93,34 @@ def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     manifest_path = weights_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"models": []}
-    old = next((m for m in manifest["models"] if m["name"] == name), {})
-    metrics = dict(old.get("metrics", {}))
-    for e in eval_json:
-        for ds, modes in _metrics_from_eval(e).items():
-            metrics.setdefault(ds, {}).update(modes)
-    entry = {
-        "name": name, "file": out.name, "arch": model.arch, "scale": model.scale, "act_grid": model.act_grid, "skip": model.skip,
-        "sha256": sha, "params": params,
-        "data": data, "license": "MIT (weights trained by the cadyq project)",
-        "stages": [_stage_info(r) for r in runs] or old.get("stages", []), "metrics": metrics, "notes": notes or old.get("notes", ""),
-    }
-    if fold_bit_bias:
-        entry["bit_bias_folded"] = float(fold_bit_bias)
-    for key, value in (("recipe", recipe), ("backbone", backbone)):
-        if value or old.get(key):
-            entry[key] = value or old[key]
-    manifest["models"] = [m for m in manifest["models"] if m["name"] != name] + [entry]
+    stages = [_stage_info(r) for r in runs]
+    entries = {}
+    for scale in scales or [model.scale]:
+        entry_name = f"{name}-x{scale}" if scales else name
+        old = next((m for m in manifest["models"] if m["name"] == entry_name), {})
+        metrics = dict(old.get("metrics", {}))
+        for e in eval_json:
+            for ds, modes in _metrics_from_eval(e, scale if scales else None).items():
+                metrics.setdefault(ds, {}).update(modes)
+        entry = {
+            "name": entry_name, "file": out.name, "arch": model.arch, "scale": scale, "act_grid": model.act_grid,
+            "skip": model.skip, "sha256": sha, "params": params,
+            "data": data, "license": "MIT (weights trained by the cadyq project)",
+            "stages": stages or old.get("stages", []), "metrics": metrics, "notes": notes or old.get("notes", ""),
+        }
+        if scales:
+            entry["scales"] = list(scales)  # the one file serves these entries
+        if fold_bit_bias:
+            entry["bit_bias_folded"] = float(fold_bit_bias)
+        for key, value in (("recipe", recipe), ("backbone", backbone)):
+            if value or old.get(key):
+                entry[key] = value or old[key]
+        entries[scale] = entry
+    names = {e["name"] for e in entries.values()}
+    manifest["models"] = [m for m in manifest["models"] if m["name"] not in names] + list(entries.values())
     manifest["models"].sort(key=lambda m: m["name"])
     _write_manifest(manifest_path, manifest)
-    return entry
+    return entries[model.scale]
 
 
 def export_backbone(ckpt: Path, name: str, weights_dir: Path) -> dict:
@@ -150,6 +169,7 @@ def main() -> None:
     p.add_argument("--fold-bit-bias", type=float, default=0.0,
                    help="fold this compute-dial bias into the selectors (an operating point chosen on non-benchmark data)")
     p.add_argument("--backbone", action="store_true", help="export an fp checkpoint as a backbone (weights/backbones/)")
+    p.add_argument("--scales", default="", help="a multi-scale model: one file, an entry NAME-xS per scale (e.g. 2,3,4)")
     a = p.parse_args()
     if a.backbone and a.fold_bit_bias:
         p.error("--fold-bit-bias folds into selectors: a backbone (--backbone) has none trained")
@@ -157,7 +177,12 @@ def main() -> None:
         e = export_backbone(a.ckpt, a.name, a.weights_dir)
         print(json.dumps({k: e[k] for k in ("name", "file", "sha256")}))  # noqa: T201
         return
-    e = export(a.ckpt, a.name, a.weights_dir, a.run, a.eval, a.data, a.notes, fold_bit_bias=a.fold_bit_bias)
+    try:
+        scales = [int(s) for s in a.scales.split(",")] if a.scales else None
+    except ValueError:
+        p.error(f"--scales takes scales like 2,3,4, not {a.scales}")
+    e = export(a.ckpt, a.name, a.weights_dir, a.run, a.eval, a.data, a.notes, fold_bit_bias=a.fold_bit_bias,
+               scales=scales)
     print(json.dumps({k: e[k] for k in ("name", "file", "sha256", "params")}))  # noqa: T201
 
 

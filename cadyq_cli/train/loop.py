@@ -131,7 +131,9 @@ def _train_step(cfg: TrainConfig, step: int, model: SRModel, teacher: SRModel | 
             g["lr"] = lr_now
     scales = list(data)
     s = scales[step % len(scales)]
-    model.scale = s  # a teacher (pams/cadyq) trains one scale only (config.check_config)
+    model.scale = s
+    if teacher is not None:  # a multi-scale teacher answers at the batch's scale
+        teacher.scale = s
     x, y = data[s].sample(np_rng, cfg.batch, cfg.lr_patch)
     x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
     if taps is not None:

@@ -88,6 +88,7 @@ class Recipe:
     export_name: str = ""
     start: str = "scratch"
     notes: str = ""
+    scales: list[int] = field(default_factory=list)  # a multi-scale model's scales (its picked runs'), else empty
 
     @property
     def backbone(self) -> str | None:
@@ -227,6 +228,9 @@ def load_recipe(path: str | Path) -> Recipe:
     kept = {s.run for s in segments if s.settings.get("keep_val")}
     if missing := [r for r in pick["runs"] if r not in kept]:
         raise SystemExit(f"{where}, [pick]: run {missing[0]!r} keeps no checkpoints to pick from (keep_val = true)")
+    picked_scales = {tuple(s.settings.get("scales") or ()) for s in segments if s.run in pick["runs"]}
+    if len(picked_scales) > 1:
+        raise SystemExit(f"{where}, [pick]: the runs to pick from must train the same scales")
     ev = doc.get("eval", {})
     _unknown(f"{where}, [eval]", ev, _EVAL_KEYS)
     if ev and (not isinstance(ev.get("sets"), list) or not all(isinstance(s, dict) and isinstance(s.get("name"), str)
@@ -241,7 +245,8 @@ def load_recipe(path: str | Path) -> Recipe:
     return Recipe(path=path, sha256=hashlib.sha256(raw).hexdigest(), name=str(doc["name"]),
                   arch=str(doc.get("arch", "edsr_baseline")), scale=doc["scale"],
                   data=[str(Path(root) / d) if root else d for d in doc["data"]], segments=segments, pick=pick, eval=ev,
-                  export_name=str(export.get("name", doc["name"])), start=start, notes=str(doc.get("notes", "")))
+                  export_name=str(export.get("name", doc["name"])), start=start, notes=str(doc.get("notes", "")),
+                  scales=list(picked_scales.pop()))
 
 
 @dataclass
@@ -420,8 +425,8 @@ def run_recipe(recipe: Recipe, run_dir: Path, minutes: float = 60.0, data: list[
             if r not in cont_sources and r not in recipe.pick["runs"]] + [picked]
     entry = export(picked / "last.pt", recipe.export_name, out, runs, evals,
                    "; ".join(folders) + " (held out for validation: the seed's split)", recipe.notes,
-                   recipe=recipe.path.stem, backbone=recipe.backbone or "")
-    shipped = {w.name: w.sha256 for w in list_weights()}.get(recipe.export_name)
+                   recipe=recipe.path.stem, backbone=recipe.backbone or "", scales=recipe.scales or None)
+    shipped = {w.name: w.sha256 for w in list_weights()}.get(entry["name"])
     state.data["export"] = {"file": str(out / entry["file"]), "sha256": entry["sha256"]}
     state.save()
     same = "" if shipped is None else (" = the shipped model's" if shipped == entry["sha256"] else
@@ -434,7 +439,8 @@ def run_recipe(recipe: Recipe, run_dir: Path, minutes: float = 60.0, data: list[
 def _run_eval(recipe: Recipe, run_dir: Path, ckpt: Path, state: _State, deadline: float, threads: int, device: str,
               log: Callable[[str], None]) -> list[Path] | None:
     """Evaluate the pick on each ``[eval]`` set not yet done (``<run-dir>/eval/<set>.json``); the JSON
-    files, or None when the time budget ran out first. A missing benchmark folder is skipped with a warning."""
+    files, or None when the time budget ran out first. A missing benchmark folder is skipped with a warning.
+    A multi-scale model is evaluated at each of its scales (``<set>_x<s>.json``)."""
     ev = recipe.eval
     if not ev:
         return []
@@ -444,32 +450,36 @@ def _run_eval(recipe: Recipe, run_dir: Path, ckpt: Path, state: _State, deadline
     root = Path(ev.get("root", ""))
     folder = run_dir / "eval"
     folder.mkdir(exist_ok=True)
-    net = None
+    nets: dict = {}
     done_now = 0
-    for s in ev["sets"]:
-        name = s["name"]
-        out = folder / f"{name}.json"
-        if name in state.data["eval_done"]:
-            continue
-        if not (root / name).is_dir():
-            log(f"warning: benchmark folder {root / name} does not exist: {name} not evaluated")
-            continue
-        if time.time() >= deadline and done_now:  # at least one set per invocation: progress whatever the budget
-            return None
-        if net is None:
-            import torch
+    for scale in recipe.scales or [recipe.scale]:
+        for s in ev["sets"]:
+            name = s["name"]
+            key = f"{name}_x{scale}" if recipe.scales else name
+            if key in state.data["eval_done"]:
+                continue
+            if not (root / name).is_dir():
+                log(f"warning: benchmark folder {root / name} does not exist: {name} not evaluated")
+                continue
+            if time.time() >= deadline and done_now:  # at least one set per invocation: progress whatever the budget
+                return None
+            if scale not in nets:
+                import torch
 
-            if threads:
-                torch.set_num_threads(threads)
-            net = load_model(weights=ckpt, scale=recipe.scale, mode="fp32", device=device)
-        log(f"eval {name}" + (f" (first {s['limit']} images)" if s.get("limit") else ""))
-        res = evaluate([root / name], recipe.scale, net, list(ev.get("modes", ["fp32", "w8a8", "dynamic"])),
-                       bool(ev.get("bicubic", False)), str(ev.get("tiling", "paper")), model_name=recipe.export_name,
-                       limit=int(s.get("limit", 0)))
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results_to_json(res), indent=1) + "\n")
-        os.replace(tmp, out)
-        state.data["eval_done"].append(name)
-        state.save()
-        done_now += 1
+                if threads:
+                    torch.set_num_threads(threads)
+                nets = {scale: load_model(weights=ckpt, scale=scale, mode="fp32", device=device)}
+            log(f"eval {name}" + (f" at x{scale}" if recipe.scales else "")
+                + (f" (first {s['limit']} images)" if s.get("limit") else ""))
+            res = evaluate([root / name], scale, nets[scale], list(ev.get("modes", ["fp32", "w8a8", "dynamic"])),
+                           bool(ev.get("bicubic", False)), str(ev.get("tiling", "paper")),
+                           model_name=f"{recipe.export_name}-x{scale}" if recipe.scales else recipe.export_name,
+                           limit=int(s.get("limit", 0)))
+            out = folder / f"{key}.json"
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(results_to_json(res), indent=1) + "\n")
+            os.replace(tmp, out)
+            state.data["eval_done"].append(key)
+            state.save()
+            done_now += 1
     return [folder / f"{n}.json" for n in state.data["eval_done"]]
