@@ -584,7 +584,7 @@ def train(
     keep_val: Annotated[bool, typer.Option(help="keep <run>/step<N>.pt at every validation (pick one later with python -m cadyq_cli.train.select)")] = False,
     ema: Annotated[float, typer.Option("--ema", metavar="DECAY", help="keep an exponential moving average of the weights (e.g. 0.999; 0: off): validated, saved as the checkpoint's model, exported")] = 0.0,
     wip: Annotated[Optional[Path], typer.Option("--wip", metavar="FILE", help="also keep the run as one small file (weights, step; no optimizer) at every save; with no RUN/last.pt, continue from it")] = None,
-    wip_lean: Annotated[bool, typer.Option("--wip-lean", help="keep the --wip file at about a quarter of its size: float16, and with --ema the average only (training goes on from it)")] = False,
+    wip_lean: Annotated[bool, typer.Option("--wip-lean", help="keep the --wip file small: float16 (half the size), and with --ema the average only (a quarter; training goes on from it)")] = False,
     bit_weight: Annotated[float, typer.Option(help="cadyq: weight of the bit loss (reached after --bit-ramp steps)")] = 0.5,
     bit_ramp: Annotated[int, typer.Option(help="cadyq: steps over which the bit-loss weight rises from 0")] = 100,
     selector_lr: Annotated[float, typer.Option(help="cadyq: learning rate of the bit selectors")] = 1e-3,

@@ -29,7 +29,7 @@ def round_into(src: np.ndarray, dst: np.ndarray, top: float, scale: float = 1.0)
         if scale == 1.0:
             np.fmax(src[y : y + rows], 0, out=t, casting="same_kind")  # fmax/fmin take NaN to the bound: NaN -> 0
         else:
-            np.multiply(src[y : y + rows], np.float32(scale), out=t, casting="same_kind")
+            np.multiply(src[y : y + rows], np.float32(scale), out=t, dtype=np.float32, casting="same_kind")
             np.fmax(t, 0, out=t)
         np.fmin(t, top, out=t)
         np.rint(t, out=t)

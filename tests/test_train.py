@@ -445,6 +445,21 @@ def test_multi_scale_carn_quantizes_every_scale(data_dir: Path, tmp_path: Path) 
         m = load_model_file(tmp_path / "cq" / "last.pt", "carn", s)
         y, _ = m(torch.rand(1, 3, 10, 12) * 255)
         assert y.shape == (1, 3, 10 * s, 12 * s)
+    # a source trained at one scale has untrained upsamplers: refused as --init and as --teacher
+    one = {k: v for k, v in kw.items() if k != "scales"} | {"steps": 1}
+    train_stage(_cfg(data_dir, tmp_path / "fp4", **one))
+    with pytest.raises(SystemExit, match="fp4/last.pt was trained at x4 only, not at x2, x3"):
+        train_stage(_cfg(data_dir, tmp_path / "bad", stage="pams", init=str(tmp_path / "fp4" / "last.pt"), **kw))
+    with pytest.raises(SystemExit, match="--teacher .*fp4/last.pt was trained at x4 only"):
+        train_stage(_cfg(data_dir, tmp_path / "bad", stage="cadyq", init=str(tmp_path / "pams" / "last.pt"),
+                         teacher=str(tmp_path / "fp4" / "last.pt"), **kw))
+    assert not (tmp_path / "bad").exists()
+    from cadyq_cli.train.export import export
+
+    with pytest.raises(SystemExit, match="distinct scales"):
+        export(tmp_path / "cq" / "last.pt", "c", tmp_path / "w", [], [], "data", "", scales=[2, 2, 4])
+    with pytest.raises(SystemExit, match="trained at x4"):
+        export(tmp_path / "fp4" / "last.pt", "c", tmp_path / "w", [], [], "data", "", scales=[2, 3, 4])
 
 
 @pytest.mark.parametrize("arch, scales, why, stage", [("edsr_baseline", [2, 4], "multi-scale models", "fp"),

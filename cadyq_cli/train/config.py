@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["STAGES", "TrainConfig", "check_config", "check_resume", "config_changes", "lr_at", "train_scales"]
+__all__ = ["STAGES", "TrainConfig", "check_config", "check_resume", "check_source_scales", "config_changes", "lr_at",
+           "train_scales"]
 
 STAGES = ("fp", "pams", "cadyq")
 
@@ -89,6 +90,18 @@ def check_config(cfg: TrainConfig) -> None:
         if bad or len(set(cfg.scales)) != len(cfg.scales) or cfg.scale not in cfg.scales:
             raise SystemExit(f"--scales takes distinct scales of {', '.join(map(str, cls.supported_scales))} "
                              f"including --scale {cfg.scale}, not {','.join(map(str, cfg.scales))}")
+
+
+def check_source_scales(saved: dict, cfg: TrainConfig, what: str) -> None:
+    """Refuse, in one line, a multi-scale pams/cadyq stage whose ``--init``/``--teacher`` (config ``saved``)
+    was trained at fewer scales: its other upsamplers never learned. Sources that record no training
+    scales (a shipped or official file) are taken as they are."""
+    if not cfg.scales or "scales" not in saved:
+        return
+    trained = list(saved["scales"]) or [saved.get("scale")]
+    if missing := [s for s in cfg.scales if s not in trained]:
+        raise SystemExit(f"{what} was trained at x{', x'.join(map(str, trained))} only, not at "
+                         f"x{', x'.join(map(str, missing))}: train it with --scales {','.join(map(str, cfg.scales))}")
 
 
 def train_scales(cfg: TrainConfig) -> list[int]:

@@ -78,10 +78,14 @@ def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json
     ``scales``: a multi-scale model (CARN) ships as one file with an entry ``<name>-x<s>`` per scale, each
     with the metrics of the evaluations at its scale; the entry at the model's own scale is returned."""
     model = load_model_file(ckpt)
-    if scales and (not model.multi_scale or model.scale not in scales
-                   or any(s not in model.supported_scales for s in scales)):
-        raise SystemExit(f"{ckpt}: --scales {','.join(map(str, scales))} needs a multi-scale model trained at "
-                         f"those scales, including its own x{model.scale} (this one: {model.arch})")
+    if scales:
+        saved = load_state(ckpt).get("config") or {} if Path(ckpt).suffix == ".pt" else {}
+        trained = (saved.get("scales") or [saved.get("scale")]) if "scales" in saved else list(scales)
+        if (not model.multi_scale or model.scale not in scales or len(set(scales)) != len(scales)
+                or any(s not in model.supported_scales or s not in trained for s in scales)):
+            raise SystemExit(f"{ckpt}: --scales {','.join(map(str, scales))} needs a multi-scale model trained at "
+                             f"those distinct scales, including its own x{model.scale} (this one: {model.arch}"
+                             f"{', trained at x' + ', x'.join(map(str, trained)) if saved else ''})")
     extra: dict[str, object] = {"name": name}
     if fold_bit_bias:
         model.fold_bit_bias(fold_bit_bias)

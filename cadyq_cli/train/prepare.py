@@ -9,7 +9,7 @@ import torch
 from ..models import create_model, get_arch
 from ..models._base import ACT_GRIDS, SRModel
 from ..quant.modules import set_quant_mode
-from .config import TrainConfig
+from .config import TrainConfig, check_source_scales
 from .state import load_state
 
 __all__ = ["resolve_variants", "prepare_models", "warm_start"]
@@ -90,6 +90,7 @@ def _teacher(cfg: TrainConfig, init: dict | None) -> SRModel | None:
     if not src:
         return None
     state = init if init is not None and src == cfg.init else load_state(src)
+    check_source_scales(state.get("config") or {}, cfg, f"--teacher {src}")
     teacher = _model_from_state(state, cfg)
     fp_teacher = (state.get("config") or {}).get("stage") == "fp"  # its clips were never calibrated
     set_quant_mode(teacher, "fp32" if cfg.stage == "pams" or fp_teacher else "w8a8")

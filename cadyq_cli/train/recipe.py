@@ -430,7 +430,7 @@ def run_recipe(recipe: Recipe, run_dir: Path, minutes: float = 60.0, data: list[
     state.data["export"] = {"file": str(out / entry["file"]), "sha256": entry["sha256"]}
     state.save()
     same = "" if shipped is None else (" = the shipped model's" if shipped == entry["sha256"] else
-                                       f" (the shipped {recipe.export_name} is {shipped[:12]}…: other machine or settings)")
+                                       f" (the shipped {entry['name']} is {shipped[:12]}…: other machine or settings)")
     msg = f"exported {out / entry['file']}: sha256 {entry['sha256']}{same}"
     log(msg)
     return RecipeResult(True, msg, out / entry["file"], entry["sha256"], shipped)

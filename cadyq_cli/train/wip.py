@@ -10,7 +10,8 @@ as at ``--init``) and its RNGs reseeded from ``seed + step``, so it is not bit-i
 uninterrupted run.
 
 With ``--wip-lean`` (``lean``) the file is about a quarter of that size, for models whose file would
-not fit the repository's budget: every float tensor is stored as float16 (where it fits that range),
+not fit the repository's budget: every float tensor of the weights is stored as float16 (where it fits that range; the selectors'
+training form stays float32),
 and with ``--ema`` only the average is kept (folded like the weights, no ``ema/``), so training goes
 on from the average and the average starts again from there.
 """
@@ -45,19 +46,20 @@ def save_wip(path: str | Path, model: SRModel, ema: WeightEMA | None, step: int,
     tensors = {f"model/{k}": v for k, v in w.get("raw_model", w["model"]).items()}
     tensors |= {f"selector_train/{name}/{f}": v for name, t in w["selector_train"].items() for f, v in t.items()}
     tensors |= {f"ema/{k}": v for k, v in (w.get("ema") or {}).items()}
-    if cfg.wip_lean:
-        tensors = {k: _half(v) for k, v in tensors.items()}
+    if cfg.wip_lean:  # the selectors' training form (feature statistics in the thousands) stays float32: tiny
+        tensors = {k: v if k.startswith("selector_train/") else _half(v) for k, v in tensors.items()}
     meta = {"format": WIP_FORMAT, "stage": cfg.stage, "arch": cfg.arch, "scale": str(cfg.scale), "step": str(step),
             "steps": str(cfg.steps), "act_grid": cfg.act_grid or "signed", "skip": cfg.skip or "official",
-            "elapsed_s": repr(float(elapsed_s)), "config": json.dumps(asdict(cfg)),
-            "lean": "float16, the average only" if cfg.wip_lean and ema is not None else "float16" if cfg.wip_lean else ""}
+            "elapsed_s": repr(float(elapsed_s)), "config": json.dumps(asdict(cfg))}
+    if cfg.wip_lean:
+        meta["lean"] = "float16, the average only" if ema is not None else "float16"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_state_dict(tensors, path, meta)
 
 
 def _half(v: torch.Tensor) -> torch.Tensor:
-    """``v`` as float16 where it is a float32 tensor inside float16's range, else unchanged."""
-    if v.dtype != torch.float32 or not v.numel() or v.abs().max() >= 65504:
+    """``v`` as float16 where it is a finite float32 tensor inside float16's range, else unchanged."""
+    if v.dtype != torch.float32 or not v.numel() or not bool(torch.isfinite(v).all()) or v.abs().max() >= 65504:
         return v
     return v.half()
 
