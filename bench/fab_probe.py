@@ -14,27 +14,21 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cadyq_cli.engine import TilingConfig, upscale_array
 from cadyq_cli.evaluate import _read_rgb_uint8, list_images
 from cadyq_cli.resize import imresize
-from cadyq_cli.weights import load_model
+from _model_args import add_model_args, load_dynamic
 
 
 def main() -> None:
     """Print the probe FAB per folder and pooled."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folders", type=Path, nargs="+")
-    p.add_argument("--model", default=None)
-    p.add_argument("--weights", type=Path, default=None)
-    p.add_argument("--arch", default=None)
-    p.add_argument("--scale", type=int, default=4)
+    add_model_args(p, threads=2)
     p.add_argument("--bit-bias", type=float, default=0.0)
-    p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
-    model = load_model(a.model, weights=a.weights, arch=a.arch, scale=a.scale, mode="dynamic")
+    model = load_dynamic(a)
     model.set_bit_bias(a.bit_bias)
     cfg = TilingConfig(tiling="paper")
     every: list[float] = []

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cadyq_cli.evaluate import evaluate, list_images
-from cadyq_cli.weights import load_model
+from _model_args import add_model_args, load_dynamic
 
 #: an output bias that decides every choice: (4-bit, 6-bit, 8-bit) logits moved by (-F, 0, +F)
 _FORCE_8 = (-1e4, 0.0, 1e4)
@@ -31,17 +31,12 @@ def main() -> None:
     """Print the per-image gaps of the worst images and each selector's forced-8-bit effect on them."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folders", type=Path, nargs="+")
-    p.add_argument("--model", default=None)
-    p.add_argument("--weights", type=Path, default=None)
-    p.add_argument("--arch", default=None)
-    p.add_argument("--scale", type=int, default=4)
+    add_model_args(p, threads=1)
     p.add_argument("--sample", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worst", type=int, default=10)
-    p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
-    net = load_model(a.model, weights=a.weights, arch=a.arch, scale=a.scale, mode="dynamic")
+    net = load_dynamic(a)
     files = [f for d in a.folders for f in list_images(d)]
     if a.sample and a.sample < len(files):
         files = [files[i] for i in sorted(np.random.default_rng(a.seed).choice(len(files), a.sample, replace=False))]

@@ -214,13 +214,19 @@ def test_lean_wip_keeps_the_average_in_float16(data_dir: Path, tmp_path: Path) -
     assert not (tmp_path / "other").exists()
 
 
-def test_lean_wip_keeps_the_averaged_selectors(tmp_path: Path) -> None:
-    """A lean file of a cadyq model with an average holds the average's selectors, standardized."""
-    torch.manual_seed(5)
+def _standardized_model(seed: int):
+    """An x2 EDSR-baseline whose first selector trains on standardized features (random statistics)."""
+    torch.manual_seed(seed)
     model = create_model("edsr_baseline", 2)
     sel = model.selectors[0]
     n = sel.net_small[0].weight.shape[1]
     sel.znorm = (torch.rand(n) + 1, torch.rand(n) + 0.5)
+    return model, sel
+
+
+def test_lean_wip_keeps_the_averaged_selectors(tmp_path: Path) -> None:
+    """A lean file of a cadyq model with an average holds the average's selectors, standardized."""
+    model, sel = _standardized_model(5)
     ema = WeightEMA(model, 0.9)
     with torch.no_grad():
         for p in model.parameters():
@@ -242,11 +248,7 @@ def test_lean_wip_keeps_the_averaged_selectors(tmp_path: Path) -> None:
 
 def test_wip_keeps_standardized_selectors(tmp_path: Path) -> None:
     """A cadyq model's selectors trained on standardized features come back in that form."""
-    torch.manual_seed(3)
-    model = create_model("edsr_baseline", 2)
-    sel = model.selectors[0]
-    n = sel.net_small[0].weight.shape[1]
-    sel.znorm = (torch.rand(n) + 1, torch.rand(n) + 0.5)
+    model, sel = _standardized_model(3)
     torch.nn.init.normal_(sel.net_small[0].weight)
     cfg = TrainConfig(stage="cadyq", scale=2, act_grid="signed", skip="official", seed=4)
     save_wip(tmp_path / "w.safetensors", model, None, 11, cfg, 60.0)

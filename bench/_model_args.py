@@ -1,0 +1,24 @@
+"""Shared command-line options of the benchmarks that run one model in dynamic mode."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from cadyq_cli.models._base import SRModel
+from cadyq_cli.weights import load_model
+
+
+def add_model_args(p: argparse.ArgumentParser, threads: int) -> None:
+    """``--model`` (a shipped name) or ``--weights FILE --arch A``, ``--scale``, ``--threads``."""
+    p.add_argument("--model", default=None)
+    p.add_argument("--weights", default=None)
+    p.add_argument("--arch", default=None)
+    p.add_argument("--scale", type=int, default=4)
+    p.add_argument("--threads", type=int, default=threads)
+
+
+def load_dynamic(a: argparse.Namespace) -> SRModel:
+    """The model the options name, in dynamic mode, with torch on ``--threads`` threads."""
+    torch.set_num_threads(a.threads)
+    return load_model(a.model, weights=a.weights, arch=a.arch, scale=a.scale, mode="dynamic")
