@@ -9,11 +9,11 @@ stage that finds no ``last.pt`` but FILE continues from it with a fresh Adam (it
 as at ``--init``) and its RNGs reseeded from ``seed + step``, so it is not bit-identical to an
 uninterrupted run.
 
-With ``--wip-lean`` (``lean``) the file is about a quarter of that size, for models whose file would
-not fit the repository's budget: every float tensor of the weights is stored as float16 (where it fits that range; the selectors'
-training form stays float32),
-and with ``--ema`` only the average is kept (folded like the weights, no ``ema/``), so training goes
-on from the average and the average starts again from there.
+With ``--wip-lean`` (``lean``) the file is half that size, a quarter with ``--ema``, for models whose
+file would not fit the repository's budget: the weights are stored as float16 (where they fit that
+range; the selectors' small training form stays float32), and with ``--ema`` only the average is kept
+(folded like the weights, no ``ema/``), so training goes on from the average and the average starts
+again from there.
 """
 from __future__ import annotations
 
@@ -75,11 +75,12 @@ def read_wip(path: str | Path) -> dict:
                    "elapsed_s": float(meta["elapsed_s"]), "model": {}, "selector_train": {}, "ema": {}}
     for key, v in tensors.items():
         part, _, rest = key.partition("/")
+        v = v.float() if v.dtype == torch.float16 else v  # a lean file's float16
         if part == "selector_train":
             name, _, field = rest.rpartition("/")
-            state["selector_train"].setdefault(name, {})[field] = v.float() if v.dtype == torch.float16 else v
+            state["selector_train"].setdefault(name, {})[field] = v
         elif part in ("model", "ema"):
-            state[part][rest] = v.float() if v.dtype == torch.float16 else v  # a lean file's float16
+            state[part][rest] = v
         else:
             raise SystemExit(f"--wip {path}: unexpected tensor {key!r}")
     state["ema"] = state["ema"] or None
