@@ -5,7 +5,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 __all__ = ["STAGES", "TrainConfig", "check_config", "check_resume", "check_source_scales", "config_changes", "lr_at",
-           "train_scales"]
+           "train_scales", "trained_scales"]
 
 STAGES = ("fp", "pams", "cadyq")
 
@@ -92,13 +92,21 @@ def check_config(cfg: TrainConfig) -> None:
                              f"including --scale {cfg.scale}, not {','.join(map(str, cfg.scales))}")
 
 
+def trained_scales(saved: dict) -> list[int] | None:
+    """The scales a checkpoint (config ``saved``) was trained at; ``None`` where it records none (a shipped or
+    official file)."""
+    if "scales" not in saved:
+        return None
+    return list(saved["scales"]) or [saved.get("scale")]
+
+
 def check_source_scales(saved: dict, cfg: TrainConfig, what: str) -> None:
     """Refuse, in one line, a multi-scale pams/cadyq stage whose ``--init``/``--teacher`` (config ``saved``)
     was trained at fewer scales: its other upsamplers never learned. Sources that record no training
-    scales (a shipped or official file) are taken as they are."""
-    if not cfg.scales or "scales" not in saved:
+    scales are taken as they are."""
+    trained = trained_scales(saved)
+    if not cfg.scales or trained is None:
         return
-    trained = list(saved["scales"]) or [saved.get("scale")]
     if missing := [s for s in cfg.scales if s not in trained]:
         raise SystemExit(f"{what} was trained at x{', x'.join(map(str, trained))} only, not at "
                          f"x{', x'.join(map(str, missing))}: train it with --scales {','.join(map(str, cfg.scales))}")

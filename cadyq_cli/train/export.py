@@ -21,9 +21,10 @@ from pathlib import Path
 
 from ..checkpoint import load_model_file, save_state_dict, save_weights
 from ..weights import file_sha256
+from .config import trained_scales
 from .state import load_state
 
-__all__ = ["export", "export_backbone"]
+__all__ = ["export", "export_backbone", "model_entry_name"]
 
 
 def _stage_info(run: Path) -> dict:
@@ -68,6 +69,12 @@ def _metrics_from_eval(path: Path, scale: int | None = None) -> dict:
     return out
 
 
+def model_entry_name(name: str, scale: int, multi_scale: bool) -> str:
+    """The manifest name of an exported model: ``name``, or ``<name>-x<scale>`` for each scale one multi-scale
+    file serves."""
+    return f"{name}-x{scale}" if multi_scale else name
+
+
 def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json: list[Path], data: str, notes: str,
            recipe: str = "", backbone: str = "", fold_bit_bias: float = 0.0, scales: list[int] | None = None) -> dict:
     """Write ``<weights_dir>/<name>.safetensors`` and update the manifest; return the entry.
@@ -79,13 +86,12 @@ def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json
     with the metrics of the evaluations at its scale; the entry at the model's own scale is returned."""
     model = load_model_file(ckpt)
     if scales:
-        saved = load_state(ckpt).get("config") or {} if Path(ckpt).suffix == ".pt" else {}
-        trained = (saved.get("scales") or [saved.get("scale")]) if "scales" in saved else list(scales)
+        trained = trained_scales(load_state(ckpt).get("config") or {}) if Path(ckpt).suffix == ".pt" else None
         if (not model.multi_scale or model.scale not in scales or len(set(scales)) != len(scales)
-                or any(s not in model.supported_scales or s not in trained for s in scales)):
+                or any(s not in model.supported_scales or s not in (trained or scales) for s in scales)):
             raise SystemExit(f"{ckpt}: --scales {','.join(map(str, scales))} needs a multi-scale model trained at "
                              f"those distinct scales, including its own x{model.scale} (this one: {model.arch}"
-                             f"{', trained at x' + ', x'.join(map(str, trained)) if saved else ''})")
+                             f"{', trained at x' + ', x'.join(map(str, trained)) if trained else ''})")
     extra: dict[str, object] = {"name": name}
     if fold_bit_bias:
         model.fold_bit_bias(fold_bit_bias)
@@ -100,7 +106,7 @@ def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json
     stages = [_stage_info(r) for r in runs]
     entries = {}
     for scale in scales or [model.scale]:
-        entry_name = f"{name}-x{scale}" if scales else name
+        entry_name = model_entry_name(name, scale, bool(scales))
         old = next((m for m in manifest["models"] if m["name"] == entry_name), {})
         metrics = dict(old.get("metrics", {}))
         for e in eval_json:

@@ -21,7 +21,7 @@ import torch
 from ..models._base import SRModel
 from ..quant.modules import ActQuantizer
 from .calibrate import calibrate, init_selectors
-from .config import TrainConfig, check_config, check_resume, check_source_scales, config_changes, lr_at, train_scales
+from .config import TrainConfig, check_config, check_resume, config_changes, lr_at, train_scales
 from .data import SRPairs, data_fingerprint, list_images, split_pairs
 from .ema import WeightEMA
 from .losses import AttentionTaps, stage_loss
@@ -60,11 +60,7 @@ def _read_init(cfg: TrainConfig, resume: dict | None, ckpt: Path) -> dict | None
         f = getattr(cfg, what)
         if f is not None and not Path(f).is_file():
             raise SystemExit(f"--{what} {f} does not exist")
-    if resume is None and cfg.init and cfg.stage != "fp":
-        init = load_state(cfg.init)
-        check_source_scales(init.get("config") or {}, cfg, f"--init {cfg.init}")
-        return init
-    return None
+    return load_state(cfg.init) if resume is None and cfg.init and cfg.stage != "fp" else None
 
 
 def _training_images(cfg: TrainConfig) -> list[Path]:

@@ -74,8 +74,10 @@ def warm_start(model: SRModel, path: str | Path, state: dict | None = None) -> l
     return sorted(set(own) - set(take))
 
 
-def _model_from_state(state: dict, cfg: TrainConfig) -> SRModel:
-    """The model of a training checkpoint, with the activation grid and skip it was trained with."""
+def _model_from_state(state: dict, cfg: TrainConfig, source: str) -> SRModel:
+    """The model of a training checkpoint (``source``: how to name it in an error), with the activation grid
+    and skip it was trained with; refused where it lacks a scale the stage trains."""
+    check_source_scales(state.get("config") or {}, cfg, source)
     model: SRModel = create_model(cfg.arch, cfg.scale)  # type: ignore[assignment]
     model.load_state_dict(state["model"], strict=True)
     model.set_act_grid(_variant(state, "act_grid"))
@@ -90,8 +92,7 @@ def _teacher(cfg: TrainConfig, init: dict | None) -> SRModel | None:
     if not src:
         return None
     state = init if init is not None and src == cfg.init else load_state(src)
-    check_source_scales(state.get("config") or {}, cfg, f"--teacher {src}")
-    teacher = _model_from_state(state, cfg)
+    teacher = _model_from_state(state, cfg, f"--teacher {src}")
     fp_teacher = (state.get("config") or {}).get("stage") == "fp"  # its clips were never calibrated
     set_quant_mode(teacher, "fp32" if cfg.stage == "pams" or fp_teacher else "w8a8")
     teacher.eval()
@@ -114,7 +115,7 @@ def prepare_models(cfg: TrainConfig, resume: dict | None, init: dict | None) -> 
         return model, None
     if resume is None:
         assert init is not None  # train_stage has checked that a fresh pams/cadyq run has --init
-        model = _model_from_state(init, cfg)
+        model = _model_from_state(init, cfg, f"--init {cfg.init}")
     else:
         model = create_model(cfg.arch, cfg.scale)  # type: ignore[assignment]
     model.set_act_grid(cfg.act_grid or "signed")

@@ -450,7 +450,9 @@ def _run_eval(recipe: Recipe, run_dir: Path, ckpt: Path, state: _State, deadline
     root = Path(ev.get("root", ""))
     folder = run_dir / "eval"
     folder.mkdir(exist_ok=True)
-    nets: dict = {}
+    from .export import model_entry_name
+
+    net, net_scale = None, None
     done_now = 0
     for scale in recipe.scales or [recipe.scale]:
         for s in ev["sets"]:
@@ -463,17 +465,17 @@ def _run_eval(recipe: Recipe, run_dir: Path, ckpt: Path, state: _State, deadline
                 continue
             if time.time() >= deadline and done_now:  # at least one set per invocation: progress whatever the budget
                 return None
-            if scale not in nets:
+            if net_scale != scale:
                 import torch
 
                 if threads:
                     torch.set_num_threads(threads)
-                nets = {scale: load_model(weights=ckpt, scale=scale, mode="fp32", device=device)}
+                net, net_scale = load_model(weights=ckpt, scale=scale, mode="fp32", device=device), scale
             log(f"eval {name}" + (f" at x{scale}" if recipe.scales else "")
                 + (f" (first {s['limit']} images)" if s.get("limit") else ""))
-            res = evaluate([root / name], scale, nets[scale], list(ev.get("modes", ["fp32", "w8a8", "dynamic"])),
+            res = evaluate([root / name], scale, net, list(ev.get("modes", ["fp32", "w8a8", "dynamic"])),
                            bool(ev.get("bicubic", False)), str(ev.get("tiling", "paper")),
-                           model_name=f"{recipe.export_name}-x{scale}" if recipe.scales else recipe.export_name,
+                           model_name=model_entry_name(recipe.export_name, scale, bool(recipe.scales)),
                            limit=int(s.get("limit", 0)))
             out = folder / f"{key}.json"
             tmp = out.with_suffix(".tmp")
