@@ -32,7 +32,10 @@ def model_tables(manifest: dict) -> str:
         metrics = m.get("metrics", {})
         kernels = sorted({r["kernels"] for v in metrics.values() for r in v.values() if "kernels" in r})
         how = f"; quantized modes measured with {' and '.join(kernels)} kernels" if kernels else ""
-        out.append(f"**{m['name']}** ({m['arch']}, x{m['scale']}, {m['params'] / 1e6:.2f} M parameters; {steps}{how})\n")
+        file = f"`{m['file']}` for x" + "/x".join(map(str, m["scales"])) if m.get("scales") else ""
+        stored = f"{m['storage']} kernels" if m.get("storage", "float32") != "float32" else ""
+        extra = "".join(f"; {x}" for x in (file, stored) if x)
+        out.append(f"**{m['name']}** ({m['arch']}, x{m['scale']}, {m['params'] / 1e6:.2f} M parameters{extra}; {steps}{how})\n")
         modes = [md for md in ("bicubic", "fp32", "w8a8", "w8a4", "dynamic") if any(md in v for v in metrics.values())]
         out.append("| dataset | " + " | ".join(modes) + " |")
         out.append("|---|" + "---|" * len(modes))
@@ -63,7 +66,7 @@ def readme_table(manifest: dict) -> str:
             d, q = m["metrics"][ds]["dynamic"], m["metrics"][ds]["w8a8"]
             cells.append(f"{d['psnr']:.2f} / {q['psnr']:.2f} ({d['fab']:.2f})")
         rows.append(f"| `{m['name']}` | {m.get('act_grid', 'signed')}, {m.get('skip', 'official')} | {cells[0]} | {cells[1]} "
-                    f"| `{m.get('recipe', '')}`, `{m.get('backbone', '')}` |")
+                    f"| `{m.get('recipe', '')}`, " + (f"`{m['backbone']}` |" if m.get("backbone") else "from scratch |"))
     return "\n".join(rows)
 
 

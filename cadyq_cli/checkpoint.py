@@ -20,7 +20,8 @@ from .models import create_model, get_arch
 from .models._base import ACT_GRIDS, SRModel
 from .models._pams import strip_module_prefix
 
-__all__ = ["read_state_dict", "read_checkpoint", "detect_arch", "load_model_file", "save_weights", "save_state_dict", "model_from_state_dict"]
+__all__ = ["read_state_dict", "read_checkpoint", "detect_arch", "load_model_file", "save_weights", "save_state_dict", "model_from_state_dict",
+           "stored_state_dict", "STORAGE_DTYPES"]
 
 FORMAT = "cadyq-weights-1"
 #: format tag of our training checkpoints (written by ``cadyq_cli.train.state.save_state``)
@@ -225,9 +226,33 @@ def _canonical_safetensors(blob: bytes) -> bytes:
     return len(text).to_bytes(8, "little") + text + blob[8 + n :]
 
 
-def save_weights(model: SRModel, path: str | Path, metadata: dict[str, object] | None = None) -> None:
+#: how a weights file may store its floating tensors (loading always computes in float32)
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def stored_state_dict(model: SRModel, storage: str = "float32") -> dict[str, torch.Tensor]:
+    """The model's state dict as a weights file stores it: convolution kernels (4-D, nearly all of the
+    bytes) in ``storage`` (``float16`` halves the file; a value outside float16's range is refused rather than
+    stored as inf), everything else (biases, clips, bit selectors: small, and selectors fold large
+    normalization factors) as it is."""
+    if storage not in STORAGE_DTYPES:
+        raise ValueError(f"unknown storage {storage!r} (this cadyq knows {', '.join(STORAGE_DTYPES)})")
+    dtype = STORAGE_DTYPES[storage]
+    sd = {}
+    for k, v in model.state_dict().items():
+        if v.is_floating_point() and v.ndim == 4 and v.dtype != dtype:
+            stored = v.to(dtype)
+            if not torch.equal(torch.isfinite(stored), torch.isfinite(v)):
+                raise ValueError(f"{k}: values beyond {storage}'s range; store the model in float32")
+            v = stored
+        sd[k] = v
+    return sd
+
+
+def save_weights(model: SRModel, path: str | Path, metadata: dict[str, object] | None = None,
+                 storage: str = "float32") -> None:
     """Save a model as safetensors with ``arch``/``scale`` (and a non-default ``act_grid``, ``skip``) metadata
-    (aliased keys stored as copies).
+    (aliased keys stored as copies), floating tensors in ``storage`` (see :func:`stored_state_dict`).
 
     The file is byte-reproducible: the same weights and metadata give the same sha256.
     """
@@ -236,7 +261,7 @@ def save_weights(model: SRModel, path: str | Path, metadata: dict[str, object] |
         meta["act_grid"] = model.act_grid
     if model.skip != "official":
         meta["skip"] = model.skip
-    save_state_dict(model.state_dict(), path, {**meta, **(metadata or {})})
+    save_state_dict(stored_state_dict(model, storage), path, {**meta, **(metadata or {})})
 
 
 def save_state_dict(sd: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, object]) -> None:

@@ -38,6 +38,8 @@ class WeightsCfg:
     skip: str = "official"  # residual-skip semantics (see SRModel.set_skip)
     recipe: str = ""  # the recipe that trains it (recipes/<recipe>.toml)
     backbone: str = ""  # the shipped full-precision backbone its lineage starts from (see list_backbones)
+    scales: list = field(default_factory=list)  # a multi-scale file: the scales it serves, one entry each
+    storage: str = "float32"  # how the file stores its convolution kernels (see checkpoint.stored_state_dict)
 
     @property
     def path(self) -> Path:

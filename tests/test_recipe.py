@@ -158,10 +158,11 @@ def test_tiny_recipe_runs_end_to_end_and_the_export_loads(whole) -> None:
 
 def test_a_multi_scale_recipe_ships_one_file_with_an_entry_per_scale(root: Path, tmp_path: Path) -> None:
     """scales on every stage (CARN): eval at each scale, one exported file, entries NAME-x2 ... each with its
-    own scale's metrics, and the file runs at every scale."""
+    own scale's metrics, and the file runs at every scale. With ``storage = "float16"`` the file holds half
+    floats and the metrics are those of that file, not of the float32 checkpoint."""
     text = (TINY.format(root=root, start="", backbone="").replace('name = "tiny-x2"', 'name = "tinyc"')
             .replace('arch = "edsr_baseline"\nscale = 2', 'arch = "carn"\nscale = 4')
-            .replace("lr_patch = 16", "lr_patch = 12\nscales = [2, 3, 4]"))
+            .replace("lr_patch = 16", "lr_patch = 12\nscales = [2, 3, 4]")) + '\n[export]\nstorage = "float16"\n'
     path = tmp_path / "tinyc.toml"
     path.write_text(text)
     recipe = load_recipe(path)
@@ -185,6 +186,22 @@ def test_a_multi_scale_recipe_ships_one_file_with_an_entry_per_scale(root: Path,
             y, _ = net(torch.rand(1, 3, 10, 12) * 255)
         assert y.shape == (1, 3, 10 * s, 12 * s)
     assert len(set(psnr.values())) == 3  # each entry holds its own scale's numbers
+    from cadyq_cli.checkpoint import read_state_dict
+    from cadyq_cli.evaluate import evaluate
+
+    sd, _ = read_state_dict(res.export)
+    assert {v.dtype for v in sd.values() if v.ndim == 4} == {torch.float16}  # the kernels: nearly all the bytes
+    assert {v.dtype for v in sd.values() if v.ndim < 4 and v.is_floating_point()} == {torch.float32}
+    assert all(entries[f"tinyc-x{s}"]["storage"] == "float16" for s in (2, 3, 4))
+    stored = evaluate([root / "bench"], 3, load_model(weights=res.export, scale=3, mode="fp32"), ["w8a8"], False,
+                      "paper", limit=1)
+    assert stored.results[0].psnr == pytest.approx(psnr[3], abs=1e-4)  # the manifest's numbers: the stored file's
+    evaluated, _ = read_state_dict(tmp_path / "run" / "eval" / "stored.safetensors")
+    assert evaluated.keys() == sd.keys() and all(torch.equal(evaluated[k], sd[k]) for k in sd)
+    picked = load_model(weights=tmp_path / "run" / "pick" / "last.pt", scale=3, mode="fp32")
+    own = picked.state_dict()
+    assert any(not torch.equal(own[k], sd[k].float()) for k in sd if sd[k].ndim == 4)  # float16 rounded something
+    assert all(torch.equal(own[k].half().float(), sd[k].float()) for k in sd if sd[k].ndim == 4)
     bad = text.replace("[[stages]]\nrun = \"cq2\"\nsteps = 12", "[[stages]]\nrun = \"cq2\"\nscales = [2, 4]\nsteps = 12")
     assert bad != text
     path.write_text(bad)
@@ -236,6 +253,7 @@ def test_starting_from_the_backbone_file_gives_the_same_export(root: Path, whole
     (lambda t: t.replace("steps = 6\nlr = 1e-3", "steps = 6\nlr = 1e-3\nema = 1.0"), "ema = 1.0 must be a decay in [0, 1)"),
     (lambda t: t.replace("steps = 6\nlr = 1e-3", 'steps = 6\nlr = 1e-3\nema = "0.9"'), "ema = '0.9' must be int or float"),
     (lambda t: t.replace("steps = 6\nlr = 1e-3", 'steps = 6\nlr = 1e-3\nwip = "w.safetensors"'), "unknown key 'wip'"),
+    (lambda t: t + '\n[export]\nstorage = "bfloat16"\n', "storage must be one of float32, float16, not 'bfloat16'"),
 ])
 def test_bad_recipes_are_refused_in_one_line(root: Path, tmp_path: Path, edit, message: str) -> None:
     path = tmp_path / "bad.toml"
@@ -279,12 +297,20 @@ def test_every_shipped_model_has_a_recipe_that_agrees_with_the_manifest(model: s
     w = {x.name: x for x in list_weights()}[model]
     assert w.recipe and (recipes_dir() / f"{w.recipe}.toml").is_file()
     r = load_recipe(w.recipe)
-    assert (r.name, r.arch, r.scale, r.export_name) == (w.name, w.arch, w.scale, w.name)
-    assert r.backbone == w.backbone and r.start == "backbone"
-    bb = list_backbones()[w.backbone]
-    assert bb["scale"] == w.scale and bb["path"].is_file()
-    fp = [s for s in r.segments if s.backbone][-1]
-    assert fp.target == bb["steps"] and fp.settings["lr"] == bb["lr"] and fp.settings["scale"] == w.scale
+    assert (r.arch, r.export_name, r.storage, r.scales) == (w.arch, r.name, w.storage, w.scales)
+    if r.scales:  # one multi-scale file (CARN): an entry NAME-xS per scale
+        assert w.name == f"{r.name}-x{w.scale}" and w.scale in r.scales and w.file == f"{r.name}.safetensors"
+    else:
+        assert (r.name, r.scale) == (w.name, w.scale)
+    assert r.backbone == (w.backbone or None)
+    if r.start == "backbone":
+        bb = list_backbones()[w.backbone]
+        assert bb["scale"] == w.scale and bb["path"].is_file()
+        fp = [s for s in r.segments if s.backbone][-1]
+        assert fp.target == bb["steps"] and fp.settings["lr"] == bb["lr"] and fp.settings["scale"] == w.scale
+    else:  # trained from scratch: the recipe's fp stage is the manifest's first stage record
+        fp, first = [s for s in r.segments if s.settings["stage"] == "fp"][-1], w.stages[0]
+        assert first["stage"] == "fp" and fp.target == first["steps"] and fp.settings["lr"] == first["lr"]
     # pams and cadyq stages as the manifest records them (its last two stage records)
     pams, cadyq = w.stages[-2], w.stages[-1]
     ps = [s for s in r.segments if s.settings["stage"] == "pams"]
@@ -302,7 +328,7 @@ def test_every_shipped_model_has_a_recipe_that_agrees_with_the_manifest(model: s
     assert _num(w.notes, "--max-fab") == r.pick.get("max_fab")
 
 
-@pytest.mark.parametrize("model", [w.name for w in list_weights()])
+@pytest.mark.parametrize("model", [w.name for w in list_weights() if w.backbone])
 def test_shipped_backbones_equal_their_training_checkpoints(model: str) -> None:
     """Bit-identical to the fp checkpoint's model weights (where the run folder is still here)."""
     from cadyq_cli.train.state import load_state

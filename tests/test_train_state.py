@@ -74,6 +74,27 @@ def test_one_reader_for_weights_and_training_checkpoints(tmp_path: Path) -> None
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in sd.items())
 
 
+def test_float16_storage_halves_the_kernels_and_loads_as_their_rounding(tmp_path: Path) -> None:
+    """``storage="float16"``: 4-D kernels stored as half floats (the loaded model holds exactly their
+    rounding), everything else as it was; a kernel beyond float16's range is refused, not stored as inf."""
+    from cadyq_cli.checkpoint import load_model_file
+
+    model = _model()
+    save_weights(model, tmp_path / "f32.safetensors")
+    save_weights(model, tmp_path / "f16.safetensors", storage="float16")
+    small, big = (tmp_path / "f16.safetensors").stat().st_size, (tmp_path / "f32.safetensors").stat().st_size
+    assert small < 0.55 * big
+    back = load_model_file(tmp_path / "f16.safetensors").state_dict()
+    for k, v in model.state_dict().items():
+        want = v.half().float() if v.ndim == 4 else v
+        assert back[k].dtype == v.dtype and torch.equal(back[k], want), k
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.ndim == 4)[0, 0, 0, 0] = 1e5
+    with pytest.raises(ValueError, match="beyond float16's range"):
+        save_weights(model, tmp_path / "inf.safetensors", storage="float16")
+    assert not (tmp_path / "inf.safetensors").exists()
+
+
 def test_a_corrupt_checkpoint_is_a_read_error(tmp_path: Path) -> None:
     cfg = TrainConfig(stage="fp", scale=2)
     save_state(tmp_path / "last.pt", _model("signed", "official"), None, 1, cfg, np.random.default_rng(0), 0.0)

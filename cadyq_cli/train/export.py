@@ -5,7 +5,7 @@ Usage:
         --run runs/edsr_x4_fp --run runs/edsr_x4_pams --run runs/edsr_x4_cadyq \
         [--eval eval_x4.json] [--data "T91 + BSD200 + BSDS500test (../shared/data/train), 10 held out"] \
         [--fold-bit-bias 0.3]
-    python -m cadyq_cli.train.export runs/carn_cadyq/last.pt --name carn --scales 2,3,4 --eval x2.json ...
+    python -m cadyq_cli.train.export runs/carn_cadyq/last.pt --name carn --scales 2,3,4 --storage float16 --eval x2.json ...
     python -m cadyq_cli.train.export runs/edsr_x4_fp7/last.pt --name edsr-baseline-x4-fp3 --backbone
 
 The manifest (``weights/manifest.json``) records per model: arch, scale, parameters, the
@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from ..checkpoint import load_model_file, save_state_dict, save_weights
+from ..checkpoint import STORAGE_DTYPES, load_model_file, save_state_dict, save_weights
 from ..weights import file_sha256
 from .config import trained_scales
 from .state import load_state
@@ -76,14 +76,17 @@ def model_entry_name(name: str, scale: int, multi_scale: bool) -> str:
 
 
 def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json: list[Path], data: str, notes: str,
-           recipe: str = "", backbone: str = "", fold_bit_bias: float = 0.0, scales: list[int] | None = None) -> dict:
+           recipe: str = "", backbone: str = "", fold_bit_bias: float = 0.0, scales: list[int] | None = None,
+           storage: str = "float32") -> dict:
     """Write ``<weights_dir>/<name>.safetensors`` and update the manifest; return the entry.
 
     ``recipe`` / ``backbone``: the recipe that trains the model and the backbone it starts from
     (default: those of the entry it replaces). ``fold_bit_bias``: an operating point chosen for the model
     (:meth:`~cadyq_cli.models._base.SRModel.fold_bit_bias`), recorded in the file's metadata and the entry.
     ``scales``: a multi-scale model (CARN) ships as one file with an entry ``<name>-x<s>`` per scale, each
-    with the metrics of the evaluations at its scale; the entry at the model's own scale is returned."""
+    with the metrics of the evaluations at its scale; the entry at the model's own scale is returned.
+    ``storage``: ``float16`` stores the weights at half the size (the entry says so; its metrics must then come
+    from evaluating the stored file, as the recipe runner does)."""
     model = load_model_file(ckpt)
     if scales:
         trained = trained_scales(load_state(ckpt).get("config") or {}) if Path(ckpt).suffix == ".pt" else None
@@ -98,7 +101,10 @@ def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json
         extra["bit_bias_folded"] = repr(float(fold_bit_bias))
     weights_dir.mkdir(parents=True, exist_ok=True)
     out = weights_dir / f"{name}.safetensors"
-    save_weights(model, out, extra)
+    try:
+        save_weights(model, out, extra, storage=storage)
+    except ValueError as e:
+        raise SystemExit(f"{ckpt}: {e}") from None
     sha = file_sha256(out)
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     manifest_path = weights_dir / "manifest.json"
@@ -120,6 +126,8 @@ def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json
         }
         if scales:
             entry["scales"] = list(scales)  # the one file serves these entries
+        if storage != "float32":
+            entry["storage"] = storage
         if fold_bit_bias:
             entry["bit_bias_folded"] = float(fold_bit_bias)
         for key, value in (("recipe", recipe), ("backbone", backbone)):
@@ -179,6 +187,8 @@ def main() -> None:
     p.add_argument("--fold-bit-bias", type=float, default=0.0,
                    help="fold this compute-dial bias into the selectors (an operating point chosen on non-benchmark data)")
     p.add_argument("--backbone", action="store_true", help="export an fp checkpoint as a backbone (weights/backbones/)")
+    p.add_argument("--storage", choices=sorted(STORAGE_DTYPES), default="float32",
+                   help="how the file stores the weights (float16: half the size; evaluate the stored file)")
     p.add_argument("--scales", default="", help="a multi-scale model: one file, an entry NAME-xS per scale (e.g. 2,3,4)")
     a = p.parse_args()
     if a.backbone and a.fold_bit_bias:
@@ -192,7 +202,7 @@ def main() -> None:
     except ValueError:
         p.error(f"--scales takes scales like 2,3,4, not {a.scales}")
     e = export(a.ckpt, a.name, a.weights_dir, a.run, a.eval, a.data, a.notes, fold_bit_bias=a.fold_bit_bias,
-               scales=scales)
+               scales=scales, storage=a.storage)
     print(json.dumps({k: e[k] for k in ("name", "file", "sha256", "params")}))  # noqa: T201
 
 

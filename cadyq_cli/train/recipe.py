@@ -16,7 +16,7 @@ a run as a copy of another one (the lineage's continuation). Keys::
                             and TrainConfig fields: steps, stop_at, batch, lr, bit_weight_max, ...
     [pick]                  runs (the lineage's runs), max_gap, max_fab: select's rule
     [eval]                  root, sets ([{name, limit}]), modes, bicubic, tiling
-    [export]                name (default: name)
+    [export]                name (default: name), storage ("float32" default, or "float16": half the file)
 
 ``backbone = "NAME"`` on an fp stage says that its result is the shipped backbone NAME
 (``weights/backbones/``; a path to a .safetensors file also works): starting from the backbone
@@ -89,6 +89,7 @@ class Recipe:
     start: str = "scratch"
     notes: str = ""
     scales: list[int] = field(default_factory=list)  # a multi-scale model's scales (its picked runs'), else empty
+    storage: str = "float32"  # how the exported file stores the weights (the evaluation runs on that file)
 
     @property
     def backbone(self) -> str | None:
@@ -240,13 +241,18 @@ def load_recipe(path: str | Path) -> Recipe:
     if start not in ("backbone", "scratch") or (start == "backbone" and not any(s.backbone for s in segments)):
         raise SystemExit(f"{where}: start must be \"scratch\", or \"backbone\" when an fp stage names a backbone")
     export = doc.get("export", {})
-    _unknown(f"{where}, [export]", export, {"name"})
+    _unknown(f"{where}, [export]", export, {"name", "storage"})
+    from ..checkpoint import STORAGE_DTYPES
+
+    if export.get("storage", "float32") not in STORAGE_DTYPES:
+        raise SystemExit(f"{where}, [export]: storage must be one of {', '.join(STORAGE_DTYPES)}, "
+                         f"not {export['storage']!r}")
     root = str(doc.get("data_root", ""))
     return Recipe(path=path, sha256=hashlib.sha256(raw).hexdigest(), name=str(doc["name"]),
                   arch=str(doc.get("arch", "edsr_baseline")), scale=doc["scale"],
                   data=[str(Path(root) / d) if root else d for d in doc["data"]], segments=segments, pick=pick, eval=ev,
                   export_name=str(export.get("name", doc["name"])), start=start, notes=str(doc.get("notes", "")),
-                  scales=list(picked_scales.pop()))
+                  scales=list(picked_scales.pop()), storage=str(export.get("storage", "float32")))
 
 
 @dataclass
@@ -425,7 +431,8 @@ def run_recipe(recipe: Recipe, run_dir: Path, minutes: float = 60.0, data: list[
             if r not in cont_sources and r not in recipe.pick["runs"]] + [picked]
     entry = export(picked / "last.pt", recipe.export_name, out, runs, evals,
                    "; ".join(folders) + " (held out for validation: the seed's split)", recipe.notes,
-                   recipe=recipe.path.stem, backbone=recipe.backbone or "", scales=recipe.scales or None)
+                   recipe=recipe.path.stem, backbone=recipe.backbone or "", scales=recipe.scales or None,
+                   storage=recipe.storage)
     shipped = {w.name: w.sha256 for w in list_weights()}.get(entry["name"])
     state.data["export"] = {"file": str(out / entry["file"]), "sha256": entry["sha256"]}
     state.save()
@@ -440,7 +447,8 @@ def _run_eval(recipe: Recipe, run_dir: Path, ckpt: Path, state: _State, deadline
               log: Callable[[str], None]) -> list[Path] | None:
     """Evaluate the pick on each ``[eval]`` set not yet done (``<run-dir>/eval/<set>.json``); the JSON
     files, or None when the time budget ran out first. A missing benchmark folder is skipped with a warning.
-    A multi-scale model is evaluated at each of its scales (``<set>_x<s>.json``)."""
+    A multi-scale model is evaluated at each of its scales (``<set>_x<s>.json``). What is evaluated is the
+    pick as the export stores it (``<run-dir>/eval/stored.safetensors``: the recipe's ``storage``)."""
     ev = recipe.eval
     if not ev:
         return []
@@ -450,8 +458,12 @@ def _run_eval(recipe: Recipe, run_dir: Path, ckpt: Path, state: _State, deadline
     root = Path(ev.get("root", ""))
     folder = run_dir / "eval"
     folder.mkdir(exist_ok=True)
+    from ..checkpoint import load_model_file, save_weights
     from .export import model_entry_name
 
+    stored = folder / "stored.safetensors"
+    if not stored.is_file():  # the pick is fixed once recorded: an earlier invocation's file is the same
+        save_weights(load_model_file(ckpt), stored, storage=recipe.storage)
     net, net_scale = None, None
     done_now = 0
     for scale in recipe.scales or [recipe.scale]:
@@ -470,7 +482,7 @@ def _run_eval(recipe: Recipe, run_dir: Path, ckpt: Path, state: _State, deadline
 
                 if threads:
                     torch.set_num_threads(threads)
-                net, net_scale = load_model(weights=ckpt, scale=scale, mode="fp32", device=device), scale
+                net, net_scale = load_model(weights=stored, scale=scale, mode="fp32", device=device), scale
             log(f"eval {name}" + (f" at x{scale}" if recipe.scales else "")
                 + (f" (first {s['limit']} images)" if s.get("limit") else ""))
             res = evaluate([root / name], scale, net, list(ev.get("modes", ["fp32", "w8a8", "dynamic"])),
