@@ -252,7 +252,7 @@ def stored_state_dict(model: SRModel, storage: str = "float32") -> dict[str, tor
 def save_weights(model: SRModel, path: str | Path, metadata: dict[str, object] | None = None,
                  storage: str = "float32") -> None:
     """Save a model as safetensors with ``arch``/``scale`` (and a non-default ``act_grid``, ``skip``) metadata
-    (aliased keys stored as copies), floating tensors in ``storage`` (see :func:`stored_state_dict`).
+    (aliased keys stored as copies), convolution kernels in ``storage`` (see :func:`stored_state_dict`).
 
     The file is byte-reproducible: the same weights and metadata give the same sha256.
     """

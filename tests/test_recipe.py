@@ -162,7 +162,8 @@ def test_a_multi_scale_recipe_ships_one_file_with_an_entry_per_scale(root: Path,
     floats and the metrics are those of that file, not of the float32 checkpoint."""
     text = (TINY.format(root=root, start="", backbone="").replace('name = "tiny-x2"', 'name = "tinyc"')
             .replace('arch = "edsr_baseline"\nscale = 2', 'arch = "carn"\nscale = 4')
-            .replace("lr_patch = 16", "lr_patch = 12\nscales = [2, 3, 4]")) + '\n[export]\nstorage = "float16"\n'
+            .replace("lr_patch = 16", "lr_patch = 12\nscales = [2, 3, 4]")
+            .replace('modes = ["w8a8", "dynamic"]', 'modes = ["fp32", "w8a8", "dynamic"]')) + '\n[export]\nstorage = "float16"\n'
     path = tmp_path / "tinyc.toml"
     path.write_text(text)
     recipe = load_recipe(path)
@@ -180,7 +181,8 @@ def test_a_multi_scale_recipe_ships_one_file_with_an_entry_per_scale(root: Path,
         assert (e["file"], e["scale"], e["scales"], e["sha256"]) == ("tinyc.safetensors", s, [2, 3, 4], res.sha256)
         psnr[s] = e["metrics"]["bench"]["w8a8"]["psnr"]
         ev = json.loads((tmp_path / "run" / "eval" / f"bench_x{s}.json").read_text())
-        assert ev["scale"] == s and ev["results"][0]["psnr"] == pytest.approx(psnr[s], abs=1e-4)
+        w8a8 = next(r for r in ev["results"] if r["mode"] == "w8a8")
+        assert ev["scale"] == s and w8a8["psnr"] == pytest.approx(psnr[s], abs=1e-4)
         net = load_model(weights=res.export, scale=s, mode="dynamic", kernels="float")
         with torch.inference_mode():
             y, _ = net(torch.rand(1, 3, 10, 12) * 255)
@@ -193,9 +195,14 @@ def test_a_multi_scale_recipe_ships_one_file_with_an_entry_per_scale(root: Path,
     assert {v.dtype for v in sd.values() if v.ndim == 4} == {torch.float16}  # the kernels: nearly all the bytes
     assert {v.dtype for v in sd.values() if v.ndim < 4 and v.is_floating_point()} == {torch.float32}
     assert all(entries[f"tinyc-x{s}"]["storage"] == "float16" for s in (2, 3, 4))
-    stored = evaluate([root / "bench"], 3, load_model(weights=res.export, scale=3, mode="fp32"), ["w8a8"], False,
-                      "paper", limit=1)
-    assert stored.results[0].psnr == pytest.approx(psnr[3], abs=1e-4)  # the manifest's numbers: the stored file's
+    def fp32_psnr(weights: Path) -> float:
+        net = load_model(weights=weights, scale=3, mode="fp32")
+        return evaluate([root / "bench"], 3, net, ["fp32"], False, "paper", limit=1).results[0].psnr
+
+    ev3 = json.loads((tmp_path / "run" / "eval" / "bench_x3.json").read_text())["results"]
+    measured = next(r["psnr"] for r in ev3 if r["mode"] == "fp32")
+    assert measured == fp32_psnr(res.export)  # the metrics are the stored file's ...
+    assert measured != fp32_psnr(tmp_path / "run" / "pick" / "last.pt")  # ... not the float32 checkpoint's
     evaluated, _ = read_state_dict(tmp_path / "run" / "eval" / "stored.safetensors")
     assert evaluated.keys() == sd.keys() and all(torch.equal(evaluated[k], sd[k]) for k in sd)
     picked = load_model(weights=tmp_path / "run" / "pick" / "last.pt", scale=3, mode="fp32")
@@ -254,6 +261,7 @@ def test_starting_from_the_backbone_file_gives_the_same_export(root: Path, whole
     (lambda t: t.replace("steps = 6\nlr = 1e-3", 'steps = 6\nlr = 1e-3\nema = "0.9"'), "ema = '0.9' must be int or float"),
     (lambda t: t.replace("steps = 6\nlr = 1e-3", 'steps = 6\nlr = 1e-3\nwip = "w.safetensors"'), "unknown key 'wip'"),
     (lambda t: t + '\n[export]\nstorage = "bfloat16"\n', "storage must be one of float32, float16, not 'bfloat16'"),
+    (lambda t: t + '\n[export]\nstorage = [16]\n', "storage must be one of float32, float16, not [16]"),
 ])
 def test_bad_recipes_are_refused_in_one_line(root: Path, tmp_path: Path, edit, message: str) -> None:
     path = tmp_path / "bad.toml"

@@ -20,11 +20,12 @@ import os
 from pathlib import Path
 
 from ..checkpoint import STORAGE_DTYPES, load_model_file, save_state_dict, save_weights
+from ..models._base import SRModel
 from ..weights import file_sha256
 from .config import trained_scales
 from .state import load_state
 
-__all__ = ["export", "export_backbone", "model_entry_name"]
+__all__ = ["export", "export_backbone", "model_entry_name", "write_weights"]
 
 
 def _stage_info(run: Path) -> dict:
@@ -75,6 +76,15 @@ def model_entry_name(name: str, scale: int, multi_scale: bool) -> str:
     return f"{name}-x{scale}" if multi_scale else name
 
 
+def write_weights(model: SRModel, ckpt: Path, out: Path, storage: str, metadata: dict | None = None) -> None:
+    """Write ``model`` (read from ``ckpt``) to ``out`` as a shipped file stores it (``storage``): what the
+    export writes and what a recipe evaluates; a kernel outside the storage's range is refused in one line."""
+    try:
+        save_weights(model, out, metadata, storage=storage)
+    except ValueError as e:
+        raise SystemExit(f"{ckpt}: {e}") from None
+
+
 def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json: list[Path], data: str, notes: str,
            recipe: str = "", backbone: str = "", fold_bit_bias: float = 0.0, scales: list[int] | None = None,
            storage: str = "float32") -> dict:
@@ -101,10 +111,7 @@ def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json
         extra["bit_bias_folded"] = repr(float(fold_bit_bias))
     weights_dir.mkdir(parents=True, exist_ok=True)
     out = weights_dir / f"{name}.safetensors"
-    try:
-        save_weights(model, out, extra, storage=storage)
-    except ValueError as e:
-        raise SystemExit(f"{ckpt}: {e}") from None
+    write_weights(model, ckpt, out, storage, extra)
     sha = file_sha256(out)
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     manifest_path = weights_dir / "manifest.json"

@@ -244,7 +244,7 @@ def load_recipe(path: str | Path) -> Recipe:
     _unknown(f"{where}, [export]", export, {"name", "storage"})
     from ..checkpoint import STORAGE_DTYPES
 
-    if export.get("storage", "float32") not in STORAGE_DTYPES:
+    if not isinstance(export.get("storage", "float32"), str) or export.get("storage", "float32") not in STORAGE_DTYPES:
         raise SystemExit(f"{where}, [export]: storage must be one of {', '.join(STORAGE_DTYPES)}, "
                          f"not {export['storage']!r}")
     root = str(doc.get("data_root", ""))
@@ -458,12 +458,11 @@ def _run_eval(recipe: Recipe, run_dir: Path, ckpt: Path, state: _State, deadline
     root = Path(ev.get("root", ""))
     folder = run_dir / "eval"
     folder.mkdir(exist_ok=True)
-    from ..checkpoint import load_model_file, save_weights
-    from .export import model_entry_name
+    from ..checkpoint import load_model_file
+    from .export import model_entry_name, write_weights
 
-    stored = folder / "stored.safetensors"
-    if not stored.is_file():  # the pick is fixed once recorded: an earlier invocation's file is the same
-        save_weights(load_model_file(ckpt), stored, storage=recipe.storage)
+    stored = folder / "stored.safetensors"  # written again by every invocation: always the pick's
+    write_weights(load_model_file(ckpt), ckpt, stored, recipe.storage)
     net, net_scale = None, None
     done_now = 0
     for scale in recipe.scales or [recipe.scale]:
