@@ -200,6 +200,8 @@ def main() -> None:
     a = p.parse_args()
     if a.backbone and a.fold_bit_bias:
         p.error("--fold-bit-bias folds into selectors: a backbone (--backbone) has none trained")
+    if a.backbone and a.storage != "float32":
+        p.error("--storage is for model exports: a backbone (--backbone) is kept bit for bit")
     if a.backbone:
         e = export_backbone(a.ckpt, a.name, a.weights_dir)
         print(json.dumps({k: e[k] for k in ("name", "file", "sha256")}))  # noqa: T201
