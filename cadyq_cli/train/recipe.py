@@ -244,15 +244,15 @@ def load_recipe(path: str | Path) -> Recipe:
     _unknown(f"{where}, [export]", export, {"name", "storage"})
     from ..checkpoint import STORAGE_DTYPES
 
-    if not isinstance(export.get("storage", "float32"), str) or export.get("storage", "float32") not in STORAGE_DTYPES:
-        raise SystemExit(f"{where}, [export]: storage must be one of {', '.join(STORAGE_DTYPES)}, "
-                         f"not {export['storage']!r}")
+    storage = export.get("storage", "float32")
+    if not isinstance(storage, str) or storage not in STORAGE_DTYPES:
+        raise SystemExit(f"{where}, [export]: storage must be one of {', '.join(STORAGE_DTYPES)}, not {storage!r}")
     root = str(doc.get("data_root", ""))
     return Recipe(path=path, sha256=hashlib.sha256(raw).hexdigest(), name=str(doc["name"]),
                   arch=str(doc.get("arch", "edsr_baseline")), scale=doc["scale"],
                   data=[str(Path(root) / d) if root else d for d in doc["data"]], segments=segments, pick=pick, eval=ev,
                   export_name=str(export.get("name", doc["name"])), start=start, notes=str(doc.get("notes", "")),
-                  scales=list(picked_scales.pop()), storage=str(export.get("storage", "float32")))
+                  scales=list(picked_scales.pop()), storage=storage)
 
 
 @dataclass
