@@ -374,9 +374,11 @@ def test_signal_during_folder_job(pattern: Callable[..., np.ndarray], cli: Calla
                                   sig: signal.Signals, code: int) -> None:
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
+    # Images large enough that the batch lasts seconds: at 24x20 a fast machine finished all of them (0.3 s)
+    # before the signal arrived, and the job ended 0.
     n = 24
     for i in range(n):
-        Image.fromarray(pattern(24, 20, seed=i), "RGB").save(src / f"img{i:02d}.png")
+        Image.fromarray(pattern(96, 80, seed=i), "RGB").save(src / f"img{i:02d}.png")
     proc = subprocess.Popen(
         [str(CADYQ), "upscale", str(src), str(out), "--weights", str(weights_x2), "--scale", "2", "--threads", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -396,7 +398,7 @@ def test_signal_during_folder_job(pattern: Callable[..., np.ndarray], cli: Calla
     assert not _tmp_files(out), done
     assert 0 < len(done) < n, "the signal should arrive mid-batch"
     for p in done:
-        assert _open(p).size == (48, 40)
+        assert _open(p).size == (192, 160)
     stamps = {p.name: p.stat().st_mtime_ns for p in done}
 
     res = cli("upscale", src, out, "--skip-existing", "-q")
