@@ -20,7 +20,7 @@ from .models import create_model, get_arch
 from .models._base import ACT_GRIDS, SRModel
 from .models._pams import strip_module_prefix
 
-__all__ = ["read_state_dict", "read_checkpoint", "detect_arch", "load_model_file", "save_weights", "save_state_dict", "model_from_state_dict",
+__all__ = ["read_state_dict", "read_checkpoint", "fits", "detect_arch", "load_model_file", "save_weights", "save_state_dict", "model_from_state_dict",
            "stored_state_dict", "STORAGE_DTYPES"]
 
 FORMAT = "cadyq-weights-1"
@@ -230,6 +230,13 @@ def _canonical_safetensors(blob: bytes) -> bytes:
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
+def fits(v: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``v`` can be stored as ``dtype`` without a finite value becoming inf (a value near the top of the
+    range rounds to the largest finite one, as the cast does). The one test both float16 stores use: shipped
+    kernels (:func:`stored_state_dict`, which refuses) and lean ``--wip`` files (which keep such a tensor in float32)."""
+    return torch.equal(torch.isfinite(v.to(dtype)), torch.isfinite(v))
+
+
 def stored_state_dict(model: SRModel, storage: str = "float32") -> dict[str, torch.Tensor]:
     """The model's state dict as a weights file stores it: convolution kernels (4-D, nearly all of the
     bytes) in ``storage`` (``float16`` halves the file; a value outside float16's range is refused rather than
@@ -241,10 +248,9 @@ def stored_state_dict(model: SRModel, storage: str = "float32") -> dict[str, tor
     sd = {}
     for k, v in model.state_dict().items():
         if v.is_floating_point() and v.ndim == 4 and v.dtype != dtype:
-            stored = v.to(dtype)
-            if not torch.equal(torch.isfinite(stored), torch.isfinite(v)):
+            if not fits(v, dtype):
                 raise ValueError(f"{k}: values beyond {storage}'s range; store the model in float32")
-            v = stored
+            v = v.to(dtype)
         sd[k] = v
     return sd
 

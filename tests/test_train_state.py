@@ -95,6 +95,20 @@ def test_float16_storage_halves_the_kernels_and_loads_as_their_rounding(tmp_path
     assert not (tmp_path / "inf.safetensors").exists()
 
 
+def test_one_float16_fit_test_for_shipped_kernels_and_lean_wip_files() -> None:
+    """``fits``: a value that rounds to float16's largest finite one fits, one that would become inf does not;
+    non-finite values stay what they are. The lean --wip store halves exactly the tensors that fit."""
+    from cadyq_cli.checkpoint import fits
+    from cadyq_cli.train.wip import _half
+
+    assert fits(torch.tensor([65510.0, -1.0]), torch.float16)  # rounds to 65504
+    assert not fits(torch.tensor([65520.0]), torch.float16)  # rounds to inf
+    assert fits(torch.tensor([float("inf"), float("nan"), 1.0]), torch.float16)
+    for v in (torch.tensor([65510.0]), torch.tensor([65520.0]), torch.tensor([float("inf"), 2.0])):
+        assert (_half(v).dtype == torch.float16) == fits(v, torch.float16)
+        assert torch.equal(_half(v).float().isfinite(), v.isfinite())
+
+
 def test_a_corrupt_checkpoint_is_a_read_error(tmp_path: Path) -> None:
     cfg = TrainConfig(stage="fp", scale=2)
     save_state(tmp_path / "last.pt", _model("signed", "official"), None, 1, cfg, np.random.default_rng(0), 0.0)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import read_state_dict, save_state_dict
+from ..checkpoint import fits, read_state_dict, save_state_dict
 from ..models._base import SRModel
 from .config import TrainConfig
 from .ema import WeightEMA
@@ -58,10 +58,8 @@ def save_wip(path: str | Path, model: SRModel, ema: WeightEMA | None, step: int,
 
 
 def _half(v: torch.Tensor) -> torch.Tensor:
-    """``v`` as float16 where it is a finite float32 tensor inside float16's range, else unchanged."""
-    if v.dtype != torch.float32 or not v.numel() or not bool(torch.isfinite(v).all()) or v.abs().max() >= 65504:
-        return v
-    return v.half()
+    """``v`` as float16 where it is a float32 tensor that fits (:func:`cadyq_cli.checkpoint.fits`), else unchanged."""
+    return v.half() if v.dtype == torch.float32 and fits(v, torch.float16) else v
 
 
 def read_wip(path: str | Path) -> dict:
