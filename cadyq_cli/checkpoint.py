@@ -7,6 +7,7 @@ official CADyQ ones, and loaded strictly; any missing, unexpected or mis-shaped 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -20,7 +21,7 @@ from .models import create_model, get_arch
 from .models._base import ACT_GRIDS, SRModel
 from .models._pams import strip_module_prefix
 
-__all__ = ["read_state_dict", "read_checkpoint", "fits", "detect_arch", "load_model_file", "save_weights", "save_state_dict", "model_from_state_dict",
+__all__ = ["read_state_dict", "read_checkpoint", "fits", "weights_digest", "detect_arch", "load_model_file", "save_weights", "save_state_dict", "model_from_state_dict",
            "stored_state_dict", "STORAGE_DTYPES"]
 
 FORMAT = "cadyq-weights-1"
@@ -235,6 +236,19 @@ def fits(v: torch.Tensor, dtype: torch.dtype) -> bool:
     range rounds to the largest finite one, as the cast does). The one test both float16 stores use: shipped
     kernels (:func:`stored_state_dict`, which refuses) and lean ``--wip`` files (which keep such a tensor in float32)."""
     return torch.equal(torch.isfinite(v.to(dtype)), torch.isfinite(v))
+
+
+def weights_digest(sd: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict as a model computes with it: names, shapes and values, floating tensors as float32.
+    The same for a checkpoint and a file that stores its tensors exactly, different where the storage rounded one
+    (float16). ``cadyq eval --json`` records it, so an export can check that its metrics measured what it ships."""
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().cpu()
+        t = (t.float() if t.is_floating_point() else t).contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
 
 
 def stored_state_dict(model: SRModel, storage: str = "float32") -> dict[str, torch.Tensor]:

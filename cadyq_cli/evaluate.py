@@ -25,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 
+from .checkpoint import weights_digest
 from .engine import TILINGS, TilingConfig, upscale_array
 from .errors import CadyqError
 from .io import INPUT_EXTENSIONS, read_image
@@ -105,6 +106,7 @@ class EvalResult:
     tiling: str
     results: list[DatasetResult] = field(default_factory=list)
     kernels: str = "float"  # how quantized convs ran: int8 codes or fake-quantized float
+    weights_digest: str | None = None  # the evaluated model's tensors (:func:`cadyq_cli.checkpoint.weights_digest`)
 
 
 def split_mode(m: str) -> tuple[str, float | None]:
@@ -199,7 +201,8 @@ def evaluate(
     total = sum(len(files) for _, files in datasets) * len(row_modes)
     done = 0
     name = model_name if model_name is not None else (getattr(model, "arch", None) if model is not None else None)
-    result = EvalResult(scale=scale, model=name, tiling=tiling, kernels=kernels_of(model) if model is not None else "float")
+    result = EvalResult(scale=scale, model=name, tiling=tiling, kernels=kernels_of(model) if model is not None else "float",
+                        weights_digest=None if model is None else weights_digest(model.state_dict()))
     previous_mode = getattr(model, "mode", None)
     previous_bias = getattr(model, "bit_bias", 0.0)
     try:
@@ -261,6 +264,7 @@ def results_to_json(result: EvalResult) -> dict:
         "model": result.model,
         "tiling": result.tiling,
         "kernels": result.kernels,
+        **({"weights_digest": result.weights_digest} if result.weights_digest else {}),
         "results": [
             {
                 "dataset": r.dataset,

@@ -489,6 +489,44 @@ def test_export_folds_an_operating_point(fp_run: Path, tmp_path: Path) -> None:
     assert folded["bit_bias_folded"] == 0.75 and "bit_bias_folded" not in plain
 
 
+def test_export_checks_that_its_metrics_measured_the_stored_weights(fp_run: Path, data_dir: Path, tmp_path: Path) -> None:
+    """An eval JSON records the digest of the weights it measured, and export refuses one that measured other
+    weights than the file it writes: float32 storage takes the checkpoint's evaluation (the same tensors),
+    float16 only the stored file's; a JSON without a digest passes for float32 only. Nothing is written on refusal."""
+    from cadyq_cli.evaluate import evaluate, results_to_json
+    from cadyq_cli.train.export import export
+    from cadyq_cli.weights import load_model
+
+    ckpt = fp_run / "last.pt"
+
+    def eval_json(weights: Path, name: str) -> Path:
+        net = load_model(weights=weights, scale=2, mode="fp32")
+        out = tmp_path / name
+        out.write_text(json.dumps(results_to_json(evaluate([data_dir], 2, net, ["fp32"], False, "paper", limit=1))))
+        return out
+
+    of_ckpt = eval_json(ckpt, "ckpt.json")
+    entry = export(ckpt, "m", tmp_path / "a", [], [of_ckpt], "data", "")
+    assert entry["metrics"][data_dir.name]["fp32"]["psnr"] > 0
+    digest = json.loads(of_ckpt.read_text())["weights_digest"]
+    assert json.loads(eval_json(tmp_path / "a" / "m.safetensors", "f32.json").read_text())["weights_digest"] == digest
+    with pytest.raises(SystemExit, match="measured other weights than .* stored as float16"):
+        export(ckpt, "m", tmp_path / "b", [], [of_ckpt], "data", "", storage="float16")
+    assert not (tmp_path / "b").exists()
+    export(ckpt, "m", tmp_path / "c", [], [], "data", "", storage="float16")
+    of_stored = eval_json(tmp_path / "c" / "m.safetensors", "f16.json")
+    assert json.loads(of_stored.read_text())["weights_digest"] != digest  # float16 rounded some kernel
+    half = export(ckpt, "m", tmp_path / "c", [], [of_stored], "data", "", storage="float16")
+    assert half["metrics"][data_dir.name]["fp32"]["psnr"] == round(json.loads(of_stored.read_text())["results"][0]["psnr"], 4)
+    old = json.loads(of_ckpt.read_text())
+    del old["weights_digest"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit, match="records no weights digest"):
+        export(ckpt, "m", tmp_path / "d", [], [tmp_path / "old.json"], "data", "", storage="float16")
+    assert not (tmp_path / "d").exists()
+    export(ckpt, "m", tmp_path / "d", [], [tmp_path / "old.json"], "data", "")
+
+
 def test_export_refuses_a_folded_bias_on_a_backbone(fp_run: Path, tmp_path: Path) -> None:
     import subprocess
     import sys

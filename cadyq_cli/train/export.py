@@ -19,13 +19,13 @@ import json
 import os
 from pathlib import Path
 
-from ..checkpoint import STORAGE_DTYPES, load_model_file, save_state_dict, save_weights
+from ..checkpoint import STORAGE_DTYPES, load_model_file, save_state_dict, save_weights, stored_state_dict, weights_digest
 from ..models._base import SRModel
 from ..weights import file_sha256
 from .config import trained_scales
 from .state import load_state
 
-__all__ = ["export", "export_backbone", "model_entry_name", "write_weights"]
+__all__ = ["check_measured", "export", "export_backbone", "model_entry_name", "write_weights"]
 
 
 def _stage_info(run: Path) -> dict:
@@ -85,6 +85,25 @@ def write_weights(model: SRModel, ckpt: Path, out: Path, storage: str, metadata:
         raise SystemExit(f"{ckpt}: {e}") from None
 
 
+def check_measured(model: SRModel, ckpt: Path, storage: str, eval_json: list[Path]) -> None:
+    """Refuse (one line) an ``eval_json`` that measured other weights than ``model`` stored as ``storage``: its
+    recorded ``weights_digest`` must be that of the stored tensors (before any bit-bias fold: the dial is no weight).
+    A file without one (an older cadyq's) passes for float32 storage, whose tensors are the checkpoint's, and is
+    refused for any other, whose metrics must come from evaluating the stored file."""
+    try:
+        want = weights_digest(stored_state_dict(model, storage))
+    except ValueError as e:
+        raise SystemExit(f"{ckpt}: {e}") from None
+    for e in eval_json:
+        got = json.loads(e.read_text()).get("weights_digest")
+        if got is None and storage != "float32":
+            raise SystemExit(f"{e}: records no weights digest; with {storage} storage the metrics must come from "
+                             f"`cadyq eval --json` of the stored file")
+        if got is not None and got != want:
+            raise SystemExit(f"{e}: measured other weights than {ckpt} stored as {storage} "
+                             f"(digest {got[:12]}…, not {want[:12]}…); evaluate the stored file")
+
+
 def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json: list[Path], data: str, notes: str,
            recipe: str = "", backbone: str = "", fold_bit_bias: float = 0.0, scales: list[int] | None = None,
            storage: str = "float32") -> dict:
@@ -96,7 +115,7 @@ def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json
     ``scales``: a multi-scale model (CARN) ships as one file with an entry ``<name>-x<s>`` per scale, each
     with the metrics of the evaluations at its scale; the entry at the model's own scale is returned.
     ``storage``: ``float16`` stores the weights at half the size (the entry says so; its metrics must then come
-    from evaluating the stored file, as the recipe runner does)."""
+    from evaluating the stored file, as the recipe runner does: :func:`check_measured` refuses any other)."""
     model = load_model_file(ckpt)
     if scales:
         trained = trained_scales(load_state(ckpt).get("config") or {}) if Path(ckpt).suffix == ".pt" else None
@@ -105,6 +124,7 @@ def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json
             raise SystemExit(f"{ckpt}: --scales {','.join(map(str, scales))} needs a multi-scale model trained at "
                              f"those distinct scales, including its own x{model.scale} (this one: {model.arch}"
                              f"{', trained at x' + ', x'.join(map(str, trained)) if trained else ''})")
+    check_measured(model, ckpt, storage, eval_json)
     extra: dict[str, object] = {"name": name}
     if fold_bit_bias:
         model.fold_bit_bias(fold_bit_bias)
