@@ -10,7 +10,8 @@
         (b6) `cadyq upscale --png-level 6` (the peer's encoder settings),
         (c) `CADYQ_KERNELS=torch cadyq upscale` (the PyTorch engine, int8 kernels),
         (e) `cadyq upscale --fp-layers bf16` (the default engine with a bf16 upsampling tail),
-        (f) `cadyq upscale --model carn` (the shipped CARN: the PyTorch engine),
+        (f) `cadyq upscale --model carn` (the shipped CARN: the OpenVINO runtime), (f-torch) the same on the
+        PyTorch engine (CADYQ_KERNELS=torch),
         (d) ONNX Runtime FP32 plain EDSR-baseline of the same weights (bench/peer_onnxruntime_fp32.py,
         PNG level 6; when onnxruntime + onnx import: `pip install cadyq[bench]`).
         Prints seconds and ratios to (a), and (b) to (a4): the same network work, encoder and BLAS setting.
@@ -85,6 +86,8 @@ def compare(args: argparse.Namespace) -> None:
                                 "--overwrite", "-q", "--fp-layers", "bf16", *thr],
             "cadyq_carn": [py, "-m", "cadyq_cli", "upscale", inp, str(out / "f.png"), "--scale", str(args.scale),
                            "--model", "carn", "--overwrite", "-q", *thr],
+            "cadyq_carn_torch": ["env", "CADYQ_KERNELS=torch", py, "-m", "cadyq_cli", "upscale", inp, str(out / "g.png"),
+                                 "--scale", str(args.scale), "--model", "carn", "--overwrite", "-q", *thr],
         }
         if _has_ort():
             cmds["onnxruntime_fp32"] = [py, str(ROOT / "bench/peer_onnxruntime_fp32.py"), wts, inp, str(out / "d.png"), *thr]
@@ -109,8 +112,9 @@ def compare(args: argparse.Namespace) -> None:
             print(f"  {k:18s} {v:6.2f} s  ({spread})  {v / base:5.2f}x openvino_fp32")
         same = med["cadyq_default"] / med["openvino_fp32_png4"]
         print(f"  cadyq_default / openvino_fp32_png4 (both PNGs at level 4, one OpenBLAS thread): {same:.2f}x")
-        print(f"  cadyq_carn / cadyq_default: {med['cadyq_carn'] / med['cadyq_default']:.2f}x, cadyq_carn / cadyq_torch "
-              f"(the same engine): {med['cadyq_carn'] / med['cadyq_torch']:.2f}x")
+        print(f"  cadyq_carn / cadyq_default (both on OpenVINO): {med['cadyq_carn'] / med['cadyq_default']:.2f}x, "
+              f"cadyq_carn_torch / cadyq_torch (both on PyTorch): {med['cadyq_carn_torch'] / med['cadyq_torch']:.2f}x, "
+              f"cadyq_carn_torch / cadyq_carn: {med['cadyq_carn_torch'] / med['cadyq_carn']:.2f}x")
 
 
 def sizes(args: argparse.Namespace) -> None:

@@ -1,7 +1,8 @@
-"""Cost accounting without PyTorch: BitOPs and FAB from a cost table, and EDSR-baseline's table by formula.
+"""Cost accounting without PyTorch: BitOPs and FAB from a cost table, and the tables of EDSR-baseline and CARN
+(the networks of the OpenVINO runtime) by formula.
 
 Definitions (the report's and the README's; :mod:`cadyq_cli.quant.cost` measures a model's table with a
-probe forward, this module states EDSR-baseline's from its shapes, and tests hold the two equal):
+probe forward, this module states EDSR-baseline's and CARN's from their shapes, and tests hold them equal):
 
 * **MACs** of a convolution: ``C_out * C_in / groups * k_h * k_w * H_out * W_out``.
 * **BitOPs** = sum over convolutions of ``MACs x weight bits x activation bits``; quantized convs have
@@ -12,10 +13,11 @@ probe forward, this module states EDSR-baseline's from its shapes, and tests hol
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
-__all__ = ["ConvCost", "bitops", "fab", "edsr_cost_table"]
+__all__ = ["ConvCost", "bitops", "fab", "edsr_cost_table", "carn_cost_table"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,14 @@ def fab(region_bits: object) -> float:
     return float(rb.mean(axis=1).mean())
 
 
+def _upsampler(scale: int, f: int, name: Callable[[int], str]) -> list[ConvCost]:
+    """The upsampler's FP convs (the ``j``-th named ``name(j)``): one 3x3 conv to ``9 f`` channels at x3, else one
+    to ``4 f`` per factor 2, each on the previous one's pixel-shuffled output."""
+    if scale == 3:
+        return [ConvCost(name(0), float(9 * f * f * 9), 32, None, 32)]
+    return [ConvCost(name(j), float(4 * f * f * 9 * 4**j), 32, None, 32) for j in range(scale // 2)]
+
+
 def edsr_cost_table(scale: int, n_blocks: int = 16, n_feats: int = 64) -> list[ConvCost]:
     """EDSR-baseline's convolutions in forward order (what :func:`cadyq_cli.quant.cost.cost_table` measures)."""
     k = 9
@@ -81,10 +91,26 @@ def edsr_cost_table(scale: int, n_blocks: int = 16, n_feats: int = 64) -> list[C
         rows.append(ConvCost(f"body.{i}.body.0", float(f * f * k), 8, 2 * i, 8, f"body.{i}.bitsel1"))
         rows.append(ConvCost(f"body.{i}.body.3", float(f * f * k), 8, 2 * i + 1, 8, f"body.{i}.body.2"))
     rows.append(ConvCost(f"body.{n_blocks}", float(f * f * k), 32, None, 32))
-    if scale == 3:
-        rows.append(ConvCost("tail.0.0", float(9 * f * f * k), 32, None, 32))
-    else:
-        for j in range(scale // 2):
-            rows.append(ConvCost(f"tail.0.{2 * j}", float(4 * f * f * k * 4**j), 32, None, 32))
+    rows += _upsampler(scale, f, lambda j: f"tail.0.{2 * j}")
     rows.append(ConvCost("tail.1", float(3 * f * k * scale * scale), 32, None, 32))
+    return rows
+
+
+def carn_cost_table(scale: int, n_feats: int = 64) -> list[ConvCost]:
+    """CARN's convolutions in forward order at ``scale`` (what :func:`cadyq_cli.quant.cost.cost_table` measures of
+    :class:`cadyq_cli.models.carn.CARN`): entry, per block the units' two quantized 3x3 convs then the block's
+    1x1 fusion conv after each unit, the outer 1x1 fusion after each block, the scale's upsampler, exit."""
+    f, k = n_feats, 9
+    rows = [ConvCost("entry", float(3 * f * k), 32, None, 32)]
+    sel = 0
+    for b in (1, 2, 3):
+        for u in (1, 2, 3):
+            p = f"b{b}.b{u}.body"
+            rows.append(ConvCost(f"{p}.1", float(f * f * k), 8, sel, 8, f"{p}.0"))
+            rows.append(ConvCost(f"{p}.4", float(f * f * k), 8, sel + 1, 8, f"{p}.3"))
+            rows.append(ConvCost(f"b{b}.c{u}.body.0", float((u + 1) * f * f), 32, None, 32))
+            sel += 2
+        rows.append(ConvCost(f"c{b}.body.0", float((b + 1) * f * f), 32, None, 32))
+    rows += _upsampler(scale, f, lambda j: f"upsample.up{scale}.body.{3 * j}")
+    rows.append(ConvCost("exit", float(3 * f * k * scale * scale), 32, None, 32))
     return rows

@@ -143,7 +143,7 @@ def _png_kw(png_level: int | None) -> dict[str, int]:
 
 def _openvino_serves(model: str | None, weights: Path | None, arch: str | None, scale: int, mode: str, device: str,
                      fp_layers: str, bit_bias: float, target_fab: float | None) -> bool:
-    """Whether ``--kernels auto`` runs this upscale on the OpenVINO runtime: a shipped EDSR-baseline model in
+    """Whether ``--kernels auto`` runs this upscale on the OpenVINO runtime: a shipped EDSR-baseline or CARN model in
     dynamic or fp32 mode on the CPU, with none of the options only the PyTorch engine has, and openvino
     installed; its quantized convs are exact int8 where the CPU has an int8 dot product, else the float
     reference's arithmetic. ``CADYQ_KERNELS=torch`` opts out."""
@@ -153,14 +153,14 @@ def _openvino_serves(model: str | None, weights: Path | None, arch: str | None, 
         return False
     if bit_bias or target_fab is not None:
         return False
-    from .runtime.engine import openvino_available
+    from .runtime.engine import ARCHS, openvino_available
     from .weights import DEFAULT_MODEL, resolve_weights
 
     try:
         cfg = resolve_weights(model or DEFAULT_MODEL, scale)
     except CadyqError:
         return False  # the PyTorch loader says what is wrong
-    return cfg.arch == "edsr_baseline" and openvino_available()
+    return cfg.arch in ARCHS and openvino_available()
 
 
 def _load(model: str | None, weights: Path | None, arch: str | None, scale: int, mode: str, device: str, threads: int,  # noqa: ANN202
@@ -181,7 +181,7 @@ def _load(model: str | None, weights: Path | None, arch: str | None, scale: int,
         if not openvino:
             raise CadyqError("--kernels openvino is for `cadyq upscale` and `cadyq bitmap` only")
         if device.lower() != "cpu" or arch is not None or bit_bias or target_fab:
-            raise CadyqError("--kernels openvino runs shipped EDSR-baseline models (or their .safetensors) on the CPU, "
+            raise CadyqError("--kernels openvino runs shipped EDSR-baseline and CARN models (or their .safetensors) on the CPU, "
                              "without --bit-bias or --target-fab")
         from .runtime.engine import load_openvino_model
 

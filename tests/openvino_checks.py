@@ -168,6 +168,52 @@ def test_mixed_bit_windows_equal_the_integer_sum_over_bit_widths() -> None:
     assert np.abs(sr - i8).max() < 1e-3
 
 
+def test_carn_receptive_radius_and_fp32_graph_equal_the_pytorch_model() -> None:
+    from cadyq_cli.models.carn import CARN
+    from cadyq_cli.runtime.ov_carn import CarnWeights
+
+    assert CarnWeights.receptive_radius == CARN.receptive_radius
+    img = _image(30, 44, seed=4)
+    for scale in (2, 3, 4):  # one file, an upsampler per scale
+        a, rep = load_openvino_model(model="carn", scale=scale, mode="fp32", cache=False).upscale_array(img)
+        b, _ = upscale_array(load_model(model="carn", scale=scale, mode="fp32", kernels="float"), img, TilingConfig())
+        assert rep.n_selectors == 0 and a.shape == (30 * scale, 44 * scale, 3)
+        assert np.abs(a - b).max() < 2e-3
+
+
+@pytest.mark.parametrize(("scale", "cfg", "img"), [
+    (4, TilingConfig(), lambda: _scene(100, 130)),  # one tile of 2 x 2 regions (96 px)
+    (2, SMALL[0], lambda: _image(*SMALL[1], seed=2)),  # regions of 1 and 2 lines at the tile's edges
+    (3, TilingConfig(tile=48, region=24, any_tile=True), lambda: _scene(40, 130)),  # the lattice starts mid-region
+])
+def test_carn_bits_equal_the_float_reference_and_output_as_close_as_int8(scale: int, cfg: TilingConfig,
+                                                                        img: object) -> None:
+    """CARN on the runtime (the shipped multi-scale file at each scale): the selectors' choices of the PyTorch
+    model, and pixels as close to its float reference as PyTorch's own int8 path (or, without an int8 dot
+    product, the float graph's)."""
+    x = img()  # type: ignore[operator]
+    ref, rep_ref = upscale_array(load_model(model="carn", scale=scale, kernels="float"), x, cfg)
+    assert _mixed(rep_ref)
+    sr, rep = load_openvino_model(model="carn", scale=scale, int8=False, cache=False).upscale_array(x, cfg)
+    _same_report(rep, rep_ref)
+    assert rep.kernels == "openvino-float"
+    err = np.abs(sr - ref)
+    assert err.mean() < 0.1 and err.max() < 8.0
+    if not cpu_has_int8_dot():
+        return
+    sr, rep = load_openvino_model(model="carn", scale=scale, cache=False).upscale_array(x, cfg)
+    _same_report(rep, rep_ref)
+    assert rep.kernels == "openvino"
+    err = np.abs(sr - ref)
+    if int8_available():
+        i8, rep_i8 = upscale_array(load_model(model="carn", scale=scale, kernels="int8"), x, cfg)
+        _same_report(rep_i8, rep_ref)
+        e8 = np.abs(i8 - ref)
+        assert err.mean() <= max(2 * e8.mean(), 0.05) and err.max() <= max(2 * e8.max(), 8.0)
+    else:
+        assert err.mean() < 0.1 and err.max() < 8.0
+
+
 def test_outputs_are_deterministic_across_runs_and_thread_counts() -> None:
     img = _image(*SMALL[1], seed=3)
     outs = [load_openvino_model(scale=2, threads=n).upscale_array(img, SMALL[0]) for n in (1, 2, 1)]
@@ -386,6 +432,8 @@ def test_images_of_new_sizes_compile_no_graph(monkeypatch: pytest.MonkeyPatch) -
     (["--fp-layers", "bf16"], {}, "openvino"),             # the bf16 tail runs on OpenVINO too
     ([], {"CADYQ_KERNELS": "torch"}, "torch"),             # the opt-out
     ([], {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "openvino-float"),  # no int8 dot product (int8 convs would saturate)
+    (["--model", "carn"], {}, "openvino"),                 # the shipped CARN runs there too
+    (["--model", "carn", "--mode", "w8a8"], {}, "torch"),
 ])
 def test_default_upscale_runs_on_openvino_where_it_serves(tmp_path: Path, extra: list[str], env: dict[str, str],
                                                          kernels: str) -> None:
@@ -414,14 +462,14 @@ def test_bf16_tail_keeps_bits_and_stays_close() -> None:
     assert 0 < err.mean() < 0.5 and err.max() < 4.0  # bf16 rounding of the tail, nothing more
 
 
-@pytest.mark.parametrize("scale", [3, 4])
-def test_tail_in_strips_equals_the_tail_in_one_piece(monkeypatch: pytest.MonkeyPatch, scale: int) -> None:
+@pytest.mark.parametrize(("scale", "model"), [(3, "edsr-baseline"), (4, "edsr-baseline"), (3, "carn"), (4, "carn")])
+def test_tail_in_strips_equals_the_tail_in_one_piece(monkeypatch: pytest.MonkeyPatch, scale: int, model: str) -> None:
     from cadyq_cli.runtime import ov_edsr
 
     img = _image(60, 76, seed=5)
-    one, r1 = load_openvino_model(scale=scale, cache=False).upscale_array(img)
+    one, r1 = load_openvino_model(model, scale=scale, cache=False).upscale_array(img)
     monkeypatch.setattr(ov_edsr, "TAIL_BUDGET_BYTES", 1)  # strips of 8 LR rows: 8 strips, every cut inside the tile
-    m = load_openvino_model(scale=scale, cache=False)
+    m = load_openvino_model(model, scale=scale, cache=False)
     for _ in range(2):  # the tail graph on strips, then the tile's own graph with the strips inside
         strips, r2 = m.upscale_array(img)
         _same_report(r1, r2)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cadyq_cli.accounting import bitops, edsr_cost_table, fab
+from cadyq_cli.accounting import bitops, carn_cost_table, edsr_cost_table, fab
 from cadyq_cli.models import create_model
 from cadyq_cli.quant.cost import cost_table
 
@@ -13,6 +13,11 @@ from cadyq_cli.quant.cost import cost_table
 @pytest.mark.parametrize("scale", [2, 3, 4])
 def test_edsr_cost_table_equals_the_measured_one(scale: int) -> None:
     assert edsr_cost_table(scale) == cost_table(create_model("edsr", scale))
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_carn_cost_table_equals_the_measured_one(scale: int) -> None:
+    assert carn_cost_table(scale) == cost_table(create_model("carn", scale))
 
 
 def test_bitops_and_fab_accept_tensors_and_arrays() -> None:

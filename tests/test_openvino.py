@@ -21,6 +21,8 @@ CHECKS = [
     "test_fp32_graph_equals_pytorch_fp32",
     "test_bits_equal_the_float_reference_and_output_as_close_as_int8",
     "test_mixed_bit_windows_equal_the_integer_sum_over_bit_widths",
+    "test_carn_receptive_radius_and_fp32_graph_equal_the_pytorch_model",
+    "test_carn_bits_equal_the_float_reference_and_output_as_close_as_int8",
     "test_outputs_are_deterministic_across_runs_and_thread_counts",
     "test_later_models_import_the_exported_graphs",
     "test_the_last_graph_is_prefetched_and_a_wrong_guess_dropped",

@@ -22,21 +22,22 @@ from typing import Callable
 
 import numpy as np
 
-from ..accounting import edsr_cost_table
 from ..errors import CadyqError
 from ..report import ImageReport, RegionBits, build_report
 from ..samples import round_into
 from ..tiling import TilingConfig, plan_tiles
 from . import prefetch
 from .cache import CACHE_MAX_BYTES, MAX_SEEN, cache_dir, cache_max_bytes, trim_cache
-from .ov_edsr import (FP_LAYERS, EdsrWeights, Geometry, bits_from_idx, build_body, build_tail, describe, read_edsr,
-                      tail_strips)
+from .ov_carn import CarnWeights, read_carn
+from .ov_edsr import FP_LAYERS, EdsrWeights, Geometry, bits_from_idx, build_body, build_tail, read_edsr, read_safetensors, tail_strips
 
-__all__ = ["OVModel", "load_openvino_model", "openvino_available", "cache_dir", "cache_max_bytes", "trim_cache",
+__all__ = ["OVModel", "load_openvino_model", "read_weights", "openvino_available", "cache_dir", "cache_max_bytes", "trim_cache",
            "CACHE_MAX_BYTES", "RECEPTIVE_RADIUS"]
 
 #: LR px of context a pixel depends on (as :attr:`cadyq_cli.models.edsr.EDSRBaseline.receptive_radius`)
-RECEPTIVE_RADIUS = 40
+RECEPTIVE_RADIUS = EdsrWeights.receptive_radius
+#: the networks this runtime runs (the PyTorch models' ``arch``)
+ARCHS = ("edsr_baseline", "carn")
 MODES = ("dynamic", "fp32")
 #: body graphs kept alive at a time, besides the tail graph (see OVModel._compiled)
 MAX_COMPILED = 2
@@ -66,10 +67,11 @@ def free_size_graphs() -> bool:
 
 
 class OVModel:
-    """EDSR-baseline CADyQ (``dynamic``) or its FP32 network (``fp32``) on OpenVINO's CPU plugin.
+    """EDSR-baseline or CARN CADyQ (``dynamic``) or its FP32 network (``fp32``) on OpenVINO's CPU plugin.
 
     Args:
-        wts: the weights.
+        wts: the weights (:class:`~cadyq_cli.runtime.ov_edsr.EdsrWeights` or
+            :class:`~cadyq_cli.runtime.ov_carn.CarnWeights`, at the scale to run).
         mode: ``dynamic`` or ``fp32``.
         fp_layers: ``fp32`` (default) or ``bf16`` (the upsampling tail in bf16, as ``--fp-layers bf16``).
         int8: quantized convs as exact int8 convolutions (default: where the CPU has an int8 dot product;
@@ -78,10 +80,7 @@ class OVModel:
         cache: export compiled graphs to :func:`cache_dir` and import them from there.
     """
 
-    receptive_radius = RECEPTIVE_RADIUS
-    arch = "edsr_baseline"
-
-    def __init__(self, wts: EdsrWeights, mode: str = "dynamic", threads: int = 0, cache: bool = True,
+    def __init__(self, wts: EdsrWeights | CarnWeights, mode: str = "dynamic", threads: int = 0, cache: bool = True,
                  fp_layers: str = "fp32", int8: bool | None = None) -> None:
         import openvino as ov
 
@@ -95,8 +94,8 @@ class OVModel:
         self.int8 = cpu_has_int8_dot() if int8 is None else int8
         #: the report's ``kernels``: int8 codes on OpenVINO, or the reference's float arithmetic on OpenVINO
         self.kernels = "float" if mode == "fp32" else "openvino" if self.int8 else "openvino-float"
-        self.scale = wts.scale
-        self.n_selectors = 2 * wts.n_blocks if mode == "dynamic" else 0
+        self.scale, self.arch, self.receptive_radius = wts.scale, wts.arch, wts.receptive_radius
+        self.n_selectors = wts.n_selectors if mode == "dynamic" else 0
         self.core = ov.Core()
         self.version = ov.get_version()
         self.config: dict[str, object] = dict(GRAPH_CONFIG)
@@ -118,8 +117,9 @@ class OVModel:
             return None
         what = {"tail": f"{kind}-{self.fp_layers}", "static": f"{kind}-{self.kernels}-{self.fp_layers}"}.get(
             kind.split("-")[0], f"{kind}-{self.kernels}")
-        key = f"{describe(self.wts)}|{what}|{self.version}|{sorted(self.config.items())}"
-        return folder / f"edsr-x{self.scale}-{what}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.blob"
+        key = f"{self.wts.describe()}|{what}|{self.version}|{sorted(self.config.items())}"
+        prefix = "edsr" if self.arch == "edsr_baseline" else self.arch
+        return folder / f"{prefix}-x{self.scale}-{what}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.blob"
 
     def _build(self, kind: str) -> object:
         if kind == "tail":
@@ -284,7 +284,7 @@ class OVModel:
             regions.add_tile(t, bits[0])
             if progress is not None:
                 progress(i + 1, len(tiles))
-        table = edsr_cost_table(s, self.wts.n_blocks, self.wts.n_feats)
+        table = self.wts.cost_table()
         report = build_report(regions, self.n_selectors, s, table, self.mode, self.mode == "dynamic", None, cfg.tiling,
                               time.perf_counter() - t0, kernels=self.kernels, fp_layers=self.fp_layers)
         return out, report
@@ -303,13 +303,29 @@ def _place(part: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return dst
 
 
+def read_weights(path: str | Path, scale: int | None) -> EdsrWeights | CarnWeights:
+    """The weights of an EDSR-baseline or CARN safetensors file (by its ``arch`` metadata), at ``scale`` (a CARN file
+    serves each of its upsamplers' scales; None: the file's own).
+
+    Raises:
+        ValueError: not such a file, or not for ``scale``.
+    """
+    _, meta, _ = read_safetensors(path)
+    if meta.get("arch") == "carn":
+        return read_carn(path, scale or int(meta.get("scale", 4)))
+    wts = read_edsr(path)
+    if scale is not None and wts.scale != scale:
+        raise ValueError(f"the weights are for x{wts.scale}, not x{scale}")
+    return wts
+
+
 def load_openvino_model(model: str | None = None, weights: str | Path | None = None, scale: int | None = 4,
                         mode: str = "dynamic", threads: int = 0, cache: bool = True, fp_layers: str = "fp32",
                         int8: bool | None = None) -> OVModel:
-    """Load a shipped EDSR-baseline model (or an EDSR-baseline safetensors file) for the OpenVINO runtime.
+    """Load a shipped EDSR-baseline or CARN model (or such a safetensors file) for the OpenVINO runtime.
 
     Raises:
-        CadyqError: openvino is not installed, the model is not EDSR-baseline, or the mode is not supported.
+        CadyqError: openvino is not installed, the model is neither, or the mode is not supported.
     """
     if not openvino_available():
         raise CadyqError("--kernels openvino needs the openvino package (pip install openvino)")
@@ -317,17 +333,15 @@ def load_openvino_model(model: str | None = None, weights: str | Path | None = N
 
     if weights is None:
         cfg = resolve_weights(model or DEFAULT_MODEL, scale)
-        if cfg.arch != "edsr_baseline":
-            raise CadyqError(f"--kernels openvino runs the EDSR-baseline models only, not {cfg.name}")
+        if cfg.arch not in ARCHS:
+            raise CadyqError(f"--kernels openvino runs the EDSR-baseline and CARN models only, not {cfg.name}")
         path = shipped_path(cfg)
     else:
         path = Path(weights)
         if path.suffix != ".safetensors" or not path.is_file():
-            raise CadyqError(f"{path}: --kernels openvino reads EDSR-baseline .safetensors files only")
+            raise CadyqError(f"{path}: --kernels openvino reads EDSR-baseline or CARN .safetensors files only")
     try:
-        wts = read_edsr(path)
+        wts = read_weights(path, scale)
     except Exception as e:  # noqa: BLE001 - any unreadable file is one clear error
         raise CadyqError(f"{path}: cannot run on OpenVINO ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    if scale is not None and wts.scale != scale:
-        raise CadyqError(f"{path}: the weights are for x{wts.scale}, not x{scale}")
     return OVModel(wts, mode, threads, cache, fp_layers, int8)

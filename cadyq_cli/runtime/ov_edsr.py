@@ -34,11 +34,12 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from collections.abc import Iterator, Mapping
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["EdsrWeights", "Geometry", "LAYOUTS", "read_edsr", "build_body", "build_tail", "build_network", "bits_from_idx",
+__all__ = ["NetWeights", "EdsrWeights", "Geometry", "LAYOUTS", "read_edsr", "read_safetensors", "build_body", "build_tail", "build_network", "bits_from_idx",
            "tail_strips", "edsr_blocks", "CANDIDATE_BITS"]
 
 CANDIDATE_BITS = (4, 6, 8)
@@ -116,28 +117,66 @@ def _shape(sd: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:
 
 
 @dataclass
-class EdsrWeights:
-    """An EDSR-baseline CADyQ checkpoint as numpy arrays (``sd``: name -> float32 array)."""
+class NetWeights:
+    """A network's CADyQ weights as numpy arrays (``sd``: name -> float32 array) at the ``scale`` its graphs run,
+    and what the engine asks of them: ``arch``, ``n_feats`` (channels entering the tail), ``n_selectors``,
+    ``receptive_radius`` (LR px of context a pixel depends on, as the PyTorch model's), :meth:`cost_table`,
+    :meth:`describe` (cache keys) and :meth:`builder` (the graph builder). One subclass per network."""
 
     sd: Mapping[str, np.ndarray]
     scale: int
     act_grid: str = "signed"
     skip: str = "official"
     sha256: str = ""
-    n_blocks: int = field(init=False)
-    n_feats: int = field(init=False)
+    n_feats: int = field(init=False, default=0)
+    n_selectors: int = field(init=False, default=0)
+    arch: ClassVar[str] = ""
+    receptive_radius: ClassVar[int] = 0
+
+    def cost_table(self) -> list:  # noqa: D102
+        raise NotImplementedError
+
+    def describe(self) -> str:  # noqa: D102
+        raise NotImplementedError
+
+    def builder(self, *args: object, **kw: object) -> "_Builder":  # noqa: D102
+        raise NotImplementedError
+
+
+@dataclass
+class EdsrWeights(NetWeights):
+    """An EDSR-baseline CADyQ checkpoint (:class:`NetWeights`)."""
+
+    n_blocks: int = field(init=False, default=0)
+    arch: ClassVar[str] = "edsr_baseline"
+    receptive_radius: ClassVar[int] = 40  # as :attr:`cadyq_cli.models.edsr.EDSRBaseline.receptive_radius`
 
     def __post_init__(self) -> None:
         self.n_blocks = edsr_blocks(self.sd)
         self.n_feats = int(_shape(self.sd, "head.0.weight")[0])
+        self.n_selectors = 2 * self.n_blocks  # two per residual block
+
+    def cost_table(self) -> list:
+        """The convolutions' costs (:func:`cadyq_cli.accounting.edsr_cost_table`)."""
+        from ..accounting import edsr_cost_table
+
+        return edsr_cost_table(self.scale, self.n_blocks, self.n_feats)
+
+    def describe(self) -> str:
+        """JSON text of what a compiled graph depends on besides its kind (cache keys)."""
+        return describe(self)
+
+    def builder(self, *args: object, **kw: object) -> "_Builder":
+        """The graph builder of this network (arguments as :class:`_Builder`)."""
+        return _Builder(self, *args, **kw)  # type: ignore[arg-type]
 
 
-def read_edsr(path: str | Path) -> EdsrWeights:
-    """Read one of our EDSR-baseline safetensors files (metadata ``arch``, ``scale``, ``act_grid``, ``skip``); the
-    tensors are decoded when a graph is built from them.
+def read_safetensors(path: str | Path) -> tuple[Mapping[str, np.ndarray], dict[str, str], str]:
+    """(tensors, decoded on first access; metadata; sha256 of the file) of a safetensors file, its header checked
+    (every tensor's span fits its shape, none overlap, nothing truncated or appended).
 
     Raises:
-        ValueError: not an EDSR-baseline CADyQ safetensors file.
+        ValueError: not a safetensors file (or a truncated one).
     """
     path = Path(path)
     blob = path.read_bytes()
@@ -157,15 +196,23 @@ def read_edsr(path: str | Path) -> EdsrWeights:
             raise ValueError  # overlapping tensors, or a truncated (or padded) file
     except (ValueError, TypeError, KeyError, AttributeError, IndexError):
         raise ValueError(f"{path}: not a safetensors file (or a truncated one)") from None
-    meta = dict(header.get("__metadata__") or {})
-    sd = _Tensors(blob, header)
+    return _Tensors(blob, header), dict(header.get("__metadata__") or {}), hashlib.sha256(blob).hexdigest()
+
+
+def read_edsr(path: str | Path) -> EdsrWeights:
+    """Read one of our EDSR-baseline safetensors files (metadata ``arch``, ``scale``, ``act_grid``, ``skip``); the
+    tensors are decoded when a graph is built from them.
+
+    Raises:
+        ValueError: not an EDSR-baseline CADyQ safetensors file.
+    """
+    sd, meta, sha = read_safetensors(path)
     if meta.get("arch", "edsr_baseline") != "edsr_baseline" or "body.0.bitsel1.net_small.0.weight" not in sd:
         raise ValueError(f"{path}: the OpenVINO runtime runs EDSR-baseline CADyQ weights only")
     t0 = sd.shape("tail.0.0.weight") if "tail.0.0.weight" in sd else (0, 0)
     scale = int(meta["scale"]) if str(meta.get("scale", "")).isdigit() else (
         3 if t0[0] == 9 * t0[1] else 4 if "tail.0.2.weight" in sd else 2)
-    return EdsrWeights(sd, scale, meta.get("act_grid", "signed"), meta.get("skip", "official"),
-                       hashlib.sha256(blob).hexdigest())
+    return EdsrWeights(sd, scale, meta.get("act_grid", "signed"), meta.get("skip", "official"), sha)
 
 
 @dataclass(frozen=True)
@@ -267,7 +314,15 @@ def tail_strips(h: int, w: int, n_feats: int, scale: int) -> list[tuple[int, int
 
 class _Builder:
     """Builds one graph; one instance per graph. Tile sizes are free (H, W dynamic): what depends on the
-    tile's place on the region lattice comes in as inputs (:meth:`Geometry.inputs`)."""
+    tile's place on the region lattice comes in as inputs (:meth:`Geometry.inputs`).
+
+    The selectors, quantized convs, region statistics and graph assembly are every network's; :meth:`body` and
+    :meth:`tail` are EDSR-baseline's (a subclass states another network's: ``ov_carn``)."""
+
+    #: factor on the gradient feature (as the PyTorch model's ``grad_multiplier``)
+    grad_multiplier = GRAD_MULTIPLIER
+    #: graph names' prefix
+    name = "edsr"
 
     def __init__(self, wts: EdsrWeights, layout: str = "fp32", int8: bool = True, fp_layers: str = "fp32",
                  geo: Geometry | None = None) -> None:
@@ -408,7 +463,7 @@ class _Builder:
         # the region mean as the reference takes it: the sum over the region, divided by its pixel count
         mean = op.divide(self.sums_nchw(g), self.lattice_in("cnt")) if self.lattice else \
             op.reduce_mean(g, self.c_i64([2, 3]), True)
-        return op.multiply(mean, self.c(GRAD_MULTIPLIER))
+        return mean if self.grad_multiplier == 1.0 else op.multiply(mean, self.c(self.grad_multiplier))
 
     def selector(self, x: object, prefix: str, signed: bool) -> tuple[object, object, object, object, np.ndarray]:
         """Choose bits per region for body tensor ``x``; returns (codes, step map (NCHW), value, bit-index map,
@@ -502,6 +557,31 @@ class _Builder:
         r = op.convert(r, np.float32) if bf16 else r
         return op.add(r, self.c(sd["add_mean.bias"].reshape(1, 3, 1, 1)))
 
+    def quant_setup(self, x: object) -> None:
+        """What every selector of a quantized graph reads: the region pixel counts and the gradient feature of
+        image x (1, 3, H, W) on the 0..255 scale."""
+        if not self.quantized:
+            return
+        op = self.op
+        cnt = self.lattice_in("cnt") if self.lattice else self.param("cnt", [1, 1, 1, 1])
+        if self.cl:
+            cnt = op.unsqueeze(cnt, self.c_i64([4]))  # (1, 1, nh, nw, 1), next to channels-last statistics
+        self.counts = (cnt, op.maximum(op.subtract(cnt, self.c(1.0)), self.c(1.0)),
+                       op.convert(op.greater(cnt, self.c(1.0)), np.float32))
+        self.gradf = self.grad_feature(x)
+        if self.cl:  # (1, 1, nh, nw, 2), next to the channels-last statistics
+            self.gradf5 = op.unsqueeze(op.transpose(self.gradf, self.c_i64([0, 2, 3, 1])), self.c_i64([1]))
+
+    def enter_body(self, head: object) -> object:
+        """The head's NCHW output as a body tensor. Channels-last, rewriting one row in place (ScatterUpdate needs
+        a plain layout) pins the body to plain NHWC, the conv's own memory order: the transpose becomes free,
+        and no residual add reorders later."""
+        r = self.as_body(head)
+        if self.cl:
+            row0 = self.c_i64([0])
+            r = self.op.scatter_update(r, row0, self.op.gather(r, row0, self.c_i64(1)), self.c_i64(1))
+        return r
+
     def body(self, x: object) -> object:
         """Head and body of image x (1, 3, H, W): the features entering the tail, (1, C, H, W)."""
         op, sd, wts = self.op, self.w.sd, self.w
@@ -509,21 +589,8 @@ class _Builder:
             if not np.array_equal(sd[f"{name}.weight"].reshape(3, 3), np.eye(3, dtype=_F)):
                 raise ValueError(f"{name} is not the identity mean shift")
         head = self.conv(op.add(x, self.c(sd["sub_mean.bias"].reshape(1, 3, 1, 1))), sd["head.0.weight"], sd["head.0.bias"])
-        if self.quantized:
-            cnt = self.lattice_in("cnt") if self.lattice else self.param("cnt", [1, 1, 1, 1])
-            if self.cl:
-                cnt = op.unsqueeze(cnt, self.c_i64([4]))  # (1, 1, nh, nw, 1), next to channels-last statistics
-            self.counts = (cnt, op.maximum(op.subtract(cnt, self.c(1.0)), self.c(1.0)),
-                           op.convert(op.greater(cnt, self.c(1.0)), np.float32))
-            self.gradf = self.grad_feature(x)
-            if self.cl:  # (1, 1, nh, nw, 2), next to the channels-last statistics
-                self.gradf5 = op.unsqueeze(op.transpose(self.gradf, self.c_i64([0, 2, 3, 1])), self.c_i64([1]))
-        r = self.as_body(head)
-        if self.cl:  # rewriting one row in place (ScatterUpdate needs a plain layout) pins the body to plain
-            # NHWC, the conv's own memory order: the transpose above becomes free, and no residual add
-            # reorders later
-            row0 = self.c_i64([0])
-            r = op.scatter_update(r, row0, op.gather(r, row0, self.c_i64(1)), self.c_i64(1))
+        self.quant_setup(x)
+        r = self.enter_body(head)
         unsigned2 = wts.act_grid == "relu-unsigned"
         for i in range(wts.n_blocks):
             p = f"body.{i}"
@@ -567,19 +634,19 @@ class _Builder:
             self.op.result(self.tail_in_strips(r), name="sr") if with_tail else self.op.result(r, name="r")]
         if self.quantized:  # selector indices (i32): (1, n_sel, nh, nw), or (1, 1, nh, nw, n_sel) channels-last
             outs.append(self.op.result(self.op.concat(self.bits, 4 if self.cl else 1), name="idx"))
-        return ov.Model(outs, list(self.params.values()), f"edsr_body_{self.layout}")
+        return ov.Model(outs, list(self.params.values()), f"{self.name}_body_{self.layout}")
 
     def build_tail(self) -> object:
         import openvino as ov
 
         r = self.param("r", [1, int(self.w.n_feats), -1, -1])
-        return ov.Model([self.op.result(self.tail(r), name="sr")], [r], f"edsr_tail_{self.fp_layers}")
+        return ov.Model([self.op.result(self.tail(r), name="sr")], [r], f"{self.name}_tail_{self.fp_layers}")
 
     def build_network(self) -> object:
         import openvino as ov
 
         x = self.param("x", [1, 3, -1, -1])
-        return ov.Model([self.op.result(self.tail(self.body(x)), name="sr")], [x], "edsr_fp32")
+        return ov.Model([self.op.result(self.tail(self.body(x)), name="sr")], [x], f"{self.name}_fp32")
 
 
 def build_body(wts: EdsrWeights, layout: str, int8: bool = True, geo: Geometry | None = None,
@@ -598,19 +665,19 @@ def build_body(wts: EdsrWeights, layout: str, int8: bool = True, geo: Geometry |
         raise ValueError("with_tail needs the geometry (the graph of one geometry)")
     if bits_only and layout == "fp32":
         raise ValueError("bits_only needs a quantized layout")
-    return _Builder(wts, layout, int8, fp_layers, geo).build_body(with_tail, bits_only)
+    return wts.builder(layout, int8, fp_layers, geo).build_body(with_tail, bits_only)
 
 
 def build_tail(wts: EdsrWeights, fp_layers: str = "fp32") -> object:
     """The ``openvino.Model`` of the upsampling tail: ``r`` (1, C, h, W) -> ``sr`` (1, 3, s*h, s*W), not clamped;
     ``fp_layers="bf16"``: in bf16. The engine runs it on row strips (:func:`tail_strips`)."""
-    return _Builder(wts, fp_layers=fp_layers).build_tail()
+    return wts.builder(fp_layers=fp_layers).build_tail()
 
 
 def build_network(wts: EdsrWeights) -> object:
     """The plain FP32 EDSR-baseline of ``wts`` as one graph, ``x`` -> ``sr``, for any image size: the network
     as a plain export runs it (bench/peer_openvino_fp32.py)."""
-    return _Builder(wts).build_network()
+    return wts.builder().build_network()
 
 
 def bits_from_idx(idx: np.ndarray) -> np.ndarray:
