@@ -1,7 +1,7 @@
 """Peer for bench/peers.py: plain FP32 EDSR-baseline on ONNX Runtime, as a user would run it.
 
 The FP32 network of the same weights (no quantizers, no tiling) as an ``.onnx`` file, built once from
-the safetensors with ``onnx.helper`` (the state-dict keys :func:`cadyq_cli.runtime.ov_edsr.build_network`
+the safetensors with ``onnx.helper`` (the state-dict keys :func:`cadyq_cli.runtime.ov_graph.build_network`
 reads; H and W symbolic) and cached in ``$CADYQ_CACHE_DIR/onnx`` keyed by the
 weights' sha256. A run: ONNX Runtime session (``ORT_ENABLE_ALL``, CPU), read PNG, one inference on
 the whole image, clip, round, write PNG. No PyTorch, no OpenVINO.

@@ -13,7 +13,8 @@ import numpy as np
 import openvino as ov
 from PIL import Image
 
-from cadyq_cli.runtime.ov_edsr import build_network, read_edsr
+from cadyq_cli.runtime.ov_edsr import read_edsr
+from cadyq_cli.runtime.ov_graph import build_network
 
 p = argparse.ArgumentParser()
 p.add_argument("weights")

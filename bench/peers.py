@@ -160,7 +160,8 @@ def forward(args: argparse.Namespace) -> None:
     from PIL import Image
 
     from cadyq_cli.runtime.engine import GRAPH_CONFIG, OVModel
-    from cadyq_cli.runtime.ov_edsr import Geometry, build_body, build_network, read_edsr
+    from cadyq_cli.runtime.ov_edsr import read_edsr
+    from cadyq_cli.runtime.ov_graph import Geometry, build_body, build_network
 
     x = np.asarray(Image.open(args.inputs[0]).convert("RGB"), dtype=np.float32)
     h, w = x.shape[:2]

@@ -201,11 +201,12 @@ def imports(args: argparse.Namespace) -> None:
     """Two graph imports: one after the other against two threads at once."""
     import openvino as ov
 
-    import cadyq_cli.runtime.ov_edsr as E
+    import cadyq_cli.runtime.ov_graph as E
+    from cadyq_cli.runtime.ov_edsr import read_edsr
     from cadyq_cli.runtime.engine import GRAPH_CONFIG
 
     work = Path(tempfile.mkdtemp(prefix="cadyq_imports_"))
-    wts = E.read_edsr(ROOT / "weights" / "edsr-baseline-x4.safetensors")
+    wts = read_edsr(ROOT / "weights" / "edsr-baseline-x4.safetensors")
     cfg = {**GRAPH_CONFIG, "INFERENCE_NUM_THREADS": args.threads}
     blobs = []
     for h, w in ((240, 320), (128, 128)):

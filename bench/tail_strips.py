@@ -3,7 +3,7 @@
     python bench/tail_strips.py [--size 240x320] [--budgets 256:3,128:2,96:2] [--rounds 4] [--threads 2]
 
 For each ``MB:halo`` the compiled graph of one 240x320 tile (head, body and tail in strips, as the engine
-compiles a repeated geometry) is built with ``ov_edsr.TAIL_BUDGET_BYTES = MB`` and ``TAIL_HALO = halo`` in a
+compiles a repeated geometry) is built with ``ov_graph.TAIL_BUDGET_BYTES = MB`` and ``TAIL_HALO = halo`` in a
 fresh process (the first inference pays for touching its working memory), then timed: first inference, page
 faults during it, median of three more, peak RSS. Rounds interleave the budgets; medians are printed.
 Weights: the shipped edsr-baseline-x4. Run with nothing else on the machine.
@@ -22,11 +22,12 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import json, resource, sys, time
 import numpy as np, openvino as ov
-import cadyq_cli.runtime.ov_edsr as E
+import cadyq_cli.runtime.ov_edsr as D
+import cadyq_cli.runtime.ov_graph as E
 from cadyq_cli.runtime.engine import GRAPH_CONFIG
 mb, halo, h, w, threads = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 E.TAIL_BUDGET_BYTES, E.TAIL_HALO = int(mb * (1 << 20)), halo
-wts = E.read_edsr(sys.argv[6])
+wts = D.read_edsr(sys.argv[6])
 geo = E.Geometry(h, w, 96, 0, 0)
 cfg = {**GRAPH_CONFIG, "INFERENCE_NUM_THREADS": threads}  # as the engine compiles it
 cm = ov.Core().compile_model(E.build_body(wts, geo.layout(), geo=geo, with_tail=True), "CPU", cfg)

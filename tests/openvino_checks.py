@@ -23,7 +23,8 @@ from cadyq_cli.models.edsr import EDSRBaseline
 from cadyq_cli.quant.intconv import int8_available, set_kernels
 from cadyq_cli.tiling import TilingConfig
 from cadyq_cli.runtime.engine import RECEPTIVE_RADIUS, OVModel, load_openvino_model
-from cadyq_cli.runtime.ov_edsr import EdsrWeights, Geometry, read_edsr
+from cadyq_cli.runtime.ov_edsr import EdsrWeights, read_edsr
+from cadyq_cli.runtime.ov_graph import Geometry
 from cadyq_cli.weights import load_model, resolve_weights
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -464,11 +465,11 @@ def test_bf16_tail_keeps_bits_and_stays_close() -> None:
 
 @pytest.mark.parametrize(("scale", "model"), [(3, "edsr-baseline"), (4, "edsr-baseline"), (3, "carn"), (4, "carn")])
 def test_tail_in_strips_equals_the_tail_in_one_piece(monkeypatch: pytest.MonkeyPatch, scale: int, model: str) -> None:
-    from cadyq_cli.runtime import ov_edsr
+    from cadyq_cli.runtime import ov_graph
 
     img = _image(60, 76, seed=5)
     one, r1 = load_openvino_model(model, scale=scale, cache=False).upscale_array(img)
-    monkeypatch.setattr(ov_edsr, "TAIL_BUDGET_BYTES", 1)  # strips of 8 LR rows: 8 strips, every cut inside the tile
+    monkeypatch.setattr(ov_graph, "TAIL_BUDGET_BYTES", 1)  # strips of 8 LR rows: 8 strips, every cut inside the tile
     m = load_openvino_model(model, scale=scale, cache=False)
     for _ in range(2):  # the tail graph on strips, then the tile's own graph with the strips inside
         strips, r2 = m.upscale_array(img)

@@ -3,7 +3,7 @@ strips) -> stitch -> report.
 
 Same tiling plans, bits, report and output conventions as :func:`cadyq_cli.engine.upscale_array`
 (tiles run one at a time). The graphs take any tile size: a tile's place on the region lattice comes in
-as inputs, so one compiled body graph per layout (:meth:`~cadyq_cli.runtime.ov_edsr.Geometry.layout`:
+as inputs, so one compiled body graph per layout (:meth:`~cadyq_cli.runtime.ov_graph.Geometry.layout`:
 how region boundaries cut the tile) and one tail serve every image. They are exported to a cache folder
 (``$CADYQ_CACHE_DIR/openvino``, default ``~/.cache/cadyq/openvino``) keyed by the weights' sha256, the
 graph, the mode and the OpenVINO version, so a later process imports the compiled blob instead of
@@ -29,7 +29,8 @@ from ..tiling import TilingConfig, plan_tiles
 from . import prefetch
 from .cache import CACHE_MAX_BYTES, MAX_SEEN, cache_dir, cache_max_bytes, trim_cache
 from .ov_carn import CarnWeights, read_carn
-from .ov_edsr import FP_LAYERS, EdsrWeights, Geometry, bits_from_idx, build_body, build_tail, read_edsr, read_safetensors, tail_strips
+from .ov_edsr import EdsrWeights, read_edsr
+from .ov_graph import FP_LAYERS, Geometry, bits_from_idx, build_body, build_tail, read_safetensors, tail_strips
 
 __all__ = ["OVModel", "load_openvino_model", "read_weights", "openvino_available", "cache_dir", "cache_max_bytes", "trim_cache",
            "CACHE_MAX_BYTES", "RECEPTIVE_RADIUS"]

@@ -1,7 +1,7 @@
 """Multi-scale CARN CADyQ as OpenVINO graphs, built from the safetensors (no PyTorch).
 
 The network of :class:`cadyq_cli.models.carn.CARN` in ``dynamic`` (or ``fp32``) mode at inference, on the
-builder of :mod:`cadyq_cli.runtime.ov_edsr` (selectors, region statistics, quantized convs with their boundary
+builder of :mod:`cadyq_cli.runtime.ov_graph` (selectors, region statistics, quantized convs with their boundary
 bands, row strips of the tail, the same graph kinds and outputs):
 
 * the image on the 0..1 scale (``x / 255``), the mean shift, the entry conv (FP32);
@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .ov_edsr import NetWeights, _Builder, _shape, read_safetensors
+from .ov_graph import NetWeights, _Builder, _shape, read_safetensors
 
 __all__ = ["CarnWeights", "read_carn", "GRAPH_VERSION"]
 
@@ -56,7 +56,7 @@ class CarnWeights(NetWeights):
                           sort_keys=True)
 
     def builder(self, *args: object, **kw: object) -> "_CarnBuilder":
-        """The graph builder of this network (arguments as :class:`cadyq_cli.runtime.ov_edsr._Builder`)."""
+        """The graph builder of this network (arguments as :class:`cadyq_cli.runtime.ov_graph._Builder`)."""
         return _CarnBuilder(self, *args, **kw)  # type: ignore[arg-type]
 
 
