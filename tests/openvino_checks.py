@@ -495,11 +495,12 @@ def test_a_big_image_keeps_few_graphs_alive() -> None:
     assert np.abs(out - ref).mean() < 0.25
 
 
-def test_bits_only_graph_gives_the_full_graphs_report(tmp_path: Path) -> None:
+@pytest.mark.parametrize("model", ["edsr-baseline", "carn"])
+def test_bits_only_graph_gives_the_full_graphs_report(tmp_path: Path, model: str) -> None:
     from PIL import Image
 
     img = _image(100, 130, seed=7)
-    m = load_openvino_model(scale=2)
+    m = load_openvino_model(model, scale=2)
     sr, rep = m.upscale_array(img)
     none, rep_bits = m.upscale_array(img, bits_only=True)
     assert none is None and sr is not None
@@ -509,7 +510,8 @@ def test_bits_only_graph_gives_the_full_graphs_report(tmp_path: Path) -> None:
     Image.fromarray(img.astype(np.uint8)).save(src)
     pics = []
     for name, env in (("ov", {}), ("torch", {"CADYQ_KERNELS": "torch"})):
-        _, torch_imported = _run_cli(["bitmap", str(src), str(tmp_path / (name + ".png")), "--scale", "2", "-q"], env)
+        _, torch_imported = _run_cli(["bitmap", str(src), str(tmp_path / (name + ".png")), "--scale", "2", "-q",
+                                      "--model", model], env)
         assert torch_imported == (name == "torch")
         pics.append(np.asarray(Image.open(tmp_path / (name + ".png"))))
     assert np.array_equal(pics[0], pics[1])
