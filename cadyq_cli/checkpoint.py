@@ -238,11 +238,13 @@ def fits(v: torch.Tensor, dtype: torch.dtype) -> bool:
     return torch.equal(torch.isfinite(v.to(dtype)), torch.isfinite(v))
 
 
-def weights_digest(sd: dict[str, torch.Tensor]) -> str:
-    """sha256 of a state dict as a model computes with it: names, shapes and values, floating tensors as float32.
-    The same for a checkpoint and a file that stores its tensors exactly, different where the storage rounded one
-    (float16). ``cadyq eval --json`` records it, so an export can check that its metrics measured what it ships."""
-    h = hashlib.sha256()
+def weights_digest(model: SRModel, sd: dict[str, torch.Tensor] | None = None) -> str:
+    """sha256 of what ``model`` computes with: its architecture, activation grid and block skip, and the tensors of
+    ``sd`` (default: its state dict) by name, shape and value, floating ones as float32. The same for a checkpoint
+    and a file that stores its tensors exactly, different where the storage rounded one (float16) or a bit bias
+    was folded. ``cadyq eval --json`` records it, so an export can check that its metrics measured what it ships."""
+    sd = model.state_dict() if sd is None else sd
+    h = hashlib.sha256(f"{model.arch};{model.act_grid};{model.skip};".encode())
     for k in sorted(sd):
         t = sd[k].detach().cpu()
         t = (t.float() if t.is_floating_point() else t).contiguous()

@@ -202,7 +202,7 @@ def evaluate(
     done = 0
     name = model_name if model_name is not None else (getattr(model, "arch", None) if model is not None else None)
     result = EvalResult(scale=scale, model=name, tiling=tiling, kernels=kernels_of(model) if model is not None else "float",
-                        weights_digest=None if model is None else weights_digest(model.state_dict()))
+                        weights_digest=None if model is None else weights_digest(model))
     previous_mode = getattr(model, "mode", None)
     previous_bias = getattr(model, "bit_bias", 0.0)
     try:

@@ -22,7 +22,7 @@ from cadyq_cli.engine import upscale_array
 from cadyq_cli.models.edsr import EDSRBaseline
 from cadyq_cli.quant.intconv import int8_available, set_kernels
 from cadyq_cli.tiling import TilingConfig
-from cadyq_cli.runtime.engine import RECEPTIVE_RADIUS, OVModel, load_openvino_model
+from cadyq_cli.runtime.engine import OVModel, load_openvino_model
 from cadyq_cli.runtime.ov_edsr import EdsrWeights, read_edsr
 from cadyq_cli.runtime.ov_graph import Geometry
 from cadyq_cli.weights import load_model, resolve_weights
@@ -74,7 +74,7 @@ def _same_report(a: object, b: object) -> None:
 
 
 def test_receptive_radius_matches_the_model() -> None:
-    assert RECEPTIVE_RADIUS == EDSRBaseline.receptive_radius
+    assert EdsrWeights.receptive_radius == EDSRBaseline.receptive_radius
 
 
 def test_fp32_graph_equals_pytorch_fp32() -> None:
@@ -240,6 +240,51 @@ def test_later_models_import_the_exported_graphs(cache: Path) -> None:
     assert all(np.array_equal(o[0], outs[0][0]) for o in outs)  # either graph: the same bytes
     blob = m._blob_path(static)
     assert blob.is_file() and blob.parent.parent == cache and not blob.with_suffix(".seen").exists()
+
+
+def test_carn_scales_share_their_cached_graphs_without_the_tail(cache: Path) -> None:
+    """One CARN file at x2 then x3: the body graph (no tail) compiled for x2 is imported for x3, the tail is x3's
+    own, and the cached run gives the bytes and bits of an uncached one."""
+    img = _image(44, 58, seed=9)  # a size no other check runs
+    kind = "body-" + Geometry(44, 58, 24, 0, 0).layout(True, cpu_has_int8_dot())
+    m2 = load_openvino_model("carn", scale=2)
+    m2.upscale_array(img, SMALL[0])
+    assert m2.prepare_log[kind][1] == "compiled" and m2.prepare_log["tail"][1] == "compiled"
+    m3 = load_openvino_model("carn", scale=3)
+    sr, rep = m3.upscale_array(img, SMALL[0])
+    assert m3.prepare_log[kind][1] in ("imported", "prefetched") and m3.prepare_log["tail"][1] == "compiled"
+    assert m3._blob_path(kind) == m2._blob_path(kind) and m3._blob_path("tail") != m2._blob_path("tail")
+    ref, rep_ref = load_openvino_model("carn", scale=3, cache=False).upscale_array(img, SMALL[0])
+    assert np.array_equal(sr, ref) and sr.shape == (132, 174, 3)
+    _same_report(rep, rep_ref)
+
+
+def test_carn_weights_that_cannot_run_are_one_line_errors(tmp_path: Path) -> None:
+    """A file of another network, a CARN without the asked scale's upsampler, an unknown activation grid: one
+    line each, at load."""
+    from safetensors.numpy import load_file, save_file
+
+    from cadyq_cli.checkpoint import save_weights
+    from cadyq_cli.errors import CadyqError
+    from cadyq_cli.models import create_model
+
+    save_weights(create_model("idn", 2), tmp_path / "idn.safetensors")
+    with pytest.raises(CadyqError, match="runs edsr_baseline or carn weights, not idn"):
+        load_openvino_model(weights=tmp_path / "idn.safetensors", scale=2)
+    path = resolve_weights("carn", 3).path
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        meta = f.metadata()
+    sd = load_file(str(path))
+    save_file({k: v for k, v in sd.items() if not k.startswith("upsample.up3.")}, str(tmp_path / "no3.safetensors"), meta)
+    assert load_openvino_model(weights=tmp_path / "no3.safetensors", scale=2).scale == 2
+    with pytest.raises(CadyqError, match="no x3 upsampler"):
+        load_openvino_model(weights=tmp_path / "no3.safetensors", scale=3)
+    save_file(sd, str(tmp_path / "grid.safetensors"), {**meta, "act_grid": "relu-signed"})
+    with pytest.raises(CadyqError, match="unknown activation grid 'relu-signed'") as e:
+        load_openvino_model(weights=tmp_path / "grid.safetensors", scale=3)
+    assert "\n" not in str(e.value) and str(e.value).count("grid.safetensors") == 1
 
 
 @pytest.fixture()
@@ -453,10 +498,11 @@ def test_default_upscale_runs_on_openvino_where_it_serves(tmp_path: Path, extra:
     assert Image.open(dst).size == (64, 48)
 
 
-def test_bf16_tail_keeps_bits_and_stays_close() -> None:
+@pytest.mark.parametrize("model", ["edsr-baseline", "carn"])
+def test_bf16_tail_keeps_bits_and_stays_close(model: str) -> None:
     img = _image(80, 112, seed=3)
-    a, ra = load_openvino_model(scale=2).upscale_array(img)
-    b, rb = load_openvino_model(scale=2, fp_layers="bf16").upscale_array(img)
+    a, ra = load_openvino_model(model, scale=2).upscale_array(img)
+    b, rb = load_openvino_model(model, scale=2, fp_layers="bf16").upscale_array(img)
     _same_report(ra, rb)  # the tail comes after every selector: bits, FAB and BitOPs are the fp32 ones
     assert rb.fp_layers == "bf16" and ra.fp_layers == "fp32"
     err = np.abs(a - b)

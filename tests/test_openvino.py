@@ -25,6 +25,8 @@ CHECKS = [
     "test_carn_bits_equal_the_float_reference_and_output_as_close_as_int8",
     "test_outputs_are_deterministic_across_runs_and_thread_counts",
     "test_later_models_import_the_exported_graphs",
+    "test_carn_scales_share_their_cached_graphs_without_the_tail",
+    "test_carn_weights_that_cannot_run_are_one_line_errors",
     "test_the_last_graph_is_prefetched_and_a_wrong_guess_dropped",
     "test_a_prefetch_is_keyed_by_what_decides_the_graph",
     "test_alternating_requests_each_find_their_graph",

@@ -525,6 +525,21 @@ def test_export_checks_that_its_metrics_measured_the_stored_weights(fp_run: Path
         export(ckpt, "m", tmp_path / "d", [], [tmp_path / "old.json"], "data", "", storage="float16")
     assert not (tmp_path / "d").exists()
     export(ckpt, "m", tmp_path / "d", [], [tmp_path / "old.json"], "data", "")
+    # a folded bit bias changes the tensors: only the exported file's evaluation measured them
+    with pytest.raises(SystemExit, match="with bit bias 0.5 folded"):
+        export(ckpt, "m", tmp_path / "e", [], [of_ckpt], "data", "", fold_bit_bias=0.5)
+    with pytest.raises(SystemExit, match="records no weights digest"):
+        export(ckpt, "m", tmp_path / "e", [], [tmp_path / "old.json"], "data", "", fold_bit_bias=0.5)
+    export(ckpt, "m", tmp_path / "e", [], [], "data", "", fold_bit_bias=0.5)
+    of_folded = eval_json(tmp_path / "e" / "m.safetensors", "folded.json")
+    export(ckpt, "m", tmp_path / "e", [], [of_folded], "data", "", fold_bit_bias=0.5)
+    # bicubic rows alone measured no model; a file that is no eval output is one line
+    bicubic = tmp_path / "bicubic.json"
+    bicubic.write_text(json.dumps(results_to_json(evaluate([data_dir], 2, None, [], True, "paper", limit=1))))
+    export(ckpt, "m", tmp_path / "c", [], [bicubic], "data", "", storage="float16")
+    (tmp_path / "junk.json").write_text("{")
+    with pytest.raises(SystemExit, match="junk.json: not a `cadyq eval --json` file"):
+        export(ckpt, "m", tmp_path / "c", [], [tmp_path / "junk.json"], "data", "")
 
 
 def test_export_refuses_a_folded_bias_on_a_backbone(fp_run: Path, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Torch-free inference: the shipped EDSR-baseline CADyQ models as OpenVINO graphs (``--kernels openvino``).
+"""Torch-free inference: the shipped EDSR-baseline and CARN CADyQ models as OpenVINO graphs (``--kernels openvino``).
 
 Nothing here imports PyTorch; ``openvino`` is a dependency of cadyq (the default upscale runtime where it serves).
 """

@@ -28,17 +28,19 @@ from ..samples import round_into
 from ..tiling import TilingConfig, plan_tiles
 from . import prefetch
 from .cache import CACHE_MAX_BYTES, MAX_SEEN, cache_dir, cache_max_bytes, trim_cache
-from .ov_carn import CarnWeights, read_carn
-from .ov_edsr import EdsrWeights, read_edsr
-from .ov_graph import FP_LAYERS, Geometry, bits_from_idx, build_body, build_tail, read_safetensors, tail_strips
+from .ov_carn import carn_weights
+from .ov_edsr import edsr_weights
+from .ov_graph import FP_LAYERS, Geometry, NetWeights, bits_from_idx, build_body, build_tail, read_safetensors, tail_strips
 
 __all__ = ["OVModel", "load_openvino_model", "read_weights", "openvino_available", "cache_dir", "cache_max_bytes", "trim_cache",
-           "CACHE_MAX_BYTES", "RECEPTIVE_RADIUS"]
+           "CACHE_MAX_BYTES", "ARCHS"]
 
-#: LR px of context a pixel depends on (as :attr:`cadyq_cli.models.edsr.EDSRBaseline.receptive_radius`)
-RECEPTIVE_RADIUS = EdsrWeights.receptive_radius
-#: the networks this runtime runs (the PyTorch models' ``arch``)
-ARCHS = ("edsr_baseline", "carn")
+#: the networks this runtime runs (the PyTorch models' ``arch``), and how it reads their weights
+_READERS: dict[str, Callable[..., NetWeights]] = {
+    "edsr_baseline": lambda sd, meta, sha, scale: edsr_weights(sd, meta, sha),
+    "carn": lambda sd, meta, sha, scale: carn_weights(sd, meta, sha, scale or int(meta.get("scale", 4))),
+}
+ARCHS = tuple(_READERS)
 MODES = ("dynamic", "fp32")
 #: body graphs kept alive at a time, besides the tail graph (see OVModel._compiled)
 MAX_COMPILED = 2
@@ -81,7 +83,7 @@ class OVModel:
         cache: export compiled graphs to :func:`cache_dir` and import them from there.
     """
 
-    def __init__(self, wts: EdsrWeights | CarnWeights, mode: str = "dynamic", threads: int = 0, cache: bool = True,
+    def __init__(self, wts: NetWeights, mode: str = "dynamic", threads: int = 0, cache: bool = True,
                  fp_layers: str = "fp32", int8: bool | None = None) -> None:
         import openvino as ov
 
@@ -118,9 +120,11 @@ class OVModel:
             return None
         what = {"tail": f"{kind}-{self.fp_layers}", "static": f"{kind}-{self.kernels}-{self.fp_layers}"}.get(
             kind.split("-")[0], f"{kind}-{self.kernels}")
-        key = f"{self.wts.describe()}|{what}|{self.version}|{sorted(self.config.items())}"
+        # one multi-scale file (CARN): graphs without the tail serve every scale, so they are cached once
+        at = "any" if self.wts.multi_scale and kind.split("-")[0] in ("body", "staticbits") else f"x{self.scale}"
+        key = f"{self.wts.describe()}|{at}|{what}|{self.version}|{sorted(self.config.items())}"
         prefix = "edsr" if self.arch == "edsr_baseline" else self.arch
-        return folder / f"{prefix}-x{self.scale}-{what}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.blob"
+        return folder / f"{prefix}-{at}-{what}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.blob"
 
     def _build(self, kind: str) -> object:
         if kind == "tail":
@@ -304,17 +308,18 @@ def _place(part: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return dst
 
 
-def read_weights(path: str | Path, scale: int | None) -> EdsrWeights | CarnWeights:
+def read_weights(path: str | Path, scale: int | None) -> NetWeights:
     """The weights of an EDSR-baseline or CARN safetensors file (by its ``arch`` metadata), at ``scale`` (a CARN file
-    serves each of its upsamplers' scales; None: the file's own).
+    serves each of its upsamplers' scales; None: the file's own). The file is read once.
 
     Raises:
         ValueError: not such a file, or not for ``scale``.
     """
-    _, meta, _ = read_safetensors(path)
-    if meta.get("arch") == "carn":
-        return read_carn(path, scale or int(meta.get("scale", 4)))
-    wts = read_edsr(path)
+    sd, meta, sha = read_safetensors(path)
+    arch = meta.get("arch", "edsr_baseline")
+    if arch not in _READERS:
+        raise ValueError(f"the runtime runs {' or '.join(ARCHS)} weights, not {arch}")
+    wts = _READERS[arch](sd, meta, sha, scale)
     if scale is not None and wts.scale != scale:
         raise ValueError(f"the weights are for x{wts.scale}, not x{scale}")
     return wts

@@ -15,22 +15,22 @@ bands, row strips of the tail, the same graph kinds and outputs):
 """
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from .ov_graph import NetWeights, _Builder, _shape, read_safetensors
+from .ov_graph import Geometry, NetWeights, _Builder, _shape, read_safetensors
 
-__all__ = ["CarnWeights", "read_carn", "GRAPH_VERSION"]
+if TYPE_CHECKING:
+    from ..accounting import ConvCost
 
-#: bump whenever the graph this module builds changes: compiled graphs cached on disk are keyed by it
-GRAPH_VERSION = 1
+__all__ = ["CarnWeights", "read_carn", "carn_weights"]
+
 _BLOCKS = (1, 2, 3)  # cascading blocks b1..b3
 _UNITS = (1, 2, 3)  # residual units per block
-_F = np.float32
 
 
 @dataclass
@@ -39,25 +39,24 @@ class CarnWeights(NetWeights):
 
     arch: ClassVar[str] = "carn"
     receptive_radius: ClassVar[int] = 24  # as :attr:`cadyq_cli.models.carn.CARN.receptive_radius`
+    multi_scale: ClassVar[bool] = True
+    graph_version: ClassVar[int] = 1  # bump whenever this module's graph code changes
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.n_feats = int(_shape(self.sd, "entry.weight")[0])
         self.n_selectors = 2 * len(_BLOCKS) * len(_UNITS)
 
-    def cost_table(self) -> list:
+    def cost_table(self) -> list[ConvCost]:
         """The convolutions' costs at this scale (:func:`cadyq_cli.accounting.carn_cost_table`)."""
         from ..accounting import carn_cost_table
 
         return carn_cost_table(self.scale, self.n_feats)
 
-    def describe(self) -> str:
-        """JSON text of what a compiled graph depends on besides its kind and scale (cache keys)."""
-        return json.dumps({"arch": self.arch, "sha": self.sha256, "grid": self.act_grid, "graph": GRAPH_VERSION},
-                          sort_keys=True)
-
-    def builder(self, *args: object, **kw: object) -> "_CarnBuilder":
-        """The graph builder of this network (arguments as :class:`cadyq_cli.runtime.ov_graph._Builder`)."""
-        return _CarnBuilder(self, *args, **kw)  # type: ignore[arg-type]
+    def builder(self, layout: str = "fp32", int8: bool = True, fp_layers: str = "fp32",
+                geo: Geometry | None = None) -> _CarnBuilder:
+        """CARN's graph builder for one graph (arguments as :class:`cadyq_cli.runtime.ov_graph._Builder`)."""
+        return _CarnBuilder(self, layout, int8, fp_layers, geo)
 
 
 def read_carn(path: str | Path, scale: int) -> CarnWeights:
@@ -66,14 +65,22 @@ def read_carn(path: str | Path, scale: int) -> CarnWeights:
     Raises:
         ValueError: not a CARN CADyQ safetensors file, or one without the upsampler of ``scale``.
     """
-    sd, meta, sha = read_safetensors(path)
+    return carn_weights(*read_safetensors(path), scale)
+
+
+def carn_weights(sd: Mapping[str, np.ndarray], meta: dict[str, str], sha256: str, scale: int) -> CarnWeights:
+    """The CARN weights, at ``scale``, of a safetensors file read by :func:`~cadyq_cli.runtime.ov_graph.read_safetensors`.
+
+    Raises:
+        ValueError: not CARN CADyQ weights, or none for ``scale``.
+    """
     if meta.get("arch") != "carn" or "b1.b1.body.0.net_small.0.weight" not in sd:
-        raise ValueError(f"{path}: not a CARN CADyQ weights file")
+        raise ValueError("not CARN CADyQ weights")
     if f"upsample.up{scale}.body.0.weight" not in sd:
-        raise ValueError(f"{path}: no x{scale} upsampler in this CARN file")
+        raise ValueError(f"this CARN has no x{scale} upsampler")
     if meta.get("skip", "official") != "official":
-        raise ValueError(f"{path}: CARN has the official skip only, not {meta['skip']}")
-    return CarnWeights(sd, scale, meta.get("act_grid", "signed"), "official", sha)
+        raise ValueError(f"CARN has the official skip only, not {meta['skip']}")
+    return CarnWeights(sd, scale, meta.get("act_grid", "signed"), "official", sha256)
 
 
 class _CarnBuilder(_Builder):
@@ -89,22 +96,10 @@ class _CarnBuilder(_Builder):
         return self.as_body(self.op.relu(y))
 
     def unit(self, x: object, p: str) -> object:
-        """Residual unit ``p`` (``b<B>.b<U>``) of body tensor x."""
-        op, sd = self.op, self.w.sd
-        signed2 = self.w.act_grid != "relu-unsigned"
-        if not self.quantized:
-            t = op.relu(self.conv(self.as_nchw(x), sd[f"{p}.body.1.weight"], sd[f"{p}.body.1.bias"]))
-            t = self.as_body(self.conv(t, sd[f"{p}.body.4.weight"], sd[f"{p}.body.4.bias"]))
-            return op.relu(op.add(t, x))
-        codes, s_px, value, i_px, steps = self.selector(x, f"{p}.body.0", True)
-        if self.int8:
-            t = op.relu(self.qconv(codes, s_px, i_px, steps, f"{p}.body.1", True))
-            codes2, s2, _, i2, steps2 = self.selector(t, f"{p}.body.3", signed2)
-            t = self.qconv(codes2, s2, i2, steps2, f"{p}.body.4", signed2)
-        else:  # the reference's arithmetic: FP32 convs of the fake-quantized values and weights
-            t = self.as_body(op.relu(self.fconv(self.as_nchw(value), f"{p}.body.1")))
-            t = self.as_body(self.fconv(self.as_nchw(self.selector(t, f"{p}.body.3", signed2)[2]), f"{p}.body.4"))
-        return op.relu(op.add(t, x))
+        """Residual unit ``p`` (``b<B>.b<U>``) of body tensor x: its conv pair, then ReLU of the sum with the unit's
+        unquantized input."""
+        t, _ = self.conv_pair(x, f"{p}.body.0", f"{p}.body.1", f"{p}.body.3", f"{p}.body.4")
+        return self.op.relu(self.op.add(t, x))
 
     def cascade(self, x: object, parts: list, fuse: list[str]) -> object:
         """CARN's cascade over ``parts`` (callables of a body tensor) fused by the 1x1 convs ``fuse``."""
@@ -119,9 +114,7 @@ class _CarnBuilder(_Builder):
         """Entry and cascading blocks of image x (1, 3, H, W) on the 0..255 scale: the features entering the
         upsampler, (1, C, H, W)."""
         op, sd = self.op, self.w.sd
-        for name in ("sub_mean", "add_mean"):
-            if not np.array_equal(sd[f"{name}.shifter.weight"].reshape(3, 3), np.eye(3, dtype=_F)):
-                raise ValueError(f"{name} is not the identity mean shift")
+        self.check_identity_shifts("sub_mean.shifter", "add_mean.shifter")
         x01 = op.divide(x, self.c(255.0))
         head = self.conv(op.add(x01, self.c(sd["sub_mean.shifter.bias"].reshape(1, 3, 1, 1))),
                          sd["entry.weight"], sd["entry.bias"])
@@ -139,7 +132,8 @@ class _CarnBuilder(_Builder):
         """The upsampler of the weights' scale, the exit conv and the mean shift back, times 255: LR features
         r (1, C, h, W) -> (1, 3, s*h, s*W) on the 0..255 scale."""
         op, sd, s = self.op, self.w.sd, self.w.scale
-        bf16 = self.fp_layers == "bf16"  # the tail in bf16 (as PyTorch's CPU autocast runs it)
+        bf16 = self.fp_layers == "bf16"  # the tail's convs in bf16 (PyTorch's CPU autocast also rounds the mean
+        # shift back and the x255 to bf16: this graph keeps those two in FP32)
         if bf16:
             r = op.convert(r, "bf16")
         for j in range(1 if s == 3 else s // 2):

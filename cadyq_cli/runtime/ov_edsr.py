@@ -7,21 +7,21 @@ the gradient feature times 1000.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from .ov_graph import _F, NetWeights, _Builder, _shape, read_safetensors
+from .ov_graph import _F, Geometry, NetWeights, _Builder, _shape, read_safetensors
 
-__all__ = ["EdsrWeights", "read_edsr", "edsr_blocks", "describe", "GRAPH_VERSION"]
+if TYPE_CHECKING:
+    from ..accounting import ConvCost
+
+__all__ = ["EdsrWeights", "read_edsr", "edsr_weights", "edsr_blocks"]
 
 GRAD_MULTIPLIER = 1000.0
-#: bump whenever the graph this module builds changes: compiled graphs cached on disk are keyed by it
-GRAPH_VERSION = 10
 
 
 def edsr_blocks(sd: Mapping[str, np.ndarray]) -> int:
@@ -39,25 +39,24 @@ class EdsrWeights(NetWeights):
     n_blocks: int = field(init=False, default=0)
     arch: ClassVar[str] = "edsr_baseline"
     receptive_radius: ClassVar[int] = 40  # as :attr:`cadyq_cli.models.edsr.EDSRBaseline.receptive_radius`
+    graph_version: ClassVar[int] = 10  # bump whenever this module's graph code changes
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.n_blocks = edsr_blocks(self.sd)
         self.n_feats = int(_shape(self.sd, "head.0.weight")[0])
         self.n_selectors = 2 * self.n_blocks  # two per residual block
 
-    def cost_table(self) -> list:
+    def cost_table(self) -> list[ConvCost]:
         """The convolutions' costs (:func:`cadyq_cli.accounting.edsr_cost_table`)."""
         from ..accounting import edsr_cost_table
 
         return edsr_cost_table(self.scale, self.n_blocks, self.n_feats)
 
-    def describe(self) -> str:
-        """JSON text of what a compiled graph depends on besides its kind (cache keys)."""
-        return describe(self)
-
-    def builder(self, *args: object, **kw: object) -> "_EdsrBuilder":
-        """The graph builder of this network (arguments as :class:`cadyq_cli.runtime.ov_graph._Builder`)."""
-        return _EdsrBuilder(self, *args, **kw)  # type: ignore[arg-type]
+    def builder(self, layout: str = "fp32", int8: bool = True, fp_layers: str = "fp32",
+                geo: Geometry | None = None) -> _EdsrBuilder:
+        """EDSR-baseline's graph builder for one graph (arguments as :class:`cadyq_cli.runtime.ov_graph._Builder`)."""
+        return _EdsrBuilder(self, layout, int8, fp_layers, geo)
 
 
 def read_edsr(path: str | Path) -> EdsrWeights:
@@ -67,13 +66,21 @@ def read_edsr(path: str | Path) -> EdsrWeights:
     Raises:
         ValueError: not an EDSR-baseline CADyQ safetensors file.
     """
-    sd, meta, sha = read_safetensors(path)
+    return edsr_weights(*read_safetensors(path))
+
+
+def edsr_weights(sd: Mapping[str, np.ndarray], meta: dict[str, str], sha256: str) -> EdsrWeights:
+    """The EDSR-baseline weights of a safetensors file read by :func:`~cadyq_cli.runtime.ov_graph.read_safetensors`.
+
+    Raises:
+        ValueError: not EDSR-baseline CADyQ weights.
+    """
     if meta.get("arch", "edsr_baseline") != "edsr_baseline" or "body.0.bitsel1.net_small.0.weight" not in sd:
-        raise ValueError(f"{path}: the OpenVINO runtime runs EDSR-baseline CADyQ weights only")
+        raise ValueError("not EDSR-baseline CADyQ weights")
     t0 = sd.shape("tail.0.0.weight") if "tail.0.0.weight" in sd else (0, 0)
     scale = int(meta["scale"]) if str(meta.get("scale", "")).isdigit() else (
         3 if t0[0] == 9 * t0[1] else 4 if "tail.0.2.weight" in sd else 2)
-    return EdsrWeights(sd, scale, meta.get("act_grid", "signed"), meta.get("skip", "official"), sha)
+    return EdsrWeights(sd, scale, meta.get("act_grid", "signed"), meta.get("skip", "official"), sha256)
 
 
 class _EdsrBuilder(_Builder):
@@ -85,27 +92,16 @@ class _EdsrBuilder(_Builder):
     def body(self, x: object) -> object:
         """Head and body of image x (1, 3, H, W): the features entering the tail, (1, C, H, W)."""
         op, sd, wts = self.op, self.w.sd, self.w
-        for name in ("sub_mean", "add_mean"):
-            if not np.array_equal(sd[f"{name}.weight"].reshape(3, 3), np.eye(3, dtype=_F)):
-                raise ValueError(f"{name} is not the identity mean shift")
+        self.check_identity_shifts("sub_mean", "add_mean")
         head = self.conv(op.add(x, self.c(sd["sub_mean.bias"].reshape(1, 3, 1, 1))), sd["head.0.weight"], sd["head.0.bias"])
         self.quant_setup(x)
         r = self.enter_body(head)
-        unsigned2 = wts.act_grid == "relu-unsigned"
         for i in range(wts.n_blocks):
             p = f"body.{i}"
+            t, value = self.conv_pair(r, f"{p}.bitsel1", f"{p}.body.0", f"{p}.body.2", f"{p}.body.3")
             if not self.quantized:
-                t = op.relu(self.conv(r, sd[f"{p}.body.0.weight"], sd[f"{p}.body.0.bias"]))
-                r = op.add(self.conv(t, sd[f"{p}.body.3.weight"], sd[f"{p}.body.3.bias"]), r)
+                r = op.add(t, r)
                 continue
-            codes, s_px, value, i_px, steps = self.selector(r, f"{p}.bitsel1", True)
-            if self.int8:
-                t = op.relu(self.qconv(codes, s_px, i_px, steps, f"{p}.body.0", True))
-                codes2, s2, _, i2, steps2 = self.selector(t, f"{p}.body.2", not unsigned2)
-                t = self.qconv(codes2, s2, i2, steps2, f"{p}.body.3", not unsigned2)
-            else:  # the reference's arithmetic: FP32 convs of the fake-quantized values and weights
-                t = op.relu(self.fconv(value, f"{p}.body.0"))
-                t = self.fconv(self.selector(t, f"{p}.body.2", not unsigned2)[2], f"{p}.body.3")
             a3 = _F(sd[f"{p}.quant_act3.alpha"].reshape(()))  # the fixed 8-bit quantizer of the residual
             c3 = op.round(op.multiply(op.clamp(op.divide(t, self.c(a3)), -1.0, 1.0), self.c(127.0)), "half_to_even")
             t = op.multiply(op.divide(c3, self.c(127.0)), self.c(a3))
@@ -128,8 +124,3 @@ class _EdsrBuilder(_Builder):
         r = self.conv(r, sd["tail.1.weight"], sd["tail.1.bias"], bf16=bf16)
         r = op.convert(r, np.float32) if bf16 else r
         return op.add(r, self.c(sd["add_mean.bias"].reshape(1, 3, 1, 1)))
-
-
-def describe(wts: EdsrWeights) -> str:
-    """JSON text of what a compiled graph depends on besides its kind (cache keys)."""
-    return json.dumps({"sha": wts.sha256, "grid": wts.act_grid, "skip": wts.skip, "graph": GRAPH_VERSION}, sort_keys=True)

@@ -37,9 +37,12 @@ import json
 from dataclasses import dataclass, field
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ..accounting import ConvCost
 
 __all__ = ["NetWeights", "Geometry", "LAYOUTS", "read_safetensors", "build_body", "build_tail", "build_network",
            "bits_from_idx", "tail_strips", "CANDIDATE_BITS", "FP_LAYERS"]
@@ -54,6 +57,11 @@ FP_LAYERS = ("fp32", "bf16")
 #: the same steady speed, 120 MB less peak memory (bench/tail_strips.py)
 TAIL_BUDGET_BYTES = 1 << 27
 TAIL_HALO = 2
+#: bump whenever the graphs this module builds change (every network's: selectors, quantized convs, strips);
+#: with each network's own ``graph_version``, it keys the compiled graphs cached on disk
+GRAPH_VERSION = 1
+#: activation grids of the weights (as :data:`cadyq_cli.models._base.ACT_GRIDS`)
+ACT_GRIDS = ("signed", "relu-unsigned")
 _F = np.float32
 
 
@@ -111,8 +119,13 @@ def _shape(sd: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:
 class NetWeights:
     """A network's CADyQ weights as numpy arrays (``sd``: name -> float32 array) at the ``scale`` its graphs run,
     and what the engine asks of them: ``arch``, ``n_feats`` (channels entering the tail), ``n_selectors``,
-    ``receptive_radius`` (LR px of context a pixel depends on, as the PyTorch model's), :meth:`cost_table`,
-    :meth:`describe` (cache keys) and :meth:`builder` (the graph builder). One subclass per network."""
+    ``receptive_radius`` (LR px of context a pixel depends on, as the PyTorch model's), ``multi_scale`` (one file
+    serves several scales: graphs without the tail are the same at each), :meth:`cost_table`, :meth:`describe`
+    (cache keys) and :meth:`builder` (the graph builder). One subclass per network.
+
+    Raises:
+        ValueError: an unknown ``act_grid``.
+    """
 
     sd: Mapping[str, np.ndarray]
     scale: int
@@ -123,14 +136,26 @@ class NetWeights:
     n_selectors: int = field(init=False, default=0)
     arch: ClassVar[str] = ""
     receptive_radius: ClassVar[int] = 0
+    multi_scale: ClassVar[bool] = False
+    #: bump whenever the network's own graph code changes (with the shared :data:`GRAPH_VERSION`: cache keys)
+    graph_version: ClassVar[int] = 0
 
-    def cost_table(self) -> list:  # noqa: D102
+    def __post_init__(self) -> None:
+        if self.act_grid not in ACT_GRIDS:
+            raise ValueError(f"unknown activation grid {self.act_grid!r} (this cadyq knows {', '.join(ACT_GRIDS)})")
+
+    def cost_table(self) -> list[ConvCost]:
+        """The network's convolutions at :attr:`scale`, for BitOPs (:mod:`cadyq_cli.accounting`)."""
         raise NotImplementedError
 
-    def describe(self) -> str:  # noqa: D102
-        raise NotImplementedError
+    def describe(self) -> str:
+        """JSON text of what a compiled graph depends on besides its kind and scale (cache keys)."""
+        return json.dumps({"arch": self.arch, "sha": self.sha256, "grid": self.act_grid, "skip": self.skip,
+                           "graph": f"{GRAPH_VERSION}.{self.graph_version}"}, sort_keys=True)
 
-    def builder(self, *args: object, **kw: object) -> "_Builder":  # noqa: D102
+    def builder(self, layout: str = "fp32", int8: bool = True, fp_layers: str = "fp32",
+                geo: Geometry | None = None) -> _Builder:
+        """The network's graph builder for one graph (arguments as :class:`_Builder`)."""
         raise NotImplementedError
 
 
@@ -158,7 +183,7 @@ def read_safetensors(path: str | Path) -> tuple[Mapping[str, np.ndarray], dict[s
         if any(a[1] > b[0] for a, b in zip(spans, spans[1:])) or 8 + n + (spans[-1][1] if spans else 0) != len(blob):
             raise ValueError  # overlapping tensors, or a truncated (or padded) file
     except (ValueError, TypeError, KeyError, AttributeError, IndexError):
-        raise ValueError(f"{path}: not a safetensors file (or a truncated one)") from None
+        raise ValueError("not a safetensors file (or a truncated one)") from None
     return _Tensors(blob, header), dict(header.get("__metadata__") or {}), hashlib.sha256(blob).hexdigest()
 
 
@@ -512,6 +537,31 @@ class _Builder:
             row0 = self.c_i64([0])
             r = self.op.scatter_update(r, row0, self.op.gather(r, row0, self.c_i64(1)), self.c_i64(1))
         return r
+
+    def conv_pair(self, x: object, sel1: str, conv1: str, sel2: str, conv2: str) -> tuple[object, object]:
+        """The pair of 3x3 convs every network's blocks have, on body tensor x: selector ``sel1``, conv ``conv1``,
+        ReLU, selector ``sel2`` (the unsigned grid on ``relu-unsigned`` weights: its input is a ReLU output), conv
+        ``conv2``. Returns (conv2's output, x as ``sel1`` quantized it: x itself in an FP32 graph). The convs are
+        integer convs, or without int8 the float reference's arithmetic, or FP32 in an FP32 graph."""
+        op, sd = self.op, self.w.sd
+        if not self.quantized:
+            t = op.relu(self.conv(x, sd[f"{conv1}.weight"], sd[f"{conv1}.bias"]))
+            return self.conv(t, sd[f"{conv2}.weight"], sd[f"{conv2}.bias"]), x
+        signed2 = self.w.act_grid != "relu-unsigned"
+        codes, s_px, value, i_px, steps = self.selector(x, sel1, True)
+        if self.int8:
+            t = op.relu(self.qconv(codes, s_px, i_px, steps, conv1, True))
+            codes2, s2, _, i2, steps2 = self.selector(t, sel2, signed2)
+            return self.qconv(codes2, s2, i2, steps2, conv2, signed2), value
+        # the reference's arithmetic: FP32 convs of the fake-quantized values and weights (NCHW: no bands)
+        t = op.relu(self.fconv(value, conv1))
+        return self.fconv(self.selector(t, sel2, signed2)[2], conv2), value
+
+    def check_identity_shifts(self, *names: str) -> None:
+        """Refuse mean shifts (1x1 convs ``name``) whose weight is not the identity: the graphs add their bias only."""
+        for name in names:
+            if not np.array_equal(self.w.sd[f"{name}.weight"].reshape(3, 3), np.eye(3, dtype=_F)):
+                raise ValueError(f"{name} is not the identity mean shift")
 
     def body(self, x: object) -> object:
         """The network's head and body of image x (1, 3, H, W) on the 0..255 scale: the features entering the tail,

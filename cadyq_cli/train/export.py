@@ -85,23 +85,30 @@ def write_weights(model: SRModel, ckpt: Path, out: Path, storage: str, metadata:
         raise SystemExit(f"{ckpt}: {e}") from None
 
 
-def check_measured(model: SRModel, ckpt: Path, storage: str, eval_json: list[Path]) -> None:
-    """Refuse (one line) an ``eval_json`` that measured other weights than ``model`` stored as ``storage``: its
-    recorded ``weights_digest`` must be that of the stored tensors (before any bit-bias fold: the dial is no weight).
-    A file without one (an older cadyq's) passes for float32 storage, whose tensors are the checkpoint's, and is
-    refused for any other, whose metrics must come from evaluating the stored file."""
+def check_measured(model: SRModel, ckpt: Path, storage: str, eval_json: list[Path], folded: float = 0.0) -> None:
+    """Refuse (one line) an ``eval_json`` that measured other weights than ``model`` (with the bit bias ``folded``
+    already folded into it) stored as ``storage``: its recorded ``weights_digest`` must be that of the tensors the export writes. A file
+    without one (an older cadyq's) passes for float32 storage without a fold, whose tensors are the checkpoint's,
+    and is refused otherwise; a file of bicubic rows alone measured no model and passes."""
     try:
-        want = weights_digest(stored_state_dict(model, storage))
+        want = weights_digest(model, stored_state_dict(model, storage))
     except ValueError as e:
         raise SystemExit(f"{ckpt}: {e}") from None
     for e in eval_json:
-        got = json.loads(e.read_text()).get("weights_digest")
-        if got is None and storage != "float32":
-            raise SystemExit(f"{e}: records no weights digest; with {storage} storage the metrics must come from "
-                             f"`cadyq eval --json` of the stored file")
+        try:
+            data = json.loads(e.read_text())
+            got, measured = data.get("weights_digest"), any(r["mode"] != "bicubic" for r in data["results"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise SystemExit(f"{e}: not a `cadyq eval --json` file ({type(err).__name__})") from None
+        if not measured:
+            continue
+        if got is None and (storage != "float32" or folded):
+            raise SystemExit(f"{e}: records no weights digest; with {storage} storage or a folded bit bias the metrics "
+                             f"must come from `cadyq eval --json` of the exported file")
         if got is not None and got != want:
-            raise SystemExit(f"{e}: measured other weights than {ckpt} stored as {storage} "
-                             f"(digest {got[:12]}…, not {want[:12]}…); evaluate the stored file")
+            raise SystemExit(f"{e}: measured other weights than {ckpt} stored as {storage}"
+                             f"{f' with bit bias {folded:g} folded' if folded else ''} (digest {got[:12]}…, not "
+                             f"{want[:12]}…); evaluate the exported file")
 
 
 def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json: list[Path], data: str, notes: str,
@@ -124,11 +131,11 @@ def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json
             raise SystemExit(f"{ckpt}: --scales {','.join(map(str, scales))} needs a multi-scale model trained at "
                              f"those distinct scales, including its own x{model.scale} (this one: {model.arch}"
                              f"{', trained at x' + ', x'.join(map(str, trained)) if trained else ''})")
-    check_measured(model, ckpt, storage, eval_json)
     extra: dict[str, object] = {"name": name}
     if fold_bit_bias:
         model.fold_bit_bias(fold_bit_bias)
         extra["bit_bias_folded"] = repr(float(fold_bit_bias))
+    check_measured(model, ckpt, storage, eval_json, fold_bit_bias)
     weights_dir.mkdir(parents=True, exist_ok=True)
     out = weights_dir / f"{name}.safetensors"
     write_weights(model, ckpt, out, storage, extra)
