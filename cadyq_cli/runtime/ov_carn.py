@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from .ov_graph import Geometry, NetWeights, _Builder, _shape, read_safetensors
+from .ov_graph import Geometry, GraphBuilder, NetWeights, read_safetensors, tensor_shape
 
 if TYPE_CHECKING:
     from ..accounting import ConvCost
@@ -44,7 +44,7 @@ class CarnWeights(NetWeights):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.n_feats = int(_shape(self.sd, "entry.weight")[0])
+        self.n_feats = int(tensor_shape(self.sd, "entry.weight")[0])
         self.n_selectors = 2 * len(_BLOCKS) * len(_UNITS)
 
     def cost_table(self) -> list[ConvCost]:
@@ -55,7 +55,7 @@ class CarnWeights(NetWeights):
 
     def builder(self, layout: str = "fp32", int8: bool = True, fp_layers: str = "fp32",
                 geo: Geometry | None = None) -> _CarnBuilder:
-        """CARN's graph builder for one graph (arguments as :class:`cadyq_cli.runtime.ov_graph._Builder`)."""
+        """CARN's graph builder for one graph (arguments as :class:`cadyq_cli.runtime.ov_graph.GraphBuilder`)."""
         return _CarnBuilder(self, layout, int8, fp_layers, geo)
 
 
@@ -83,7 +83,7 @@ def carn_weights(sd: Mapping[str, np.ndarray], meta: dict[str, str], sha256: str
     return CarnWeights(sd, scale, meta.get("act_grid", "signed"), "official", sha256)
 
 
-class _CarnBuilder(_Builder):
+class _CarnBuilder(GraphBuilder):
     """CARN's head, body and tail on the shared builder (module docstring)."""
 
     grad_multiplier = 1.0

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from .ov_graph import _F, Geometry, NetWeights, _Builder, _shape, read_safetensors
+from .ov_graph import _F, Geometry, GraphBuilder, NetWeights, read_safetensors, tensor_shape
 
 if TYPE_CHECKING:
     from ..accounting import ConvCost
@@ -44,7 +44,7 @@ class EdsrWeights(NetWeights):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.n_blocks = edsr_blocks(self.sd)
-        self.n_feats = int(_shape(self.sd, "head.0.weight")[0])
+        self.n_feats = int(tensor_shape(self.sd, "head.0.weight")[0])
         self.n_selectors = 2 * self.n_blocks  # two per residual block
 
     def cost_table(self) -> list[ConvCost]:
@@ -55,7 +55,7 @@ class EdsrWeights(NetWeights):
 
     def builder(self, layout: str = "fp32", int8: bool = True, fp_layers: str = "fp32",
                 geo: Geometry | None = None) -> _EdsrBuilder:
-        """EDSR-baseline's graph builder for one graph (arguments as :class:`cadyq_cli.runtime.ov_graph._Builder`)."""
+        """EDSR-baseline's graph builder for one graph (arguments as :class:`cadyq_cli.runtime.ov_graph.GraphBuilder`)."""
         return _EdsrBuilder(self, layout, int8, fp_layers, geo)
 
 
@@ -83,7 +83,7 @@ def edsr_weights(sd: Mapping[str, np.ndarray], meta: dict[str, str], sha256: str
     return EdsrWeights(sd, scale, meta.get("act_grid", "signed"), meta.get("skip", "official"), sha256)
 
 
-class _EdsrBuilder(_Builder):
+class _EdsrBuilder(GraphBuilder):
     """EDSR-baseline's head, body and tail on the shared builder (module docstring)."""
 
     grad_multiplier = GRAD_MULTIPLIER

@@ -5,7 +5,7 @@ lattice comes in as inputs, :meth:`Geometry.inputs`, one graph per :meth:`Geomet
 tile geometry with those inputs as constants and the tail inside (faster; ``geo``, ``with_tail``); the
 upsampling tail alone (:func:`build_tail`, run on row strips); the plain FP32 network (:func:`build_network`).
 A network is its weights' class (:class:`NetWeights`: ``ov_edsr.EdsrWeights``, ``ov_carn.CarnWeights``) and its
-builder's :meth:`_Builder.body` and :meth:`_Builder.tail`; the rest is here.
+builder's :meth:`GraphBuilder.body` and :meth:`GraphBuilder.tail`; the rest is here.
 
 Semantics are those of the PyTorch models in ``dynamic`` mode at inference (the ``--kernels float``
 reference), restated in OpenVINO ops:
@@ -44,8 +44,8 @@ import numpy as np
 if TYPE_CHECKING:
     from ..accounting import ConvCost
 
-__all__ = ["NetWeights", "Geometry", "LAYOUTS", "read_safetensors", "build_body", "build_tail", "build_network",
-           "bits_from_idx", "tail_strips", "CANDIDATE_BITS", "FP_LAYERS"]
+__all__ = ["NetWeights", "GraphBuilder", "Geometry", "LAYOUTS", "read_safetensors", "tensor_shape", "build_body",
+           "build_tail", "build_network", "bits_from_idx", "tail_strips", "CANDIDATE_BITS", "FP_LAYERS", "GRAPH_VERSION"]
 
 CANDIDATE_BITS = (4, 6, 8)
 #: precisions of the full-precision upsampling tail (as :data:`cadyq_cli.models._base.FP_LAYERS`)
@@ -111,7 +111,8 @@ class _Tensors(Mapping[str, np.ndarray]):
 _ITEMSIZE = {"F32": 4, "F16": 2, "F64": 8}
 
 
-def _shape(sd: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:
+def tensor_shape(sd: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:
+    """Shape of tensor ``key`` of ``sd``, without decoding the tensors of a file read by :func:`read_safetensors`."""
     return sd.shape(key) if isinstance(sd, _Tensors) else tuple(sd[key].shape)
 
 
@@ -154,8 +155,8 @@ class NetWeights:
                            "graph": f"{GRAPH_VERSION}.{self.graph_version}"}, sort_keys=True)
 
     def builder(self, layout: str = "fp32", int8: bool = True, fp_layers: str = "fp32",
-                geo: Geometry | None = None) -> _Builder:
-        """The network's graph builder for one graph (arguments as :class:`_Builder`)."""
+                geo: Geometry | None = None) -> GraphBuilder:
+        """The network's graph builder for one graph (arguments as :class:`GraphBuilder`)."""
         raise NotImplementedError
 
 
@@ -284,7 +285,7 @@ def tail_strips(h: int, w: int, n_feats: int, scale: int) -> list[tuple[int, int
     return [(max(0, y0 - TAIL_HALO), min(h, y0 + rows + TAIL_HALO), y0, min(h, y0 + rows)) for y0 in range(0, h, rows)]
 
 
-class _Builder:
+class GraphBuilder:
     """Builds one graph; one instance per graph. Tile sizes are free (H, W dynamic): what depends on the
     tile's place on the region lattice comes in as inputs (:meth:`Geometry.inputs`).
 
@@ -371,9 +372,11 @@ class _Builder:
         return self.op.add(y, b if not bf16 else self.op.convert(b, "bf16"))
 
     def nchw(self, x: object) -> object:
+        """NHWC x as NCHW."""
         return self.op.transpose(x, self.c_i64([0, 3, 1, 2]))
 
     def nhwc(self, x: object) -> object:
+        """NCHW x as NHWC."""
         return self.op.transpose(x, self.c_i64([0, 2, 3, 1]))
 
     def as_nchw(self, x: object) -> object:
@@ -423,6 +426,9 @@ class _Builder:
 
     # --- the network -----------------------------------------------------------------------
     def grad_feature(self, x: object) -> object:
+        """The selectors' gradient feature of image x (1, 3, H, W) on the 0..255 scale: per region, the mean |Sobel|
+        x and y of its gray image on the 0..1 scale (as :func:`cadyq_cli.models._base.grad_feature`), times
+        :attr:`grad_multiplier`: (1, 2, nh, nw)."""
         op = self.op
         x01 = op.divide(x, self.c(255.0))
         ch = op.split(x01, self.c_i64(1), 3)
@@ -585,6 +591,7 @@ class _Builder:
         return parts[0] if len(parts) == 1 else op.concat(parts, 2)
 
     def build_body(self, with_tail: bool = False, bits_only: bool = False) -> object:
+        """The body graph (:func:`build_body`)."""
         import openvino as ov
 
         x = self.param("x", [1, 3, -1, -1])
@@ -596,12 +603,14 @@ class _Builder:
         return ov.Model(outs, list(self.params.values()), f"{self.name}_body_{self.layout}")
 
     def build_tail(self) -> object:
+        """The tail graph (:func:`build_tail`)."""
         import openvino as ov
 
         r = self.param("r", [1, int(self.w.n_feats), -1, -1])
         return ov.Model([self.op.result(self.tail(r), name="sr")], [r], f"{self.name}_tail_{self.fp_layers}")
 
     def build_network(self) -> object:
+        """The plain FP32 network's graph (:func:`build_network`)."""
         import openvino as ov
 
         x = self.param("x", [1, 3, -1, -1])
