@@ -316,9 +316,13 @@ def test_every_shipped_model_has_a_recipe_that_agrees_with_the_manifest(model: s
         assert bb["scale"] == w.scale and bb["path"].is_file()
         fp = [s for s in r.segments if s.backbone][-1]
         assert fp.target == bb["steps"] and fp.settings["lr"] == bb["lr"] and fp.settings["scale"] == w.scale
-    else:  # trained from scratch: the recipe's fp stage is the manifest's first stage record
-        fp, first = [s for s in r.segments if s.settings["stage"] == "fp"][-1], w.stages[0]
-        assert first["stage"] == "fp" and fp.target == first["steps"] and fp.settings["lr"] == first["lr"]
+    else:  # trained from scratch: the recipe's fp stages are the manifest's first stage records, in order
+        fps = [s for s in r.segments if s.settings["stage"] == "fp"]
+        runs = {s.run: s for s in fps}  # a run resumed by a later entry: its last settings
+        records = [st for st in w.stages if st["stage"] == "fp"]
+        assert w.stages[: len(records)] == records and len(records) == len(runs)
+        for seg, rec in zip(runs.values(), records):
+            assert seg.target == rec["steps"] and seg.settings["lr"] == rec["lr"]
     # pams and cadyq stages as the manifest records them (its last two stage records)
     pams, cadyq = w.stages[-2], w.stages[-1]
     ps = [s for s in r.segments if s.settings["stage"] == "pams"]
