@@ -176,7 +176,7 @@ def test_ctrl_c_then_resume_with_a_worker_killed(ray_cluster: str, cli: Callable
     """Ctrl-C a real run (it joins the cluster), then resume with --skip-existing and SIGKILL one of its workers:
     no image lost, no partial or temporary file, every output written exactly once."""
     n = 16
-    src = _folder(tmp_path, pattern, n, size=(40, 32))
+    src = _folder(tmp_path, pattern, n, size=(96, 80))  # seconds of work: the interrupt and the kill land mid-run
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(
