@@ -6,10 +6,12 @@ run does. Printed per engine, medians of ``--reps`` interleaved runs:
   - run: images / wall time of the whole batch, worker start included (what a user waits for);
   - steady: images per second between the first and the last result (worker start excluded);
   - efficiency: steady throughput at 2 workers / (2 x at 1 worker).
-The local engine's model is loaded once, outside the timing, on ``--threads`` torch threads;
-each Ray worker runs one torch thread.
+The local engine's model is loaded once, outside the timing, on ``--threads`` threads; each Ray worker runs
+one thread. ``--runtime``: the OpenVINO runtime (default, as `cadyq upscale` of a shipped model) or the PyTorch
+engine, for both engines.
 
 Usage: python bench/ray_scaling.py [--images 16] [--size 96x80] [--scale 2] [--reps 2] [--cpus 2]
+       [--runtime openvino|torch]
 """
 from __future__ import annotations
 
@@ -60,7 +62,8 @@ def main() -> None:
     p.add_argument("--scale", type=int, default=2)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the local engine")
+    p.add_argument("--threads", type=int, default=1, help="threads of the local engine")
+    p.add_argument("--runtime", choices=("openvino", "torch"), default="openvino")
     a = p.parse_args()
     import ray
     import torch
@@ -76,7 +79,12 @@ def main() -> None:
     try:
         src = _folder(tmp, a.images, w, h)
         torch.set_num_threads(a.threads)
-        net = load_model(scale=a.scale)
+        if a.runtime == "openvino":
+            from cadyq_cli.runtime.engine import load_openvino_model
+
+            net = load_openvino_model(scale=a.scale, threads=a.threads)
+        else:
+            net = load_model(scale=a.scale)
         cfg = TilingConfig()
         t = time.perf_counter()
         ray.init(num_cpus=a.cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
@@ -91,7 +99,8 @@ def main() -> None:
             return _timed(upscale_jobs(net, jobs("local"), cfg))
 
         def on_ray(workers: int) -> tuple[float, float, int]:
-            opts = RayOptions(load={"scale": a.scale}, cfg=cfg, workers=workers, threads=1)
+            opts = RayOptions(load={"scale": a.scale}, cfg=cfg, workers=workers, threads=1,
+                              openvino=a.runtime == "openvino")
             return _timed(run_ray(jobs(f"ray{workers}"), opts))
 
         variants = {f"local ({a.threads} thread)": local, "ray, 1 worker": lambda: on_ray(1),
@@ -101,7 +110,7 @@ def main() -> None:
             for name, fn in variants.items():
                 results[name].append(fn())
         ray.shutdown()
-        print(f"{a.images} images {w}x{h}, x{a.scale}, medians of {a.reps} interleaved runs")
+        print(f"{a.images} images {w}x{h}, x{a.scale}, {a.runtime}, medians of {a.reps} interleaved runs")
         print(f"{'engine':<20} {'run (img/s)':>12} {'wall (s)':>9} {'steady (img/s)':>15} {'failed':>7}")
         steady = {}
         for name, runs in results.items():

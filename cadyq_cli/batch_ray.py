@@ -50,6 +50,9 @@ class RayOptions:
 
     Attributes:
         load: keyword arguments of :func:`cadyq_cli.weights.load_model`, run once per worker.
+        openvino: the workers run the model on the OpenVINO runtime
+            (:func:`cadyq_cli.runtime.engine.load_openvino_model` with ``load``'s model, weights, scale, mode
+            and fp_layers), as the local engine does where that runtime serves.
         cfg: tiling of every image.
         address: cluster to join (``auto``, ``HOST:PORT``, ``ray://...``); None: the cluster this
             process is already connected to, else a new local one (stopped at the end).
@@ -60,6 +63,7 @@ class RayOptions:
     """
 
     load: dict[str, Any] = field(default_factory=dict)
+    openvino: bool = False
     cfg: TilingConfig = field(default_factory=TilingConfig)
     address: str | None = None
     workers: int | None = None
@@ -93,18 +97,26 @@ class _Upscaler:
     """One model replica: Ray Data builds one per actor and feeds it batches of jobs."""
 
     def __init__(self, load: dict[str, Any], cfg: TilingConfig, threads: int, max_pixels: int | None,
-                 bit_bias: float = 0.0, target_fab: float | None = None, png_level: int = PNG_LEVEL) -> None:
-        import torch
-
-        from .weights import load_model
-
-        torch.set_num_threads(max(1, threads))
+                 bit_bias: float = 0.0, target_fab: float | None = None, png_level: int = PNG_LEVEL,
+                 openvino: bool = False) -> None:
         self.cfg, self.max_pixels, self.target_fab, self.png_level = cfg, max_pixels, target_fab, png_level
         self.net, self.broken = None, ""
         try:  # e.g. the weights file is not on this node: every image says so, no endless restarts
-            net = load_model(**load)
-            net.set_bit_bias(bit_bias)  # checked by the driver, which loaded the model first
-            self.net = net
+            if openvino:  # no bit bias, no FAB target: the driver chose this runtime only without them
+                from .runtime.engine import load_openvino_model
+
+                self.net = load_openvino_model(load.get("model"), load.get("weights"), load.get("scale", 4),
+                                               load.get("mode", "dynamic"), max(1, threads),
+                                               fp_layers=load.get("fp_layers", "fp32"))
+            else:
+                import torch
+
+                from .weights import load_model
+
+                torch.set_num_threads(max(1, threads))
+                net = load_model(**load)
+                net.set_bit_bias(bit_bias)  # checked by the driver, which loaded the model first
+                self.net = net
         except CadyqError as e:
             self.broken = f"this worker cannot load the model ({' '.join(str(e).split())})"
 
@@ -215,7 +227,8 @@ def _dataset(ray: Any, rows: list[dict[str, Any]], workers: int, per_worker: int
     kwargs: dict[str, Any] = dict(
         batch_size=1, num_cpus=per_worker, num_gpus=gpus, compute=ray.data.ActorPoolStrategy(size=workers),
         fn_constructor_kwargs={"load": opts.load, "cfg": opts.cfg, "threads": per_worker, "max_pixels": opts.max_pixels,
-                               "bit_bias": opts.bit_bias, "target_fab": opts.target_fab, "png_level": opts.png_level},
+                               "bit_bias": opts.bit_bias, "target_fab": opts.target_fab, "png_level": opts.png_level,
+                               "openvino": opts.openvino},
     )
     try:  # extra remote arguments are deprecated in Ray Data (no named parameter for this one yet)
         with warnings.catch_warnings():

@@ -301,8 +301,6 @@ def upscale(
         raise _fail("--overwrite and --skip-existing exclude each other")
     if engine is EngineKind.local and (workers is not None or ray_address is not None):
         raise _fail("--workers and --ray-address go with --engine ray")
-    if engine is EngineKind.ray and kernels == "openvino":
-        raise _fail("--kernels openvino runs with --engine local for now")
     if target_fab is not None and (bit_bias or mode != Mode.dynamic or not 4.0 <= target_fab <= 8.0):
         raise _fail("--target-fab takes a FAB between 4 and 8, in --mode dynamic, without --bit-bias")
     cfg = TilingConfig(tiling=tiling.value, tile=tile, overlap=overlap, region=region)
@@ -320,8 +318,7 @@ def upscale(
 
             require_ray()  # before anything is created: without Ray, one line and nothing written
         net = _load(model, weights, arch, scale, mode.value, device, threads, kernels, fp_layers, bit_bias,
-                    openvino=engine is EngineKind.local, quiet=quiet,
-                    target_fab=target_fab)
+                    openvino=True, quiet=quiet, target_fab=target_fab)
         if engine is EngineKind.local:
             _keep_until_exit(net)
         if not jobs[0].stdin and Path(input).is_dir():
@@ -335,10 +332,14 @@ def upscale(
             sink = (sys.stderr if to_stdout else sys.stdout) if json_out == "-" else (open(json_out, "a") if json_out else None)
         except OSError as e:
             raise CadyqError(f"--json {json_out}: cannot open ({(e.strerror or str(e)).lower()})") from None
-        if engine is EngineKind.ray:  # the model loaded above checked the options; each worker loads its own
+        if engine is EngineKind.ray:  # the model loaded above checked the options; each worker loads its own, on
+            # the engine the local run would use (the same bytes)
+            from .runtime.engine import OVModel
+
             outcomes = run_ray(jobs, RayOptions(
                 load=dict(model=model, weights=weights, arch=arch, scale=scale, mode=mode.value, device=device, kernels=kernels,
                           fp_layers=fp_layers.value), bit_bias=bit_bias, target_fab=target_fab,
+                openvino=isinstance(net, OVModel),
                 cfg=cfg, address=ray_address, workers=workers, threads=threads, overwrite=overwrite,
                 skip_existing=skip_existing, max_pixels=max_pixels or None, **png))
     except (CadyqError, ValueError, OSError) as e:

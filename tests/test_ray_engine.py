@@ -137,6 +137,30 @@ def test_corrupt_file_fails_alone_and_outputs_equal_local(ray_cluster: str, cli:
     assert _stamps(tmp_path / "ray") == before and not (tmp_path / "r2.jsonl").read_text()
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX processes")
+def test_a_shipped_model_runs_on_the_local_engines_runtime(ray_cluster: str, pattern: Callable[..., np.ndarray],
+                                                          tmp_path: Path) -> None:
+    """A shipped model: the workers run it on the runtime the local engine uses (OpenVINO where it serves), so the
+    outputs are byte-identical and the reports say the same kernels. Both runs are processes of their own (a process
+    that loaded OpenVINO's runtime must not be this one: tests/test_openvino.py)."""
+    pytest.importorskip("openvino")
+    src = _folder(tmp_path, pattern, 4, size=(40, 32))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "CADYQ_CACHE_DIR": str(tmp_path / "cache")}
+    common = ["--model", "edsr-baseline", "--scale", "2", "--threads", "1", "-r", "-q"]
+    recs = {}
+    for engine, extra in (("local", []), ("ray", ["--engine", "ray", "--ray-address", ray_cluster, "--workers", "1"])):
+        res = subprocess.run([sys.executable, "-m", "cadyq_cli", "upscale", str(src), str(tmp_path / engine),
+                              "--json", str(tmp_path / f"{engine}.jsonl"), *common, *extra],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr
+        recs[engine] = _lines(tmp_path / f"{engine}.jsonl")
+    assert len(_outputs(tmp_path / "local")) == 4
+    assert _outputs(tmp_path / "ray") == _outputs(tmp_path / "local")  # byte-identical
+    kernels = {e: {r["kernels"] for r in lines} for e, lines in recs.items()}
+    assert kernels["ray"] == kernels["local"] and kernels["local"] <= {"openvino", "openvino-float"}, kernels
+
+
 def _map_workers() -> list[int]:
     """PIDs of this test run's Ray Data actors (``ray::MapWorker(...)``, descendants of this process)."""
 
