@@ -50,14 +50,15 @@ class RayOptions:
 
     Attributes:
         load: keyword arguments of :func:`cadyq_cli.weights.load_model`, run once per worker.
-        openvino: the workers run the model on the OpenVINO runtime
+        openvino: the workers run the model on the OpenVINO runtime instead
             (:func:`cadyq_cli.runtime.engine.load_openvino_model` with ``load``'s model, weights, scale, mode
-            and fp_layers), as the local engine does where that runtime serves.
+            and fp_layers), as the local engine does where that runtime serves. The driver's ``CADYQ_*``
+            environment (the compiled-graph cache's folder and size, ...) is set in every worker.
         cfg: tiling of every image.
         address: cluster to join (``auto``, ``HOST:PORT``, ``ray://...``); None: the cluster this
             process is already connected to, else a new local one (stopped at the end).
         workers: model replicas (actors); None: as many as the cluster's CPUs allow.
-        threads: torch threads (and CPUs reserved) per worker; 0 means 1.
+        threads: inference threads (and CPUs reserved) per worker; 0 means 1.
         bit_bias, target_fab: the compute dial, as for the local engine.
         overwrite, skip_existing, max_pixels, png_level: as for the local engine.
     """
@@ -98,16 +99,22 @@ class _Upscaler:
 
     def __init__(self, load: dict[str, Any], cfg: TilingConfig, threads: int, max_pixels: int | None,
                  bit_bias: float = 0.0, target_fab: float | None = None, png_level: int = PNG_LEVEL,
-                 openvino: bool = False) -> None:
+                 openvino: bool = False, env: dict[str, str] | None = None) -> None:
+        os.environ.update(env or {})  # the driver's CADYQ_* settings: this process serves this run alone
         self.cfg, self.max_pixels, self.target_fab, self.png_level = cfg, max_pixels, target_fab, png_level
         self.net, self.broken = None, ""
         try:  # e.g. the weights file is not on this node: every image says so, no endless restarts
             if openvino:  # no bit bias, no FAB target: the driver chose this runtime only without them
                 from .runtime.engine import load_openvino_model
 
-                self.net = load_openvino_model(load.get("model"), load.get("weights"), load.get("scale", 4),
-                                               load.get("mode", "dynamic"), max(1, threads),
-                                               fp_layers=load.get("fp_layers", "fp32"))
+                try:
+                    self.net = load_openvino_model(load.get("model"), load.get("weights"), load.get("scale", 4),
+                                                   load.get("mode", "dynamic"), max(1, threads),
+                                                   fp_layers=load.get("fp_layers", "fp32"))
+                except CadyqError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - e.g. OpenVINO broken on this node: one line, not Ray's text
+                    raise CadyqError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
             else:
                 import torch
 
@@ -228,7 +235,8 @@ def _dataset(ray: Any, rows: list[dict[str, Any]], workers: int, per_worker: int
         batch_size=1, num_cpus=per_worker, num_gpus=gpus, compute=ray.data.ActorPoolStrategy(size=workers),
         fn_constructor_kwargs={"load": opts.load, "cfg": opts.cfg, "threads": per_worker, "max_pixels": opts.max_pixels,
                                "bit_bias": opts.bit_bias, "target_fab": opts.target_fab, "png_level": opts.png_level,
-                               "openvino": opts.openvino},
+                               "openvino": opts.openvino,
+                               "env": {k: v for k, v in os.environ.items() if k.startswith("CADYQ_")}},
     )
     try:  # extra remote arguments are deprecated in Ray Data (no named parameter for this one yet)
         with warnings.catch_warnings():

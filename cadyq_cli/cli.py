@@ -126,8 +126,8 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress or report on stderr")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks")]
 KernelsOpt = Annotated[str, typer.Option("--kernels", help="quantized convs: auto (upscale: OpenVINO for shipped EDSR-baseline "
-                                        "models where it serves, else int8 where exact), int8, float (reference), or openvino "
-                                        "(upscale only: EDSR-baseline on OpenVINO, no PyTorch)")]
+                                        "and CARN models where it serves, else int8 where exact), int8, float (reference), or "
+                                        "openvino (upscale and bitmap: EDSR-baseline or CARN on OpenVINO, no PyTorch)")]
 FpLayersOpt = Annotated[FpLayers, typer.Option("--fp-layers", help="full-precision upsampling tail: fp32 (default) or bf16 (faster on CPUs with bf16)")]
 BitBiasOpt = Annotated[float, typer.Option("--bit-bias", help="compute dial: > 0 fewer bits, < 0 more, 0 as trained (dynamic mode)")]
 MaxPxOpt = Annotated[int, typer.Option("--max-pixels", help="refuse inputs larger than this many pixels (0: no limit)")]

@@ -141,24 +141,44 @@ def test_corrupt_file_fails_alone_and_outputs_equal_local(ray_cluster: str, cli:
 def test_a_shipped_model_runs_on_the_local_engines_runtime(ray_cluster: str, pattern: Callable[..., np.ndarray],
                                                           tmp_path: Path) -> None:
     """A shipped model: the workers run it on the runtime the local engine uses (OpenVINO where it serves), so the
-    outputs are byte-identical and the reports say the same kernels. Both runs are processes of their own (a process
-    that loaded OpenVINO's runtime must not be this one: tests/test_openvino.py)."""
+    outputs are byte-identical and the reports say the same kernels; the workers compile into the driver's
+    CADYQ_CACHE_DIR. Both runs are processes of their own (a process that loaded OpenVINO's runtime must not be
+    this one: tests/test_openvino.py)."""
     pytest.importorskip("openvino")
     src = _folder(tmp_path, pattern, 4, size=(40, 32))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "CADYQ_CACHE_DIR": str(tmp_path / "cache")}
     common = ["--model", "edsr-baseline", "--scale", "2", "--threads", "1", "-r", "-q"]
     recs = {}
-    for engine, extra in (("local", []), ("ray", ["--engine", "ray", "--ray-address", ray_cluster, "--workers", "1"])):
+    for engine, extra in (("ray", ["--engine", "ray", "--ray-address", ray_cluster, "--workers", "1"]), ("local", [])):
         res = subprocess.run([sys.executable, "-m", "cadyq_cli", "upscale", str(src), str(tmp_path / engine),
                               "--json", str(tmp_path / f"{engine}.jsonl"), *common, *extra],
                              capture_output=True, text=True, env=env, timeout=300)
         assert res.returncode == 0, res.stderr
         recs[engine] = _lines(tmp_path / f"{engine}.jsonl")
+        if engine == "ray":  # the worker's compiled graphs went to the driver's cache folder
+            assert any((tmp_path / "cache").rglob("*.blob"))
     assert len(_outputs(tmp_path / "local")) == 4
     assert _outputs(tmp_path / "ray") == _outputs(tmp_path / "local")  # byte-identical
     kernels = {e: {r["kernels"] for r in lines} for e, lines in recs.items()}
     assert kernels["ray"] == kernels["local"] and kernels["local"] <= {"openvino", "openvino-float"}, kernels
+
+
+def test_a_worker_that_cannot_load_its_openvino_model_fails_each_image_in_one_line(
+        ray_cluster: str, pattern: Callable[..., np.ndarray], tmp_path: Path) -> None:
+    """A worker whose node lacks the weights (here: a path no node has) fails every image with one line."""
+    pytest.importorskip("openvino")
+    from cadyq_cli.batch_ray import RayOptions, run_ray
+    from cadyq_cli.paths import plan_jobs
+
+    src = _folder(tmp_path, pattern, 3)
+    opts = RayOptions(load={"weights": str(tmp_path / "elsewhere.safetensors"), "scale": 2}, openvino=True, workers=1)
+    outcomes = list(run_ray(plan_jobs(src, tmp_path / "out", recursive=True), opts))
+    assert len(outcomes) == 3 and all(o.error for o in outcomes)
+    for o in outcomes:
+        assert "this worker cannot load the model" in o.error and "elsewhere.safetensors" in o.error
+        assert "\n" not in o.error and "Traceback" not in o.error
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.*"))
 
 
 def _map_workers() -> list[int]:
@@ -199,7 +219,7 @@ def test_ctrl_c_then_resume_with_a_worker_killed(ray_cluster: str, cli: Callable
                                                  pattern: Callable[..., np.ndarray], tmp_path: Path) -> None:
     """Ctrl-C a real run (it joins the cluster), then resume with --skip-existing and SIGKILL one of its workers:
     no image lost, no partial or temporary file, every output written exactly once."""
-    n = 16
+    n = 32
     src = _folder(tmp_path, pattern, n, size=(96, 80))  # seconds of work: the interrupt and the kill land mid-run
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
