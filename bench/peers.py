@@ -11,7 +11,8 @@
         (c) `CADYQ_KERNELS=torch cadyq upscale` (the PyTorch engine, int8 kernels),
         (e) `cadyq upscale --fp-layers bf16` (the default engine with a bf16 upsampling tail),
         (f) `cadyq upscale --model carn` (the shipped CARN: the OpenVINO runtime), (f-torch) the same on the
-        PyTorch engine (CADYQ_KERNELS=torch),
+        PyTorch engine (CADYQ_KERNELS=torch), (f-peer) OpenVINO FP32 plain CARN of the same weights (CARN's own
+        peer, PNG level 4 with one OpenBLAS thread, as cadyq writes it),
         (d) ONNX Runtime FP32 plain EDSR-baseline of the same weights (bench/peer_onnxruntime_fp32.py,
         PNG level 6; when onnxruntime + onnx import: `pip install cadyq[bench]`).
         Prints seconds and ratios to (a), and (b) to (a4): the same network work, encoder and BLAS setting.
@@ -88,6 +89,9 @@ def compare(args: argparse.Namespace) -> None:
                            "--model", "carn", "--overwrite", "-q", *thr],
             "cadyq_carn_torch": ["env", "CADYQ_KERNELS=torch", py, "-m", "cadyq_cli", "upscale", inp, str(out / "g.png"),
                                  "--scale", str(args.scale), "--model", "carn", "--overwrite", "-q", *thr],
+            "openvino_fp32_carn": ["env", "OPENBLAS_NUM_THREADS=1", py, str(ROOT / "bench/peer_openvino_fp32.py"),
+                                   str(ROOT / "weights" / "carn.safetensors"), inp, str(out / "h.png"), "--png-level", "4",
+                                   "--scale", str(args.scale), *thr],
         }
         if _has_ort():
             cmds["onnxruntime_fp32"] = [py, str(ROOT / "bench/peer_onnxruntime_fp32.py"), wts, inp, str(out / "d.png"), *thr]
@@ -115,6 +119,8 @@ def compare(args: argparse.Namespace) -> None:
         print(f"  cadyq_carn / cadyq_default (both on OpenVINO): {med['cadyq_carn'] / med['cadyq_default']:.2f}x, "
               f"cadyq_carn_torch / cadyq_torch (both on PyTorch): {med['cadyq_carn_torch'] / med['cadyq_torch']:.2f}x, "
               f"cadyq_carn_torch / cadyq_carn: {med['cadyq_carn_torch'] / med['cadyq_carn']:.2f}x")
+        print(f"  cadyq_carn / openvino_fp32_carn (CARN against its own FP32 peer, PNG level 4 both): "
+              f"{med['cadyq_carn'] / med['openvino_fp32_carn']:.2f}x")
 
 
 def sizes(args: argparse.Namespace) -> None:
