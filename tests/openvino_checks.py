@@ -215,6 +215,31 @@ def test_carn_bits_equal_the_float_reference_and_output_as_close_as_int8(scale: 
         assert err.mean() < 0.1 and err.max() < 8.0
 
 
+def test_carn_on_the_signed_grid_equals_the_pytorch_model(tmp_path: Path) -> None:
+    """The shipped CARN's tensors with the official signed grid (as converted official weights have it): the graph's
+    second selectors take signed codes, as the PyTorch model's do."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    path = resolve_weights("carn", 2).path
+    with safe_open(str(path), "np") as f:
+        meta = f.metadata()
+    signed = tmp_path / "signed.safetensors"
+    save_file(load_file(str(path)), str(signed), {**meta, "act_grid": "signed"})
+    x = _image(*SMALL[1], seed=2)
+    ref, rep_ref = upscale_array(load_model(weights=signed, scale=2, kernels="float"), x, SMALL[0])
+    assert _mixed(rep_ref)
+    for int8 in (False, True) if cpu_has_int8_dot() else (False,):
+        m = load_openvino_model(weights=signed, scale=2, int8=int8, cache=False)
+        assert m.wts.act_grid == "signed"
+        sr, rep = m.upscale_array(x, SMALL[0])
+        _same_report(rep, rep_ref)
+        err = np.abs(sr - ref)
+        assert err.mean() < 0.1 and err.max() < 8.0
+    unsigned, _ = load_openvino_model("carn", scale=2, cache=False).upscale_array(x, SMALL[0])
+    assert not np.array_equal(unsigned, sr)  # the grid changes the codes: the test sees the signed path
+
+
 def test_outputs_are_deterministic_across_runs_and_thread_counts() -> None:
     img = _image(*SMALL[1], seed=3)
     outs = [load_openvino_model(scale=2, threads=n).upscale_array(img, SMALL[0]) for n in (1, 2, 1)]
