@@ -1,8 +1,8 @@
 """Images per second of `cadyq upscale` on a folder: the local engine against Ray at 1 and 2 workers.
 
-One local Ray cluster (``--cpus``, default 2) serves every Ray run; each run starts its own
-actor pool (a worker process per replica that imports torch and loads the model), as a CLI
-run does. Printed per engine, medians of ``--reps`` interleaved runs:
+One local Ray cluster (``--cpus``, default 2) serves every Ray run; each run starts its own actor pool (a
+worker process per replica that loads the model: on the OpenVINO runtime by default, importing torch with
+``--runtime torch``), as a CLI run does. Printed per engine, medians of ``--reps`` interleaved runs:
   - run: images / wall time of the whole batch, worker start included (what a user waits for);
   - steady: images per second between the first and the last result (worker start excluded);
   - efficiency: steady throughput at 2 workers / (2 x at 1 worker).
