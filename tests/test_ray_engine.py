@@ -164,6 +164,40 @@ def test_a_shipped_model_runs_on_the_local_engines_runtime(ray_cluster: str, pat
     assert kernels["ray"] == kernels["local"] and kernels["local"] <= {"openvino", "openvino-float"}, kernels
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+def test_ctrl_c_with_openvino_workers_then_resume(ray_cluster: str, pattern: Callable[..., np.ndarray],
+                                                  tmp_path: Path) -> None:
+    """Ctrl-C a run whose workers hold OpenVINO (a shipped model), then resume: exit 130, no partial or temporary
+    file, and the resumed run writes the rest."""
+    pytest.importorskip("openvino")
+    n = 24
+    src = _folder(tmp_path, pattern, n, size=(160, 120))
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "CADYQ_CACHE_DIR": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "cadyq_cli", "upscale", str(src), str(out), "-r", "--engine", "ray", "--ray-address",
+           ray_cluster, "--workers", "2", "--model", "edsr-baseline", "--scale", "2", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None and not _written(out):
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    first = _stamps(out)
+    assert 0 < len(first) < n and not _tmp_files(out)
+    res = subprocess.run([*cmd, "--skip-existing", "-q"], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    final = _stamps(out)
+    assert len(final) == n and not _tmp_files(out) and all(final[k] == v for k, v in first.items())
+
+
 def test_a_worker_that_cannot_load_its_openvino_model_fails_each_image_in_one_line(
         ray_cluster: str, pattern: Callable[..., np.ndarray], tmp_path: Path) -> None:
     """A worker whose node lacks the weights (here: a path no node has) fails every image with one line."""
