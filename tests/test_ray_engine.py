@@ -146,8 +146,7 @@ def test_a_shipped_model_runs_on_the_local_engines_runtime(ray_cluster: str, pat
     this one: tests/test_openvino.py)."""
     pytest.importorskip("openvino")
     src = _folder(tmp_path, pattern, 4, size=(40, 32))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "CADYQ_CACHE_DIR": str(tmp_path / "cache")}
+    env = _proc_env(CADYQ_CACHE_DIR=str(tmp_path / "cache"))
     common = ["--model", "edsr-baseline", "--scale", "2", "--threads", "1", "-r", "-q"]
     recs = {}
     for engine, extra in (("ray", ["--engine", "ray", "--ray-address", ray_cluster, "--workers", "1"]), ("local", [])):
@@ -173,23 +172,12 @@ def test_ctrl_c_with_openvino_workers_then_resume(ray_cluster: str, pattern: Cal
     n = 24
     src = _folder(tmp_path, pattern, n, size=(160, 120))
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "CADYQ_CACHE_DIR": str(tmp_path / "cache")}
+    env = _proc_env(CADYQ_CACHE_DIR=str(tmp_path / "cache"))
     cmd = [sys.executable, "-m", "cadyq_cli", "upscale", str(src), str(out), "-r", "--engine", "ray", "--ray-address",
            ray_cluster, "--workers", "2", "--model", "edsr-baseline", "--scale", "2", "--threads", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None and not _written(out):
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, stderr
-    assert "interrupted" in stderr and "Traceback" not in stderr
+    run = _interrupt_once_written(cmd, env, out)
+    assert run.returncode == 130, run.stderr
+    assert "interrupted" in run.stderr and "Traceback" not in run.stderr
     first = _stamps(out)
     assert 0 < len(first) < n and not _tmp_files(out)
     res = subprocess.run([*cmd, "--skip-existing", "-q"], capture_output=True, text=True, env=env, timeout=300)
@@ -247,21 +235,15 @@ def _written(folder: Path) -> bool:
     return folder.exists() and any(p.suffix != ".tmp" for p in folder.rglob("*.*"))
 
 
-@pytest.mark.skipif(os.name != "posix" or not Path("/proc/self/cmdline").exists(),
-                    reason="POSIX signals; finds the worker processes through /proc")
-def test_ctrl_c_then_resume_with_a_worker_killed(ray_cluster: str, cli: Callable[..., Result], weights_x2: Path,
-                                                 pattern: Callable[..., np.ndarray], tmp_path: Path) -> None:
-    """Ctrl-C a real run (it joins the cluster), then resume with --skip-existing and SIGKILL one of its workers:
-    no image lost, no partial or temporary file, every output written exactly once."""
-    n = 32
-    src = _folder(tmp_path, pattern, n, size=(96, 80))  # seconds of work: the interrupt and the kill land mid-run
-    out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cadyq_cli", "upscale", str(src), str(out), "-r", "--engine", "ray", "--ray-address",
-         ray_cluster, "--workers", "1", "--weights", str(weights_x2), "--scale", "2", "--threads", "1", "--json", "-"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )
+def _proc_env(**extra: str) -> dict[str, str]:
+    """The environment of a ``python -m cadyq_cli`` process that imports this checkout, with ``extra`` added."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            **extra}
+
+
+def _interrupt_once_written(cmd: list[str], env: dict[str, str], out: Path) -> subprocess.CompletedProcess:
+    """Run ``cmd``, send it SIGINT as soon as it has written an output under ``out``, and wait for it."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and proc.poll() is None and not _written(out):
@@ -272,7 +254,24 @@ def test_ctrl_c_then_resume_with_a_worker_killed(ray_cluster: str, cli: Callable
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, stderr
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.skipif(os.name != "posix" or not Path("/proc/self/cmdline").exists(),
+                    reason="POSIX signals; finds the worker processes through /proc")
+def test_ctrl_c_then_resume_with_a_worker_killed(ray_cluster: str, cli: Callable[..., Result], weights_x2: Path,
+                                                 pattern: Callable[..., np.ndarray], tmp_path: Path) -> None:
+    """Ctrl-C a real run (it joins the cluster), then resume with --skip-existing and SIGKILL one of its workers:
+    no image lost, no partial or temporary file, every output written exactly once."""
+    n = 32
+    src = _folder(tmp_path, pattern, n, size=(96, 80))  # seconds of work: the interrupt and the kill land mid-run
+    out = tmp_path / "out"
+    run = _interrupt_once_written(
+        [sys.executable, "-m", "cadyq_cli", "upscale", str(src), str(out), "-r", "--engine", "ray", "--ray-address",
+         ray_cluster, "--workers", "1", "--weights", str(weights_x2), "--scale", "2", "--threads", "1", "--json", "-"],
+        _proc_env(), out)
+    stdout, stderr = run.stdout, run.stderr
+    assert run.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     first = _stamps(out)
     assert 0 < len(first) < n, "the interrupt should land mid-batch"
