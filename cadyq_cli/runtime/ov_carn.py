@@ -91,8 +91,8 @@ class _CarnBuilder(GraphBuilder):
 
     def conv1x1_relu(self, c: object, name: str) -> object:
         """A cascade's fusion: ReLU of the FP32 1x1 conv ``name`` of body tensor ``c``. Channels-last it is a
-        matrix product over the channels (a conv there cost a transpose of the concatenation each way: 28 % of a
-        320x240 x4 forward)."""
+        matrix product over the channels (a conv there cost a transpose of the concatenation each way:
+        docs/performance.md, "CARN")."""
         op, sd = self.op, self.w.sd
         w, b = sd[f"{name}.weight"], sd[f"{name}.bias"]
         if not self.cl:
