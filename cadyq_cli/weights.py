@@ -107,15 +107,19 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def shipped_path(cfg: WeightsCfg) -> Path:
+def shipped_path(cfg: WeightsCfg, sha256: str | None = None) -> Path:
     """Path of a shipped weights file, checked against the manifest's sha256.
+
+    Args:
+        cfg: the manifest entry.
+        sha256: the file's digest when the caller has read the file already (it is not read again).
 
     Raises:
         CheckpointReadError: the file is missing or does not match the manifest.
     """
     if not cfg.path.is_file():
         raise CheckpointReadError(f"shipped weights {cfg.file} are missing from {weights_dir()}")
-    if cfg.sha256 and file_sha256(cfg.path) != cfg.sha256:
+    if cfg.sha256 and (sha256 or file_sha256(cfg.path)) != cfg.sha256:
         raise CheckpointReadError(f"{cfg.path}: checksum does not match the manifest; reinstall cadyq")
     return cfg.path
 

@@ -625,6 +625,31 @@ def test_a_damaged_weights_file_is_refused_at_load(tmp_path: Path) -> None:
     assert wts.sd["head.0.weight"].dtype == np.float32 and wts.sd._data is not None  # type: ignore[attr-defined]
 
 
+def test_a_damaged_shipped_file_says_reinstall(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shipped model's file is read once on the OpenVINO path and its bytes checked against the manifest: a
+    changed, cut or missing file is the same one-line error on both engines (the PyTorch one hashes the file)."""
+    from cadyq_cli.errors import CheckpointReadError
+
+    cfg = resolve_weights("edsr-baseline", 2)
+    blob = cfg.path.read_bytes()
+    (tmp_path / "manifest.json").write_bytes((cfg.path.parent / "manifest.json").read_bytes())
+    monkeypatch.setenv("CADYQ_WEIGHTS_DIR", str(tmp_path))
+    target = tmp_path / cfg.file
+    target.write_bytes(blob)
+    assert load_openvino_model("edsr-baseline", scale=2).wts.sha256 == cfg.sha256  # the intact copy serves
+    flipped = bytearray(blob)
+    flipped[-100] ^= 1  # one bit of one tensor: still a well-formed file
+    for data, says in ((bytes(flipped), "checksum does not match the manifest; reinstall cadyq"),
+                       (blob[:-64], "checksum does not match the manifest; reinstall cadyq"),
+                       (None, f"shipped weights {cfg.file} are missing")):
+        target.unlink(missing_ok=True)
+        if data is not None:
+            target.write_bytes(data)
+        for load in (lambda: load_openvino_model("edsr-baseline", scale=2), lambda: load_model("edsr-baseline", scale=2)):
+            with pytest.raises(CheckpointReadError, match=says):
+                load()
+
+
 def test_tiles_are_placed_clamped_and_rounded_as_the_pytorch_engine() -> None:
     """A tile's SR core goes into the output clamped to [0, 255]; into uint8 rounded half to even with NaN as 0
     (the PyTorch engine's clamp, nan_to_num and round), in blocks of rows across several buffers' worth."""

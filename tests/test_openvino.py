@@ -43,6 +43,7 @@ CHECKS = [
     "test_an_unwritable_cache_is_no_cache",
     "test_unsupported_requests_are_one_line_errors",
     "test_a_damaged_weights_file_is_refused_at_load",
+    "test_a_damaged_shipped_file_says_reinstall",
     "test_tiles_are_placed_clamped_and_rounded_as_the_pytorch_engine",
 ]
 

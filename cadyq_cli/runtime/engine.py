@@ -123,8 +123,7 @@ class OVModel:
         # one multi-scale file (CARN): graphs without the tail serve every scale, so they are cached once
         at = "any" if self.wts.multi_scale and kind.split("-")[0] in ("body", "staticbits") else f"x{self.scale}"
         key = f"{self.wts.describe()}|{at}|{what}|{self.version}|{sorted(self.config.items())}"
-        prefix = "edsr" if self.arch == "edsr_baseline" else self.arch
-        return folder / f"{prefix}-{at}-{what}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.blob"
+        return folder / f"{self.wts.cache_name}-{at}-{what}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.blob"
 
     def _build(self, kind: str) -> object:
         if kind == "tail":
@@ -337,11 +336,12 @@ def load_openvino_model(model: str | None = None, weights: str | Path | None = N
         raise CadyqError("--kernels openvino needs the openvino package (pip install openvino)")
     from ..weights import DEFAULT_MODEL, resolve_weights, shipped_path
 
+    cfg = None
     if weights is None:
         cfg = resolve_weights(model or DEFAULT_MODEL, scale)
         if cfg.arch not in ARCHS:
             raise CadyqError(f"--kernels openvino runs the EDSR-baseline and CARN models only, not {cfg.name}")
-        path = shipped_path(cfg)
+        path = cfg.path
     else:
         path = Path(weights)
         if path.suffix != ".safetensors" or not path.is_file():
@@ -349,5 +349,9 @@ def load_openvino_model(model: str | None = None, weights: str | Path | None = N
     try:
         wts = read_weights(path, scale)
     except Exception as e:  # noqa: BLE001 - any unreadable file is one clear error
+        if cfg is not None:
+            shipped_path(cfg)  # a missing or damaged shipped file says so (and to reinstall)
         raise CadyqError(f"{path}: cannot run on OpenVINO ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if cfg is not None:
+        shipped_path(cfg, wts.sha256)  # the manifest's digest, checked on the bytes read (the file is read once)
     return OVModel(wts, mode, threads, cache, fp_layers, int8)

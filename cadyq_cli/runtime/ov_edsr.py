@@ -38,6 +38,7 @@ class EdsrWeights(NetWeights):
 
     n_blocks: int = field(init=False, default=0)
     arch: ClassVar[str] = "edsr_baseline"
+    cache_name: ClassVar[str] = "edsr"
     receptive_radius: ClassVar[int] = 40  # as :attr:`cadyq_cli.models.edsr.EDSRBaseline.receptive_radius`
     graph_version: ClassVar[int] = 10  # bump whenever this module's graph code changes
 

@@ -136,6 +136,8 @@ class NetWeights:
     n_feats: int = field(init=False, default=0)
     n_selectors: int = field(init=False, default=0)
     arch: ClassVar[str] = ""
+    #: the first word of the network's compiled-graph cache files
+    cache_name: ClassVar[str] = ""
     receptive_radius: ClassVar[int] = 0
     multi_scale: ClassVar[bool] = False
     #: bump whenever the network's own graph code changes (with the shared :data:`GRAPH_VERSION`: cache keys)
