@@ -14,7 +14,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -166,8 +167,8 @@ def test_a_shipped_model_runs_on_the_local_engines_runtime(ray_cluster: str, pat
 @pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
 def test_ctrl_c_with_openvino_workers_then_resume(ray_cluster: str, pattern: Callable[..., np.ndarray],
                                                   tmp_path: Path) -> None:
-    """Ctrl-C a run whose workers hold OpenVINO (a shipped model), then resume: exit 130, no partial or temporary
-    file, and the resumed run writes the rest."""
+    """Ctrl-C a run whose workers hold OpenVINO (a shipped model), then resume and SIGKILL one of its workers: exit
+    130, no partial or temporary file, and the resumed run writes the rest, each output once."""
     pytest.importorskip("openvino")
     n = 24
     src = _folder(tmp_path, pattern, n, size=(160, 120))
@@ -180,10 +181,13 @@ def test_ctrl_c_with_openvino_workers_then_resume(ray_cluster: str, pattern: Cal
     assert "interrupted" in run.stderr and "Traceback" not in run.stderr
     first = _stamps(out)
     assert 0 < len(first) < n and not _tmp_files(out)
-    res = subprocess.run([*cmd, "--skip-existing", "-q"], capture_output=True, text=True, env=env, timeout=300)
+    with _killing_a_worker(out, len(first)) as killed:
+        res = subprocess.run([*cmd, "--skip-existing", "-q"], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
+    assert killed, "no worker was killed: the test did not test anything"
     final = _stamps(out)
     assert len(final) == n and not _tmp_files(out) and all(final[k] == v for k, v in first.items())
+    assert all(_decodes(out / k) for k in final)
 
 
 def test_a_worker_that_cannot_load_its_openvino_model_fails_each_image_in_one_line(
@@ -229,6 +233,30 @@ def _map_workers() -> list[int]:
                 found.append(int(d.name))
                 break
     return found
+
+
+@contextmanager
+def _killing_a_worker(out: Path, already: int) -> Iterator[list[int]]:
+    """While the body runs, SIGKILL one of this test run's Ray workers once ``out`` holds more than ``already``
+    outputs; yields the list of killed PIDs (one, or none if the body ended first)."""
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def killer() -> None:
+        while not stop.is_set() and not killed:
+            pids = _map_workers()
+            if pids and len(_stamps(out)) > already:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        yield killed
+    finally:
+        stop.set()
+        thread.join(5)
 
 
 def _written(folder: Path) -> bool:
@@ -280,25 +308,9 @@ def test_ctrl_c_then_resume_with_a_worker_killed(ray_cluster: str, cli: Callable
     # driver yet: never more lines than files
     assert len([json.loads(line) for line in stdout.splitlines()]) <= len(first)
 
-    killed: list[int] = []
-    stop = threading.Event()
-
-    def killer() -> None:  # once the resumed run writes its first image, SIGKILL one of its workers
-        while not stop.is_set() and not killed:
-            pids = _map_workers()
-            if pids and len(_stamps(out)) > len(first):
-                os.kill(pids[0], signal.SIGKILL)
-                killed.append(pids[0])
-            time.sleep(0.02)
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    try:
+    with _killing_a_worker(out, len(first)) as killed:  # once the resumed run writes its first image
         res = cli("upscale", src, out, "-r", "-q", "--engine", "ray", "--workers", "2", "--skip-existing",
                   "--json", tmp_path / "second.jsonl")
-    finally:
-        stop.set()
-        thread.join(5)
     assert res.exit_code == 0, res.stderr
     assert killed, "no worker was killed: the test did not test anything"
     final = _stamps(out)
