@@ -127,7 +127,8 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress or re
 DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks")]
 KernelsOpt = Annotated[str, typer.Option("--kernels", help="quantized convs: auto (upscale: OpenVINO for shipped EDSR-baseline "
                                         "and CARN models where it serves, else int8 where exact), int8, float (reference), or "
-                                        "openvino (upscale and bitmap: EDSR-baseline or CARN on OpenVINO, no PyTorch)")]
+                                        "openvino (EDSR-baseline or CARN on OpenVINO: upscale and bitmap without PyTorch; eval "
+                                        "of its fp32 and dynamic modes)")]
 FpLayersOpt = Annotated[FpLayers, typer.Option("--fp-layers", help="full-precision upsampling tail: fp32 (default) or bf16 (faster on CPUs with bf16)")]
 BitBiasOpt = Annotated[float, typer.Option("--bit-bias", help="compute dial: > 0 fewer bits, < 0 more, 0 as trained (dynamic mode)")]
 MaxPxOpt = Annotated[int, typer.Option("--max-pixels", help="refuse inputs larger than this many pixels (0: no limit)")]
@@ -163,6 +164,17 @@ def _openvino_serves(model: str | None, weights: Path | None, arch: str | None, 
     return cfg.arch in ARCHS and openvino_available()
 
 
+def _eval_runtime(model: str | None, weights: Path | None, arch: str | None, scale: int, modes: list[str], device: str,
+                  threads: int, fp_layers: str, bit_bias: float, curve: bool) -> dict[str, object]:
+    """``cadyq eval --kernels openvino``: the OpenVINO runtime's model of each mode (what ``cadyq upscale`` runs)."""
+    if any(m not in ("fp32", "dynamic") for m in modes) or curve or bit_bias or arch is not None or device.lower() != "cpu":
+        raise CadyqError("--kernels openvino evaluates --modes fp32 and dynamic of shipped EDSR-baseline and CARN models "
+                         "(or their .safetensors) on the CPU, without --bit-bias or --curve")
+    from .runtime.engine import load_openvino_model
+
+    return {m: load_openvino_model(model, weights, scale, m, threads, fp_layers=FpLayers(fp_layers).value) for m in modes}
+
+
 def _load(model: str | None, weights: Path | None, arch: str | None, scale: int, mode: str, device: str, threads: int,  # noqa: ANN202
           kernels: str = "auto", fp_layers: str = "fp32", bit_bias: float = 0.0, openvino: bool = False,
           target_fab: float | None = None, quiet: bool = False):
@@ -179,7 +191,7 @@ def _load(model: str | None, weights: Path | None, arch: str | None, scale: int,
         kernels = "openvino"
     if kernels == "openvino":  # the torch-free runtime (cadyq_cli.runtime)
         if not openvino:
-            raise CadyqError("--kernels openvino is for `cadyq upscale` and `cadyq bitmap` only")
+            raise CadyqError("--kernels openvino is for `cadyq upscale`, `cadyq bitmap` and `cadyq eval` only")
         if device.lower() != "cpu" or arch is not None or bit_bias or target_fab:
             raise CadyqError("--kernels openvino runs shipped EDSR-baseline and CARN models (or their .safetensors) on the CPU, "
                              "without --bit-bias or --target-fab")
@@ -525,13 +537,17 @@ def eval_cmd(
     try:
         if curve is not None:
             require_matplotlib()  # before a long evaluation, not after it
+        runtime = None
+        if kernels == "openvino" and not bicubic_only:
+            runtime = _eval_runtime(model, weights, arch, scale, mode_list, device, threads, fp_layers, bit_bias, curve_on)
+            kernels = "float"  # the PyTorch model only names the result and digests the weights
         net = None if bicubic_only else _load(model, weights, arch, scale, "fp32", device, threads, kernels, fp_layers, bit_bias)
         with progress:
             task = progress.add_task("eval", total=None)
             res = evaluate(data_dirs, scale, net, mode_list, bicubic, tiling,
                            lambda d, t, label: progress.update(task, completed=d, total=t, description=label),
                            model_name=None if net is None else _model_label(model, weights, scale),
-                           limit=limit, round_y=matlab_y)
+                           limit=limit, round_y=matlab_y, runtime=runtime)
         if json_out is not None:
             text = json.dumps(results_to_json(res), indent=1)
             typer.echo(text) if json_out == "-" else Path(json_out).write_text(text + "\n")

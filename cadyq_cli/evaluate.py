@@ -8,7 +8,9 @@ Protocol (the one of the SR papers and of the official CADyQ test loop, spec §1
 * LR = MATLAB ``imresize(hr, 1/scale, 'bicubic')`` in uint8 (:mod:`cadyq_cli.resize`),
   made once per image and shared by all modes;
 * SR = the model in each quantization mode through :func:`cadyq_cli.engine.upscale_array`
-  (``paper`` tiling by default: the official 96/90 patches), clamped and rounded to uint8;
+  (``paper`` tiling by default: the official 96/90 patches), clamped and rounded to uint8; or, given a
+  ``runtime``, the OpenVINO runtime's model of each mode (``cadyq eval --kernels openvino``: what
+  ``cadyq upscale`` runs by default for shipped EDSR-baseline and CARN models);
 * PSNR and SSIM on Y with a ``scale`` px border ignored (:mod:`cadyq_cli.metrics`);
 * FAB (32 for fp32) and BitOPs per image; a dataset row is the unweighted mean over images.
 
@@ -21,7 +23,7 @@ import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping, Protocol
 
 import numpy as np
 
@@ -44,6 +46,14 @@ __all__ = [
 
 #: ``progress(done, total, label)``: called after each (image, mode) step.
 Progress = Callable[[int, int, str], None]
+
+
+class Upscaler(Protocol):
+    """A model of another runtime in one mode (:class:`cadyq_cli.runtime.engine.OVModel`): how ``evaluate`` runs it."""
+
+    kernels: str
+
+    def upscale_array(self, rgb: np.ndarray, cfg: TilingConfig) -> tuple[np.ndarray | None, object]: ...
 
 
 class EvalInputError(CadyqError):
@@ -160,6 +170,7 @@ def evaluate(
     model_name: str | None = None,
     limit: int = 0,
     round_y: bool = False,
+    runtime: Mapping[str, Upscaler] | None = None,
 ) -> EvalResult:
     """Run the benchmark protocol (module docstring) on each dataset folder.
 
@@ -175,6 +186,8 @@ def evaluate(
         model_name: name recorded in the result (default: the model's architecture).
         limit: evaluate only the first ``limit`` images (sorted by name) of each folder; 0: all.
         round_y: round Y to integers before PSNR/SSIM (MATLAB ``rgb2ycbcr`` on uint8 images).
+        runtime: per mode, the same weights on another runtime that runs that mode instead of ``model``
+            (``model`` still names the result and gives its weights digest); it must hold every mode.
 
     Returns:
         One :class:`DatasetResult` per dataset and mode (bicubic first).
@@ -194,6 +207,8 @@ def evaluate(
         raise EvalInputError(f"the model is x{model.scale}, not x{scale}")
     if not bicubic and not mode_list:
         raise EvalInputError("nothing to evaluate: give a model with modes, or --bicubic")
+    if runtime is not None and set(mode_list) - set(runtime):
+        raise EvalInputError(f"the runtime runs --modes {', '.join(runtime)}, not {', '.join(sorted(set(mode_list) - set(runtime)))}")
     datasets = [(Path(d).name or str(d), list_images(Path(d))[: limit or None]) for d in data_dirs]  # validate all first
 
     cfg = TilingConfig(tiling=tiling)
@@ -201,7 +216,11 @@ def evaluate(
     total = sum(len(files) for _, files in datasets) * len(row_modes)
     done = 0
     name = model_name if model_name is not None else (getattr(model, "arch", None) if model is not None else None)
-    result = EvalResult(scale=scale, model=name, tiling=tiling, kernels=kernels_of(model) if model is not None else "float",
+    if runtime:  # the runtime's quantized kernels (its fp32 model reports "float")
+        kernels = next((runtime[m].kernels for m in mode_list if parse_mode(parsed[m][0]).quantized), "openvino")
+    else:
+        kernels = kernels_of(model) if model is not None else "float"
+    result = EvalResult(scale=scale, model=name, tiling=tiling, kernels=kernels,
                         weights_digest=None if model is None else weights_digest(model))
     previous_mode = getattr(model, "mode", None)
     previous_bias = getattr(model, "bit_bias", 0.0)
@@ -219,6 +238,11 @@ def evaluate(
                     if m == "bicubic":
                         sr = imresize(lr, scale)
                         fab = bitops = None
+                    elif runtime is not None:
+                        out, report = runtime[m].upscale_array(lr.astype(np.float32), cfg)
+                        sr = _to_uint8(out)
+                        fab = 32.0 if not parse_mode(parsed[m][0]).quantized else float(report.fab)
+                        bitops = float(report.bitops)
                     else:
                         assert model is not None
                         base, bias = parsed[m]

@@ -523,6 +523,38 @@ def test_default_upscale_runs_on_openvino_where_it_serves(tmp_path: Path, extra:
     assert Image.open(dst).size == (64, 48)
 
 
+@pytest.mark.parametrize(("model", "scale"), [("edsr-baseline", 2), ("carn", 3)])
+def test_eval_on_the_runtime_scores_what_upscale_writes(tmp_path: Path, model: str, scale: int) -> None:
+    """``cadyq eval --kernels openvino`` runs each mode on the runtime ``cadyq upscale`` uses: the same bits (FAB and
+    BitOPs per image) as the PyTorch engine's eval, PSNR within hundredths of a dB, the same weights digest;
+    what the runtime cannot run is one line."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cadyq_cli.cli import app
+
+    data = tmp_path / "set"
+    data.mkdir()
+    for i in range(2):
+        Image.fromarray(_image(96 + 12 * i, 120, seed=i).astype(np.uint8)).save(data / f"im{i}.png")
+    runner = CliRunner()
+    common = ["eval", str(data), "--model", model, "--scale", str(scale), "--modes", "fp32,dynamic", "--json", "-", "-q"]
+    ov = runner.invoke(app, [*common, "--kernels", "openvino"])
+    pt = runner.invoke(app, common)
+    assert ov.exit_code == 0 and pt.exit_code == 0, (ov.output, pt.output)
+    a, b = json.loads(ov.stdout), json.loads(pt.stdout)
+    assert a["kernels"] == ("openvino" if cpu_has_int8_dot() else "openvino-float") and b["kernels"] != a["kernels"]
+    assert a["weights_digest"] == b["weights_digest"] and a["model"] == b["model"]
+    for ra, rb in zip(a["results"], b["results"], strict=True):
+        assert (ra["dataset"], ra["mode"]) == (rb["dataset"], rb["mode"])
+        for ia, ib in zip(ra["images"], rb["images"], strict=True):
+            assert ia["fab"] == ib["fab"] and ia["bitops_g"] == pytest.approx(ib["bitops_g"])
+            assert abs(ia["psnr"] - ib["psnr"]) < 0.05, (ra["mode"], ia, ib)  # ~47 dB images: 0.05 dB is ~1 % of the MSE
+    for extra in (["--modes", "w8a8"], ["--bit-bias", "1"], ["--curve", str(tmp_path / "c.png")]):
+        res = runner.invoke(app, [*common, "--kernels", "openvino", *extra])
+        assert res.exit_code != 0 and "--kernels openvino evaluates" in res.output and "Traceback" not in res.output
+
+
 @pytest.mark.parametrize("model", ["edsr-baseline", "carn"])
 def test_bf16_tail_keeps_bits_and_stays_close(model: str) -> None:
     img = _image(80, 112, seed=3)
