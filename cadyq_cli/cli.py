@@ -22,6 +22,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import CadyqError, ImageReadError, ImageWriteError
+from .loading import model_label
 from .tiling import PAPER_OVERLAP, PAPER_PATCH
 
 
@@ -142,85 +143,20 @@ def _png_kw(png_level: int | None) -> dict[str, int]:
     return {} if png_level is None else {"png_level": png_level}
 
 
-def _openvino_serves(model: str | None, weights: Path | None, arch: str | None, scale: int, mode: str, device: str,
-                     fp_layers: str, bit_bias: float, target_fab: float | None) -> bool:
-    """Whether ``--kernels auto`` runs this upscale on the OpenVINO runtime: a shipped EDSR-baseline or CARN model in
-    dynamic or fp32 mode on the CPU, with none of the options only the PyTorch engine has, and openvino
-    installed; its quantized convs are exact int8 where the CPU has an int8 dot product, else the float
-    reference's arithmetic. ``CADYQ_KERNELS=torch`` opts out."""
-    if os.environ.get("CADYQ_KERNELS", "").lower() == "torch":
-        return False
-    if weights is not None or arch is not None or device.lower() != "cpu" or mode not in ("dynamic", "fp32"):
-        return False
-    if bit_bias or target_fab is not None:
-        return False
-    from .runtime.engine import ARCHS, openvino_available
-    from .weights import DEFAULT_MODEL, resolve_weights
-
-    try:
-        cfg = resolve_weights(model or DEFAULT_MODEL, scale)
-    except CadyqError:
-        return False  # the PyTorch loader says what is wrong
-    return cfg.arch in ARCHS and openvino_available()
-
-
-def _eval_runtime(model: str | None, weights: Path | None, arch: str | None, scale: int, modes: list[str], device: str,
-                  threads: int, fp_layers: str, bit_bias: float, curve: bool) -> dict[str, object]:
-    """``cadyq eval --kernels openvino``: the OpenVINO runtime's model of each mode (what ``cadyq upscale`` runs)."""
-    if any(m not in ("fp32", "dynamic") for m in modes) or curve or bit_bias or arch is not None or device.lower() != "cpu":
-        raise CadyqError("--kernels openvino evaluates --modes fp32 and dynamic of shipped EDSR-baseline and CARN models "
-                         "(or their .safetensors) on the CPU, without --bit-bias or --curve")
-    from .runtime.engine import load_openvino_model
-
-    return {m: load_openvino_model(model, weights, scale, m, threads, fp_layers=FpLayers(fp_layers).value) for m in modes}
-
-
 def _load(model: str | None, weights: Path | None, arch: str | None, scale: int, mode: str, device: str, threads: int,  # noqa: ANN202
           kernels: str = "auto", fp_layers: str = "fp32", bit_bias: float = 0.0, openvino: bool = False,
           target_fab: float | None = None, quiet: bool = False):
-    if weights is not None and model is not None:
-        raise CadyqError("give --model or --weights, not both")
+    """:func:`cadyq_cli.loading.load_net`, after warning where ``--fp-layers bf16`` is emulated."""
+    from .loading import load_net
+
     if FpLayers(fp_layers) == FpLayers.bf16 and device.lower() == "cpu" and not quiet:
         from .devices import cpu_has_bf16
 
         if not cpu_has_bf16():
             err.print("[yellow]warning:[/yellow] this CPU has no native bf16: --fp-layers bf16 is emulated here (no faster "
                       "than fp32; much slower on the PyTorch engine)", soft_wrap=True)
-    if kernels == "auto" and openvino and _openvino_serves(model, weights, arch, scale, mode, device, fp_layers, bit_bias,
-                                                           target_fab):
-        kernels = "openvino"
-    if kernels == "openvino":  # the torch-free runtime (cadyq_cli.runtime)
-        if not openvino:
-            raise CadyqError("--kernels openvino is for `cadyq upscale`, `cadyq bitmap` and `cadyq eval` only")
-        if device.lower() != "cpu" or arch is not None or bit_bias or target_fab:
-            raise CadyqError("--kernels openvino runs shipped EDSR-baseline and CARN models (or their .safetensors) on the CPU, "
-                             "without --bit-bias or --target-fab")
-        from .runtime.engine import load_openvino_model
-
-        return load_openvino_model(model, weights, scale, mode, threads, fp_layers=FpLayers(fp_layers).value)
-    import torch
-
-    from .weights import load_model
-
-    if threads:
-        torch.set_num_threads(threads)
-    if weights is None and arch is not None:
-        raise CadyqError("--arch goes with --weights")
-    if bit_bias and mode != "dynamic" and mode != "fp32":
-        raise CadyqError(f"--bit-bias moves the dynamic mode's choices; --mode {mode} has fixed bits")
-    net = load_model(model=model, weights=weights, arch=arch, scale=scale, mode=mode, device=device, kernels=kernels,
-                     fp_layers=FpLayers(fp_layers).value)
-    try:
-        net.set_bit_bias(bit_bias)
-    except ValueError as e:
-        raise CadyqError(f"--bit-bias: {e}") from None
-    return net
-
-
-def _model_label(model: str | None, weights: Path | None, scale: int) -> str:
-    if weights is not None:
-        return str(weights)
-    return f"{model or 'edsr-baseline'}-x{scale}" if model is None or not model.endswith(f"-x{scale}") else model
+    return load_net(model, weights, arch, scale, mode, device, threads, kernels, FpLayers(fp_layers).value, bit_bias,
+                    openvino, target_fab)
 
 
 def _print_report(rec: dict, fab_map: list[list[float]]) -> None:
@@ -363,7 +299,7 @@ def upscale(
     from .batch import Interrupted, stop_on_signals, upscale_jobs
     from .report import failure_record, json_record
 
-    label = _model_label(model, weights, scale)
+    label = model_label(model, weights, scale)
     failures: list[tuple[Path, str]] = []
     done = skipped = 0
     code = 0
@@ -539,14 +475,17 @@ def eval_cmd(
             require_matplotlib()  # before a long evaluation, not after it
         runtime = None
         if kernels == "openvino" and not bicubic_only:
-            runtime = _eval_runtime(model, weights, arch, scale, mode_list, device, threads, fp_layers, bit_bias, curve_on)
+            from .loading import openvino_eval_models
+
+            runtime = openvino_eval_models(model, weights, arch, scale, mode_list, device, threads, fp_layers, bit_bias,
+                                           curve_on)
             kernels = "float"  # the PyTorch model only names the result and digests the weights
         net = None if bicubic_only else _load(model, weights, arch, scale, "fp32", device, threads, kernels, fp_layers, bit_bias)
         with progress:
             task = progress.add_task("eval", total=None)
             res = evaluate(data_dirs, scale, net, mode_list, bicubic, tiling,
                            lambda d, t, label: progress.update(task, completed=d, total=t, description=label),
-                           model_name=None if net is None else _model_label(model, weights, scale),
+                           model_name=None if net is None else model_label(model, weights, scale),
                            limit=limit, round_y=matlab_y, runtime=runtime)
         if json_out is not None:
             text = json.dumps(results_to_json(res), indent=1)
