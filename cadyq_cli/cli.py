@@ -128,8 +128,8 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress or re
 DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks")]
 KernelsOpt = Annotated[str, typer.Option("--kernels", help="quantized convs: auto (upscale: OpenVINO for shipped EDSR-baseline "
                                         "and CARN models where it serves, else int8 where exact), int8, float (reference), or "
-                                        "openvino (EDSR-baseline or CARN on OpenVINO: upscale and bitmap without PyTorch; eval "
-                                        "of its fp32 and dynamic modes)")]
+                                        "openvino (EDSR-baseline or CARN on OpenVINO: upscale and bitmap without PyTorch; eval: "
+                                        "fp32 and dynamic modes only)")]
 FpLayersOpt = Annotated[FpLayers, typer.Option("--fp-layers", help="full-precision upsampling tail: fp32 (default) or bf16 (faster on CPUs with bf16)")]
 BitBiasOpt = Annotated[float, typer.Option("--bit-bias", help="compute dial: > 0 fewer bits, < 0 more, 0 as trained (dynamic mode)")]
 MaxPxOpt = Annotated[int, typer.Option("--max-pixels", help="refuse inputs larger than this many pixels (0: no limit)")]
@@ -439,7 +439,7 @@ def models(
 def eval_cmd(
     data_dirs: Annotated[list[Path], typer.Argument(help="dataset folders of HR images (e.g. Set5 B100)")],
     scale: ScaleOpt = 4, model: ModelOpt = None, weights: WeightsOpt = None, arch: ArchOpt = None,
-    modes: Annotated[Optional[str], typer.Option("--modes", help="comma list of fp32,w8a8,w8a6,w8a4,dynamic (default fp32,w8a8,dynamic)")] = None,
+    modes: Annotated[Optional[str], typer.Option("--modes", help="comma list of fp32,w8a8,w8a6,w8a4,dynamic (default fp32,w8a8,dynamic; --kernels openvino: fp32,dynamic)")] = None,
     bicubic: Annotated[bool, typer.Option("--bicubic", help="also score MATLAB bicubic (alone when neither a model nor --modes is given)")] = False,
     tiling: Annotated[str, typer.Option("--tiling", help="paper (official 96/90 patches), seamless or whole")] = "paper",
     json_out: Annotated[Optional[str], typer.Option("--json", help="write the results as JSON to PATH, or - for stdout")] = None,
@@ -457,7 +457,8 @@ def eval_cmd(
     from .curve import DEFAULT_BIASES, curve_modes, curve_rows, plot_curve, require_matplotlib, write_curve_csv
     from .evaluate import evaluate, results_to_json, write_csv
 
-    mode_list = [m.strip() for m in (modes or "fp32,w8a8,dynamic").split(",") if m.strip()]
+    default_modes = "fp32,dynamic" if kernels == "openvino" else "fp32,w8a8,dynamic"  # the runtime's modes
+    mode_list = [m.strip() for m in (modes or default_modes).split(",") if m.strip()]
     curve_on = curve is not None or curve_csv is not None
     if curve_on:
         try:

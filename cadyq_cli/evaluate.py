@@ -9,8 +9,8 @@ Protocol (the one of the SR papers and of the official CADyQ test loop, spec §1
   made once per image and shared by all modes;
 * SR = the model in each quantization mode through :func:`cadyq_cli.engine.upscale_array`
   (``paper`` tiling by default: the official 96/90 patches), clamped and rounded to uint8; or, given a
-  ``runtime``, the OpenVINO runtime's model of each mode (``cadyq eval --kernels openvino``: what
-  ``cadyq upscale`` runs by default for shipped EDSR-baseline and CARN models);
+  ``runtime``, the OpenVINO runtime's model of each mode (``cadyq eval --kernels openvino``: the runtime
+  ``cadyq upscale`` uses by default for shipped EDSR-baseline and CARN models);
 * PSNR and SSIM on Y with a ``scale`` px border ignored (:mod:`cadyq_cli.metrics`);
 * FAB (32 for fp32) and BitOPs per image; a dataset row is the unweighted mean over images.
 
@@ -36,10 +36,11 @@ from .models._base import SRModel
 from .quant.intconv import kernels_of
 from .quant.modes import MODES, parse_mode
 from .quant.modules import set_quant_mode
+from .report import ImageReport
 from .resize import imresize
 
 __all__ = [
-    "EvalInputError", "ImageResult", "DatasetResult", "EvalResult",
+    "EvalInputError", "ImageResult", "DatasetResult", "EvalResult", "Upscaler",
     "list_images", "evaluate", "results_to_json", "write_csv", "split_mode",
 ]
 
@@ -49,11 +50,12 @@ Progress = Callable[[int, int, str], None]
 
 
 class Upscaler(Protocol):
-    """A model of another runtime in one mode (:class:`cadyq_cli.runtime.engine.OVModel`): how ``evaluate`` runs it."""
+    """A model of another runtime in one mode (:class:`cadyq_cli.runtime.engine.OVModel`): how ``evaluate`` runs it.
+    ``quant_kernels``: how that runtime runs quantized convs (the result's ``kernels``, whatever the mode)."""
 
-    kernels: str
+    quant_kernels: str
 
-    def upscale_array(self, rgb: np.ndarray, cfg: TilingConfig) -> tuple[np.ndarray | None, object]: ...
+    def upscale_array(self, rgb: np.ndarray, cfg: TilingConfig) -> tuple[np.ndarray | None, ImageReport]: ...
 
 
 class EvalInputError(CadyqError):
@@ -216,8 +218,8 @@ def evaluate(
     total = sum(len(files) for _, files in datasets) * len(row_modes)
     done = 0
     name = model_name if model_name is not None else (getattr(model, "arch", None) if model is not None else None)
-    if runtime:  # the runtime's quantized kernels (its fp32 model reports "float")
-        kernels = next((runtime[m].kernels for m in mode_list if parse_mode(parsed[m][0]).quantized), "openvino")
+    if runtime and mode_list:
+        kernels = runtime[mode_list[0]].quant_kernels
     else:
         kernels = kernels_of(model) if model is not None else "float"
     result = EvalResult(scale=scale, model=name, tiling=tiling, kernels=kernels,
@@ -238,17 +240,16 @@ def evaluate(
                     if m == "bicubic":
                         sr = imresize(lr, scale)
                         fab = bitops = None
-                    elif runtime is not None:
-                        out, report = runtime[m].upscale_array(lr.astype(np.float32), cfg)
-                        sr = _to_uint8(out)
-                        fab = 32.0 if not parse_mode(parsed[m][0]).quantized else float(report.fab)
-                        bitops = float(report.bitops)
                     else:
-                        assert model is not None
                         base, bias = parsed[m]
-                        set_quant_mode(model, base)
-                        model.set_bit_bias(previous_bias if bias is None else bias)
-                        out, report = upscale_array(model, lr.astype(np.float32), cfg)
+                        if runtime is not None:
+                            out, report = runtime[m].upscale_array(lr.astype(np.float32), cfg)
+                        else:
+                            assert model is not None
+                            set_quant_mode(model, base)
+                            model.set_bit_bias(previous_bias if bias is None else bias)
+                            out, report = upscale_array(model, lr.astype(np.float32), cfg)
+                        assert out is not None
                         sr = _to_uint8(out)
                         fab = 32.0 if not parse_mode(base).quantized else float(report.fab)
                         bitops = float(report.bitops)

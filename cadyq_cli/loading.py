@@ -13,14 +13,10 @@ from .errors import CadyqError
 
 __all__ = ["openvino_serves", "load_net", "openvino_eval_models", "model_label"]
 
-FP_LAYERS = ("fp32", "bf16")
-
 
 def _fp_layers(fp_layers: str) -> str:
-    value = str(getattr(fp_layers, "value", fp_layers))
-    if value not in FP_LAYERS:
-        raise CadyqError(f"--fp-layers takes {' or '.join(FP_LAYERS)}, not {value}")
-    return value
+    """The value of ``--fp-layers`` (an enum member or its string; the loaders check it)."""
+    return str(getattr(fp_layers, "value", fp_layers))
 
 
 def openvino_serves(model: str | None, weights: Path | None, arch: str | None, scale: int, mode: str, device: str,
@@ -90,17 +86,27 @@ def load_net(model: str | None, weights: Path | None, arch: str | None, scale: i
 
 def openvino_eval_models(model: str | None, weights: Path | None, arch: str | None, scale: int, modes: list[str],
                          device: str, threads: int, fp_layers: str, bit_bias: float, curve: bool) -> dict[str, Any]:
-    """``cadyq eval --kernels openvino``: the OpenVINO runtime's model of each mode (what ``cadyq upscale`` runs).
+    """``cadyq eval --kernels openvino``: the OpenVINO runtime's model of each mode (the runtime ``cadyq upscale``
+    uses), all on one read of the weights.
 
     Raises:
         CadyqError: a mode, option or model the runtime does not run.
     """
+    if weights is not None and model is not None:
+        raise CadyqError("give --model or --weights, not both")
     if any(m not in ("fp32", "dynamic") for m in modes) or curve or bit_bias or arch is not None or device.lower() != "cpu":
         raise CadyqError("--kernels openvino evaluates --modes fp32 and dynamic of shipped EDSR-baseline and CARN models "
-                         "(or their .safetensors) on the CPU, without --bit-bias or --curve")
-    from .runtime.engine import load_openvino_model
+                         "(or their .safetensors, without --arch) on the CPU, without --bit-bias or --curve")
+    from .runtime.engine import OVModel, load_openvino_model
 
-    return {m: load_openvino_model(model, weights, scale, m, threads, fp_layers=_fp_layers(fp_layers)) for m in modes}
+    if not modes:
+        return {}
+    first, *rest = dict.fromkeys(modes)
+    fp = _fp_layers(fp_layers)
+    models = {first: load_openvino_model(model, weights, scale, first, threads, fp_layers=fp)}
+    for m in rest:
+        models[m] = OVModel(models[first].wts, m, threads, fp_layers=fp)
+    return models
 
 
 def model_label(model: str | None, weights: Path | None, scale: int) -> str:

@@ -36,7 +36,7 @@ CHECKS = [
     "test_images_of_new_sizes_compile_no_graph",
     "test_free_size_and_one_geometry_graphs_give_the_same_bytes",
     "test_default_upscale_runs_on_openvino_where_it_serves",
-    "test_eval_on_the_runtime_scores_what_upscale_writes",
+    "test_eval_on_the_runtime_scores_the_runtime_upscale_uses",
     "test_bf16_tail_keeps_bits_and_stays_close",
     "test_tail_in_strips_equals_the_tail_in_one_piece",
     "test_a_big_image_keeps_few_graphs_alive",

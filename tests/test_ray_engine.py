@@ -182,12 +182,16 @@ def test_ctrl_c_with_openvino_workers_then_resume(ray_cluster: str, pattern: Cal
     first = _stamps(out)
     assert 0 < len(first) < n and not _tmp_files(out)
     with _killing_a_worker(out, len(first)) as killed:
-        res = subprocess.run([*cmd, "--skip-existing", "-q"], capture_output=True, text=True, env=env, timeout=300)
+        res = subprocess.run([*cmd, "--skip-existing", "-q", "--json", str(tmp_path / "second.jsonl")],
+                             capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
     assert killed, "no worker was killed: the test did not test anything"
     final = _stamps(out)
     assert len(final) == n and not _tmp_files(out) and all(final[k] == v for k, v in first.items())
     assert all(_decodes(out / k) for k in final)
+    second = _lines(tmp_path / "second.jsonl")  # the resumed run reported each of the others once, no error
+    assert not any("error" in r for r in second)
+    assert sorted(Path(r["output"]).relative_to(out).as_posix() for r in second) == sorted(k for k in final if k not in first)
 
 
 def test_a_worker_that_cannot_load_its_openvino_model_fails_each_image_in_one_line(
@@ -238,15 +242,18 @@ def _map_workers() -> list[int]:
 @contextmanager
 def _killing_a_worker(out: Path, already: int) -> Iterator[list[int]]:
     """While the body runs, SIGKILL one of this test run's Ray workers once ``out`` holds more than ``already``
-    outputs; yields the list of killed PIDs (one, or none if the body ended first)."""
+    finished outputs; yields the list of killed PIDs (one, or none if the body ended first)."""
     killed: list[int] = []
     stop = threading.Event()
 
     def killer() -> None:
         while not stop.is_set() and not killed:
             pids = _map_workers()
-            if pids and len(_stamps(out)) > already:
-                os.kill(pids[0], signal.SIGKILL)
+            if pids and len(_stamps(out)) - len(_tmp_files(out)) > already:
+                try:
+                    os.kill(pids[0], signal.SIGKILL)
+                except ProcessLookupError:  # it ended on its own: try the next one
+                    continue
                 killed.append(pids[0])
             time.sleep(0.02)
 

@@ -97,6 +97,8 @@ class OVModel:
         self.int8 = cpu_has_int8_dot() if int8 is None else int8
         #: the report's ``kernels``: int8 codes on OpenVINO, or the reference's float arithmetic on OpenVINO
         self.kernels = "float" if mode == "fp32" else "openvino" if self.int8 else "openvino-float"
+        #: how this runtime runs quantized convs, whatever the mode (its fp32 graph has none: ``kernels`` is "float")
+        self.quant_kernels = "openvino" if self.int8 else "openvino-float"
         self.scale, self.arch, self.receptive_radius = wts.scale, wts.arch, wts.receptive_radius
         self.n_selectors = wts.n_selectors if mode == "dynamic" else 0
         self.core = ov.Core()
@@ -123,7 +125,7 @@ class OVModel:
         # one multi-scale file (CARN): graphs without the tail serve every scale, so they are cached once
         at = "any" if self.wts.multi_scale and kind.split("-")[0] in ("body", "staticbits") else f"x{self.scale}"
         key = f"{self.wts.describe()}|{at}|{what}|{self.version}|{sorted(self.config.items())}"
-        return folder / f"{self.wts.cache_name}-{at}-{what}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.blob"
+        return folder / f"{self.wts.cache_name or self.arch}-{at}-{what}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.blob"
 
     def _build(self, kind: str) -> object:
         if kind == "tail":
