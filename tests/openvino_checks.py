@@ -111,7 +111,8 @@ def _scene(h: int, w: int) -> np.ndarray:
 ])
 def test_bits_equal_the_float_reference_and_output_as_close_as_int8(scale: int, cfg: TilingConfig,
                                                                    size: tuple[int, int]) -> None:
-    img = _image(*size, seed=scale) if scale != 4 else _scene(*size)
+    # one tile of 2 x 2 regions: the scene's content (on smooth noise the x2 model picks alike in all four)
+    img = _scene(*size) if size == (100, 130) else _image(*size, seed=scale)
     ref_net = load_model(scale=scale, kernels="float")
     ref, rep_ref = upscale_array(ref_net, img, cfg)
     assert _mixed(rep_ref)  # the boundaries between regions of different bits are exercised
