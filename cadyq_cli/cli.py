@@ -478,8 +478,8 @@ def eval_cmd(
         if kernels == "openvino" and not bicubic_only:
             from .loading import openvino_eval_models
 
-            runtime = openvino_eval_models(model, weights, arch, scale, mode_list, device, threads, fp_layers, bit_bias,
-                                           curve_on)
+            runtime = openvino_eval_models(model, weights, arch, scale, mode_list, device, threads,
+                                           FpLayers(fp_layers).value, bit_bias, curve_on)
             kernels = "float"  # the PyTorch model only names the result and digests the weights
         net = None if bicubic_only else _load(model, weights, arch, scale, "fp32", device, threads, kernels, fp_layers, bit_bias)
         with progress:

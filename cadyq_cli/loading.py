@@ -14,11 +14,6 @@ from .errors import CadyqError
 __all__ = ["openvino_serves", "load_net", "openvino_eval_models", "model_label"]
 
 
-def _fp_layers(fp_layers: str) -> str:
-    """The value of ``--fp-layers`` (an enum member or its string; the loaders check it)."""
-    return str(getattr(fp_layers, "value", fp_layers))
-
-
 def openvino_serves(model: str | None, weights: Path | None, arch: str | None, scale: int, mode: str, device: str,
                     bit_bias: float = 0.0, target_fab: float | None = None) -> bool:
     """Whether ``--kernels auto`` runs this request on the OpenVINO runtime: a shipped EDSR-baseline or CARN model in
@@ -53,7 +48,6 @@ def load_net(model: str | None, weights: Path | None, arch: str | None, scale: i
     """
     if weights is not None and model is not None:
         raise CadyqError("give --model or --weights, not both")
-    fp = _fp_layers(fp_layers)
     if kernels == "auto" and openvino and openvino_serves(model, weights, arch, scale, mode, device, bit_bias, target_fab):
         kernels = "openvino"
     if kernels == "openvino":
@@ -64,7 +58,7 @@ def load_net(model: str | None, weights: Path | None, arch: str | None, scale: i
                              "without --bit-bias or --target-fab")
         from .runtime.engine import load_openvino_model
 
-        return load_openvino_model(model, weights, scale, mode, threads, fp_layers=fp)
+        return load_openvino_model(model, weights, scale, mode, threads, fp_layers=fp_layers)
     import torch
 
     from .weights import load_model
@@ -76,7 +70,7 @@ def load_net(model: str | None, weights: Path | None, arch: str | None, scale: i
     if bit_bias and mode != "dynamic" and mode != "fp32":
         raise CadyqError(f"--bit-bias moves the dynamic mode's choices; --mode {mode} has fixed bits")
     net = load_model(model=model, weights=weights, arch=arch, scale=scale, mode=mode, device=device, kernels=kernels,
-                     fp_layers=fp)
+                     fp_layers=fp_layers)
     try:
         net.set_bit_bias(bit_bias)
     except ValueError as e:
@@ -102,10 +96,9 @@ def openvino_eval_models(model: str | None, weights: Path | None, arch: str | No
     if not modes:
         return {}
     first, *rest = dict.fromkeys(modes)
-    fp = _fp_layers(fp_layers)
-    models = {first: load_openvino_model(model, weights, scale, first, threads, fp_layers=fp)}
+    models = {first: load_openvino_model(model, weights, scale, first, threads, fp_layers=fp_layers)}
     for m in rest:
-        models[m] = OVModel(models[first].wts, m, threads, fp_layers=fp)
+        models[m] = OVModel(models[first].wts, m, threads, fp_layers=fp_layers)
     return models
 
 

@@ -95,10 +95,11 @@ class OVModel:
             raise CadyqError(f"--fp-layers takes {' or '.join(FP_LAYERS)}, not {fp_layers}")
         self.wts, self.mode, self.cache, self.fp_layers = wts, mode, cache, fp_layers
         self.int8 = cpu_has_int8_dot() if int8 is None else int8
-        #: the report's ``kernels``: int8 codes on OpenVINO, or the reference's float arithmetic on OpenVINO
-        self.kernels = "float" if mode == "fp32" else "openvino" if self.int8 else "openvino-float"
-        #: how this runtime runs quantized convs, whatever the mode (its fp32 graph has none: ``kernels`` is "float")
+        #: how this runtime runs quantized convs, whatever the mode: int8 codes on OpenVINO, or the reference's float
+        #: arithmetic on OpenVINO
         self.quant_kernels = "openvino" if self.int8 else "openvino-float"
+        #: the report's ``kernels`` (the fp32 graph has no quantized conv: "float")
+        self.kernels = "float" if mode == "fp32" else self.quant_kernels
         self.scale, self.arch, self.receptive_radius = wts.scale, wts.arch, wts.receptive_radius
         self.n_selectors = wts.n_selectors if mode == "dynamic" else 0
         self.core = ov.Core()

@@ -38,7 +38,6 @@ class CarnWeights(NetWeights):
     """A multi-scale CARN CADyQ file at one of its scales (``scale``: the tail the graphs use; :class:`NetWeights`)."""
 
     arch: ClassVar[str] = "carn"
-    cache_name: ClassVar[str] = "carn"
     receptive_radius: ClassVar[int] = 24  # as :attr:`cadyq_cli.models.carn.CARN.receptive_radius`
     multi_scale: ClassVar[bool] = True
     graph_version: ClassVar[int] = 2  # bump whenever this module's graph code changes

@@ -136,7 +136,7 @@ class NetWeights:
     n_feats: int = field(init=False, default=0)
     n_selectors: int = field(init=False, default=0)
     arch: ClassVar[str] = ""
-    #: the first word of the network's compiled-graph cache files (default: ``arch``)
+    #: the first word of the network's compiled-graph cache files where it is not ``arch``
     cache_name: ClassVar[str] = ""
     receptive_radius: ClassVar[int] = 0
     multi_scale: ClassVar[bool] = False
