@@ -233,6 +233,7 @@ def test_starting_from_the_backbone_file_gives_the_same_export(root: Path, whole
     from cadyq_cli.train.state import load_state
 
     entry = export_backbone(run_dir / "fp" / "last.pt", "tiny-fp", tmp_path)
+    assert entry["arch"] == "edsr_baseline"  # the registered name, whatever alias trained it
     bb = tmp_path / entry["file"]
     a, b = load_state(run_dir / "fp" / "last.pt")["model"], load_state(bb)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)

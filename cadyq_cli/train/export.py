@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..checkpoint import STORAGE_DTYPES, load_model_file, save_state_dict, save_weights, stored_state_dict, weights_digest
 from ..models._base import SRModel
+from ..models._registry import get_arch
 from ..weights import file_sha256
 from .config import trained_scales
 from .state import load_state
@@ -189,9 +190,10 @@ def export_backbone(ckpt: Path, name: str, weights_dir: Path) -> dict:
     out = weights_dir / "backbones" / f"{name}.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
     run = Path(cfg["run_dir"]).name
-    save_state_dict(st["model"], out, {"name": name, "arch": cfg["arch"], "scale": str(cfg["scale"]), "stage": "fp",
+    arch = get_arch(cfg["arch"]).arch  # the registered name, not the command line's alias ("edsr")
+    save_state_dict(st["model"], out, {"name": name, "arch": arch, "scale": str(cfg["scale"]), "stage": "fp",
                                        "source": f"{run} step {int(st['step'])}"})
-    entry = {"name": name, "file": f"backbones/{out.name}", "arch": cfg["arch"], "scale": cfg["scale"],
+    entry = {"name": name, "file": f"backbones/{out.name}", "arch": arch, "scale": cfg["scale"],
              "sha256": file_sha256(out), **_stage_info(Path(ckpt).parent), "run": run}
     manifest_path = weights_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"models": []}
