@@ -179,6 +179,8 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], arch: str | None = None, 
     if getattr(module, "is_pams_state_dict", lambda s: False)(sd):
         sd = module.pams_to_cadyq(sd)
     model: SRModel = create_model(arch, scale)  # type: ignore[assignment]
+    if any(k.endswith(".act_shift") for k in sd):  # trained with --act-shift: its selectors shift their input
+        model.enable_act_shift()
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]

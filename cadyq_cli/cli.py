@@ -549,6 +549,8 @@ def train(
     clip_init: Annotated[str, typer.Option(help="cadyq: 4/6-bit clips: mse (calibrated) or copy (official)")] = "mse",
     act_grid: Annotated[Optional[str], typer.Option(help="pams/cadyq: activation grid: signed (official) or relu-unsigned (ReLU outputs on the unsigned grid); default: --init's")] = None,
     skip: Annotated[Optional[str], typer.Option(help="pams/cadyq: residual skip: official (adds the quantized block input) or fp (EDSR: the unquantized one); default: --init's")] = None,
+    act_shift: Annotated[Optional[bool], typer.Option("--act-shift/--no-act-shift", help="pams/cadyq: learn a per-channel shift of each selector's input before it is quantized (QuantSR's redistribution); default: --init's")] = None,
+    shift_lr: Annotated[float, typer.Option(help="pams/cadyq: learning rate of the input shifts (--act-shift)")] = 1e-2,
 ) -> None:
     """Train one stage (fp → pams → cadyq), or a whole --recipe; resumable, stops at the time budget."""
     from .devices import parse_device
@@ -588,7 +590,8 @@ def train(
         init=str(init) if init else None, teacher=str(teacher) if teacher else None, minutes=minutes,
         steps=steps, stop_at=stop_at, batch=batch, lr=lr, lr_patch=lr_patch, seed=seed, bf16=use_bf16, threads=threads, device=device,
         val_every=val_every, keep_val=keep_val, bit_weight_max=bit_weight, bit_ramp_steps=bit_ramp, selector_lr=selector_lr,
-        selector_norm=selector_norm, clip_init=clip_init, act_grid=act_grid, skip=skip, ema=ema,
+        selector_norm=selector_norm, clip_init=clip_init, act_grid=act_grid, skip=skip, act_shift=act_shift,
+        shift_lr=shift_lr, ema=ema,
         wip=str(wip) if wip else None,
         wip_lean=wip_lean,
     )

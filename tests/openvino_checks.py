@@ -241,6 +241,36 @@ def test_carn_on_the_signed_grid_equals_the_pytorch_model(tmp_path: Path) -> Non
     assert not np.array_equal(unsigned, sr)  # the grid changes the codes: the test sees the signed path
 
 
+def test_learned_input_shifts_run_as_the_pytorch_model_runs_them(tmp_path: Path) -> None:
+    """Weights trained with --act-shift (here: the shipped x2 with random shifts): the graphs add each selector's
+    shift before quantizing (and in FP32), after the statistics, as the PyTorch model does."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    path = resolve_weights("edsr-baseline", 2).path
+    with safe_open(str(path), "np") as f:
+        meta = f.metadata()
+    sd = load_file(str(path))
+    rng = np.random.default_rng(4)
+    for k in [k for k in sd if k.endswith("net_small.0.weight")]:
+        sd[k.replace("net_small.0.weight", "act_shift")] = (rng.standard_normal(64) * 2.0).astype(np.float32)
+    shifted = tmp_path / "shifted.safetensors"
+    save_file(sd, str(shifted), meta)
+    x, cfg = _scene(100, 130), TilingConfig()  # one tile of 2 x 2 regions that choose differently
+    ref, rep_ref = upscale_array(load_model(weights=shifted, scale=2, kernels="float"), x, cfg)
+    assert _mixed(rep_ref)
+    for int8 in (False, True) if cpu_has_int8_dot() else (False,):
+        sr, rep = load_openvino_model(weights=shifted, scale=2, int8=int8, cache=False).upscale_array(x, cfg)
+        _same_report(rep, rep_ref)
+        err = np.abs(sr - ref)
+        assert err.mean() < 0.35 and err.max() < 12.0, (int8, err.mean(), err.max())
+    plain, _ = load_openvino_model(weights=path, scale=2, cache=False).upscale_array(x, cfg)
+    assert np.abs(plain - sr).mean() > 0.1  # the shifts change the output: the test sees them applied
+    a, _ = load_openvino_model(weights=shifted, scale=2, mode="fp32", cache=False).upscale_array(x, TilingConfig())
+    b, _ = upscale_array(load_model(weights=shifted, scale=2, mode="fp32", kernels="float"), x, TilingConfig())
+    assert np.abs(a - b).max() < 2e-3
+
+
 def test_outputs_are_deterministic_across_runs_and_thread_counts() -> None:
     img = _image(*SMALL[1], seed=3)
     outs = [load_openvino_model(scale=2, threads=n).upscale_array(img, SMALL[0]) for n in (1, 2, 1)]

@@ -259,6 +259,7 @@ def test_starting_from_the_backbone_file_gives_the_same_export(root: Path, whole
     (lambda t: t.replace('arch = "edsr_baseline"', 'arch = "edsr_basline"'), "unknown architecture 'edsr_basline'"),
     (lambda t: t.replace('run = "fp"\nstage = "fp"', 'run = "fp"'), "missing 'stage'"),
     (lambda t: t.replace("steps = 6\nlr = 1e-3", "steps = 6\nlr = 1e-3\nema = 1.0"), "ema = 1.0 must be a decay in [0, 1)"),
+    (lambda t: t.replace("steps = 6\nlr = 1e-3", "steps = 6\nlr = 1e-3\nact_shift = 1"), "act_shift = 1 must be bool"),
     (lambda t: t.replace("steps = 6\nlr = 1e-3", 'steps = 6\nlr = 1e-3\nema = "0.9"'), "ema = '0.9' must be int or float"),
     (lambda t: t.replace("steps = 6\nlr = 1e-3", 'steps = 6\nlr = 1e-3\nwip = "w.safetensors"'), "unknown key 'wip'"),
     (lambda t: t + '\n[export]\nstorage = "bfloat16"\n', "storage must be one of float32, float16, not 'bfloat16'"),

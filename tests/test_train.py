@@ -380,6 +380,33 @@ def test_act_grid_is_chosen_at_pams_inherited_and_kept(data_dir: Path, fp_run: P
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad3").exists()
 
 
+def test_act_shift_is_learned_from_zero_inherited_and_kept(data_dir: Path, pams_run: Path, tmp_path: Path) -> None:
+    """--act-shift on a cadyq run from a pams run without shifts: every selector's shift starts at zero and
+    learns, the checkpoint and the loaded model have them, a run from it keeps them without the flag, and
+    dropping them (at a start or a resume) or asking for them on an fp stage is refused in one line."""
+    c = tmp_path / "cadyq_s"
+    train_stage(_cfg(data_dir, c, stage="cadyq", init=str(pams_run / "last.pt"), steps=3, act_shift=True))
+    st = load_state(c / "last.pt")
+    assert st["config"]["act_shift"] is True
+    shifts = [v for k, v in st["model"].items() if k.endswith(".act_shift")]
+    assert len(shifts) == 32 and all(float(v.abs().max()) > 0 for v in shifts)
+    model = load_model_file(c / "last.pt")
+    assert model.act_shift
+    assert validate(model, _val(data_dir), False)["val_psnr"] == _log(c)[-1]["val_psnr"]
+    c2 = tmp_path / "cadyq_s2"
+    train_stage(_cfg(data_dir, c2, stage="cadyq", init=str(c / "last.pt"), steps=2))  # no flag: inherited
+    assert load_state(c2 / "last.pt")["config"]["act_shift"] is True
+    train_stage(_cfg(data_dir, c, stage="cadyq", steps=4))  # a resume keeps them
+    assert load_model_file(c / "last.pt").act_shift
+    with pytest.raises(SystemExit, match="learned input shifts"):
+        train_stage(_cfg(data_dir, tmp_path / "bad", stage="cadyq", init=str(c / "last.pt"), steps=2, act_shift=False))
+    with pytest.raises(SystemExit, match="was trained with --act-shift"):
+        train_stage(_cfg(data_dir, c, stage="cadyq", steps=5, act_shift=False))
+    with pytest.raises(SystemExit, match="for the pams and cadyq stages"):
+        train_stage(_cfg(data_dir, tmp_path / "bad2", act_shift=True))
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad2").exists()
+
+
 def test_fp_skip_starts_from_an_official_skip_pams_and_is_kept(data_dir: Path, pams_run: Path, tmp_path: Path) -> None:
     """--skip fp may start from a pams run (same weights and clips), is recorded, and a resume
     cannot change it."""

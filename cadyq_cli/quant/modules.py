@@ -235,6 +235,29 @@ class BitSelector(nn.Module):
         self.register_buffer(
             "_qmax_table", torch.tensor([float(qmax_for_bits(b)) for b in CANDIDATE_BITS]), persistent=False
         )
+        #: learned per-channel shift added to the input before it is quantized (None: off, the official
+        #: quantizer); see :meth:`enable_shift`
+        self.act_shift: nn.Parameter | None = None
+
+    def enable_shift(self) -> None:
+        """Give this selector a learned per-channel shift ``t`` (C,), zero at first: it quantizes ``x + t``.
+
+        The redistribution of QuantSR (Qin et al., NeurIPS 2023), implemented from the paper: each channel's
+        values move against the per-tensor grid before rounding, so a channel whose values sit off-centre (or
+        a ReLU output's small values, which a negative ``t`` zeroes) is coded with its levels where they are.
+        The shift is part of the network (every mode adds it, fp32 included): the following conv learns with
+        it. The selector's features read the unshifted input (a channel's std does not depend on ``t``).
+        Integer kernels stay exact: the codes are those of ``x + t`` on the same grid.
+        """
+        if self.act_shift is None:
+            dev = self.net_small[0].weight.device
+            self.act_shift = nn.Parameter(torch.zeros(self.channels, device=dev))
+
+    def _shifted(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + t`` (a new tensor), or ``x`` itself without a shift."""
+        if self.act_shift is None:
+            return x
+        return x + self.act_shift.reshape(1, -1, 1, 1)
 
     @property
     def signed(self) -> bool:
@@ -283,17 +306,18 @@ class BitSelector(nn.Module):
         """Quantize x (N, C, H, W) and append the chosen bits (N, nh, nw) to ``ctx.bits``."""
         mode = self.mode
         if not mode.quantized:
-            return x
+            return self._shifted(x)
         n = x.shape[0]
         if mode.act_bits is not None:  # fixed wKaK: the candidate for K bits with its own alpha
             k = CANDIDATE_BITS.index(mode.act_bits)
             nh, nw = ctx.grad.shape[2:]
             ctx.bits.append(torch.full((n, nh, nw), float(mode.act_bits), device=x.device))
             alpha, qmax = self.candidates[k].alpha, float(qmax_for_bits(mode.act_bits, self.signed))
-            return _quantize(self, x, alpha, qmax, lambda: [float(alpha) / qmax])
+            return _quantize(self, self._shifted(x), alpha, qmax, lambda: [float(alpha) / qmax])
         if self.training:
             return self._forward_train(x, ctx)
         logits = self.logits(x, ctx)
+        x = self._shifted(x)  # after the features: they read the unshifted input
         if self.bit_bias:
             logits = logits + logits.new_tensor([self.bit_bias, 0.0, -self.bit_bias])
         idx = logits.argmax(dim=-1)  # (N, nh, nw); first maximum wins
@@ -317,7 +341,8 @@ class BitSelector(nn.Module):
             probs = F.softmax(logits / self.tau, dim=-1)
         hard = F.one_hot(probs.argmax(-1), 3).to(probs.dtype)
         w = hard - probs.detach() + probs  # forward: one-hot; backward: soft
-        outs = torch.stack([q.quantize(x, b) for q, b in zip(self.candidates, CANDIDATE_BITS)], dim=1)
+        xs = self._shifted(x)
+        outs = torch.stack([q.quantize(xs, b) for q, b in zip(self.candidates, CANDIDATE_BITS)], dim=1)
         ctx.bits.append((hard * self._bits_table).sum(-1).reshape(-1, 1, 1))  # elementwise: no bf16 matmul
         ctx.soft_bits.append((probs * self._bits_table).sum(-1))
         return (w.reshape(*w.shape, 1, 1, 1).to(outs.dtype) * outs).sum(dim=1)

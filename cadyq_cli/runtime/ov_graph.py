@@ -467,6 +467,7 @@ class GraphBuilder:
         qmaxes = [_F(_qmax(b, signed)) for b in CANDIDATE_BITS]
         steps = np.array([a / q for a, q in zip(alphas, qmaxes)], _F)
         table = np.stack([alphas, qmaxes, steps, np.arange(3, dtype=_F)], axis=1).astype(_F)  # (3, 4)
+        x = self.shifted(x, prefix)  # after the statistics: the features read the unshifted input
         idx3 = op.squeeze(idx, self.c_i64([1, 4] if self.cl else [1]))  # (1, nh, nw)
         per_region = op.gather(self.c(table), idx3, self.c_i64(0))  # (1, nh, nw, 4)
         maps = op.split(self.expand(per_region), self.c_i64(1), 4)  # (1, 1, H, W) each
@@ -477,6 +478,14 @@ class GraphBuilder:
         codes = op.round(op.multiply(op.clamp(op.divide(x, a_px), -1.0 if signed else 0.0, 1.0), q_px), "half_to_even")
         value = op.multiply(op.divide(codes, q_px), a_px)
         return codes, s_px, value, i_px, steps
+
+    def shifted(self, x: object, prefix: str) -> object:
+        """Body tensor ``x`` plus selector ``prefix``'s learned per-channel input shift (weights trained with
+        ``--act-shift``), or ``x`` itself where the weights have none."""
+        t = self.w.sd[f"{prefix}.act_shift"] if f"{prefix}.act_shift" in self.w.sd else None
+        if t is None:
+            return x
+        return self.op.add(x, self.c(np.asarray(t, _F).reshape((1, 1, 1, -1) if self.cl else (1, -1, 1, 1))))
 
     def fconv(self, value: object, name: str) -> object:
         """The quantized conv ``name`` as the float reference runs it: FP32 conv of the fake-quantized input
@@ -552,9 +561,10 @@ class GraphBuilder:
         ``conv2``. Returns (conv2's output, x as ``sel1`` quantized it: x itself in an FP32 graph). The convs are
         integer convs, or without int8 the float reference's arithmetic, or FP32 in an FP32 graph."""
         op, sd = self.op, self.w.sd
-        if not self.quantized:
+        if not self.quantized:  # the learned input shifts are part of the network: FP32 adds them too
+            x = self.shifted(x, sel1)
             t = op.relu(self.conv(x, sd[f"{conv1}.weight"], sd[f"{conv1}.bias"]))
-            return self.conv(t, sd[f"{conv2}.weight"], sd[f"{conv2}.bias"]), x
+            return self.conv(self.shifted(t, sel2), sd[f"{conv2}.weight"], sd[f"{conv2}.bias"]), x
         signed2 = self.w.act_grid != "relu-unsigned"
         codes, s_px, value, i_px, steps = self.selector(x, sel1, True)
         if self.int8:

@@ -94,7 +94,7 @@ def init_selectors(model: SRModel, data: SRPairs, rng: np.random.Generator, cfg:
     def _hook(sel: BitSelector, inputs: tuple) -> None:
         x, ctx = inputs[0], inputs[1]
         feats[id(sel)].append(sel.features(x.detach(), ctx).flatten(0, 2))  # training patches: one region each
-        flat = x.detach().float().flatten()
+        flat = sel._shifted(x.detach()).float().flatten()  # what the candidates quantize
         samples[id(sel)].append(flat[torch.randint(0, flat.numel(), (100_000,), generator=gen)])
 
     _probe_batches(model, data, rng, cfg, _hook)

@@ -47,6 +47,11 @@ class TrainConfig:
     # pams/cadyq: residual skip ("official", or "fp": EDSR's block skip adds the unquantized input);
     # None: the --init checkpoint's (a run resumes with its own); unlike the grid it may change at a stage start
     skip: str | None = None
+    # pams/cadyq: each selector quantizes its input after a learned per-channel shift (QuantSR's
+    # redistribution; BitSelector.enable_shift), trained at ``shift_lr``; None: the --init checkpoint's
+    # (a run resumes with its own; shifts once learned are kept)
+    act_shift: bool | None = None
+    shift_lr: float = 1e-2
     minutes: float = 60.0
     stop_at: int | None = None  # stop this invocation at this step (the schedule still spans `steps`)
     seed: int = 0

@@ -159,6 +159,8 @@ def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json
             "data": data, "license": "MIT (weights trained by the cadyq project)",
             "stages": stages or old.get("stages", []), "metrics": metrics, "notes": notes or old.get("notes", ""),
         }
+        if model.act_shift:
+            entry["act_shift"] = "channel"  # its selectors quantize after a learned per-channel shift (--act-shift)
         if scales:
             entry["scales"] = list(scales)  # the one file serves these entries
         if storage != "float32":

@@ -76,13 +76,17 @@ def _training_images(cfg: TrainConfig) -> list[Path]:
 
 
 def _optimizer(model: SRModel, cfg: TrainConfig) -> torch.optim.Adam:
-    """Adam over the trainable parameters; the cadyq selectors at their own fixed learning rate."""
+    """Adam over the trainable parameters; the cadyq selectors and the input shifts at their own fixed
+    learning rates."""
     sel_params = [p for s in model.selectors for p in s.net_small.parameters()]
-    sel_ids = {id(p) for p in sel_params}
-    main_params = [p for p in model.parameters() if p.requires_grad and id(p) not in sel_ids]
+    shift_params = [s.act_shift for s in model.selectors if s.act_shift is not None]
+    own_ids = {id(p) for p in sel_params + shift_params}
+    main_params = [p for p in model.parameters() if p.requires_grad and id(p) not in own_ids]
     groups = [{"params": main_params, "lr": cfg.lr}]
     if cfg.stage == "cadyq":
         groups.append({"params": sel_params, "lr": cfg.selector_lr, "fixed_lr": True})
+    if shift_params:
+        groups.append({"params": shift_params, "lr": cfg.shift_lr, "fixed_lr": True})
     return torch.optim.Adam(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
 
 

@@ -44,8 +44,13 @@ def resolve_variants(cfg: TrainConfig, resume: dict | None, init: dict | None) -
             if getattr(cfg, key) not in (None, own):
                 raise SystemExit(f"{cfg.run_dir} was trained with --{key.replace('_', '-')} {own}, not {getattr(cfg, key)}")
             setattr(cfg, key, own)
+        own_shift = bool((resume.get("config") or {}).get("act_shift"))
+        if cfg.act_shift not in (None, own_shift):
+            raise SystemExit(f"{cfg.run_dir} was trained {'with' if own_shift else 'without'} --act-shift")
+        cfg.act_shift = own_shift
         return
     init = init or {}
+    _resolve_shift(cfg, init)
     if init and (init.get("config") or {}).get("stage") != "fp":  # clips learned for a grid
         inherited = _variant(init, "act_grid")
         if cfg.act_grid not in (None, inherited):
@@ -56,6 +61,20 @@ def resolve_variants(cfg: TrainConfig, resume: dict | None, init: dict | None) -
         cfg.skip = _variant(init, "skip")
         if cfg.skip not in offered["skip"]:
             raise SystemExit(f"--init {cfg.init} was trained with skip {cfg.skip}, which {cfg.arch} does not offer")
+
+
+def _resolve_shift(cfg: TrainConfig, init: dict) -> None:
+    """Set ``cfg.act_shift`` at a start: the given one, else whether the --init model has shifts. Refused in one
+    line: on an fp stage (no quantizer to shift for), and without shifts after an --init that learned them."""
+    inherited = any(k.endswith(".act_shift") for k in init.get("model", {}))
+    if cfg.stage == "fp":
+        if cfg.act_shift:
+            raise SystemExit("--act-shift is for the pams and cadyq stages (an fp stage quantizes nothing)")
+        cfg.act_shift = False
+        return
+    if cfg.act_shift is False and inherited:
+        raise SystemExit(f"--no-act-shift: the model of --init {cfg.init} learned input shifts; it keeps them")
+    cfg.act_shift = bool(cfg.act_shift) or inherited
 
 
 def warm_start(model: SRModel, path: str | Path, state: dict | None = None) -> list[str]:
@@ -120,6 +139,8 @@ def prepare_models(cfg: TrainConfig, resume: dict | None, init: dict | None) -> 
         model = create_model(cfg.arch, cfg.scale)  # type: ignore[assignment]
     model.set_act_grid(cfg.act_grid or "signed")
     model.set_skip(cfg.skip or "official")
+    if cfg.act_shift:
+        model.enable_act_shift()
     if cfg.stage == "cadyq" and resume is None:
         with torch.no_grad():  # the official renaming: the 8-bit clip seeds all three candidates
             for sel in model.selectors:

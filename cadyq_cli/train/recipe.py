@@ -131,6 +131,8 @@ def _check_type(where: str, key: str, value: object) -> None:
         want = (int,)
     elif key in ("act_grid", "skip"):
         want = (str,)
+    elif key == "act_shift":
+        want = (bool,)
     if want and (not isinstance(value, want) or (bool not in want and isinstance(value, bool))):
         raise SystemExit(f"{where}: {key} = {value!r} must be {' or '.join(t.__name__ for t in want)}")
     if key == "bf16" and isinstance(value, str) and value not in ("auto", "on", "off"):

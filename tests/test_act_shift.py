@@ -1,0 +1,130 @@
+"""Learned per-channel input shifts of the bit selectors (``--act-shift``, QuantSR's redistribution): off by
+default, part of the network in every mode, exact on the integer kernels, saved and loaded with the weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cadyq_cli.checkpoint import load_model_file, model_from_state_dict, save_weights, weights_digest
+from cadyq_cli.models import create_model
+from cadyq_cli.quant.intconv import int8_available, set_kernels
+from cadyq_cli.quant.modules import QuantContext, set_quant_mode
+from cadyq_cli.quant.primitives import fake_quant_act, qmax_for_bits
+from tests import official_reference as ref
+
+
+def _model(shift_sd: float = 0.0) -> torch.nn.Module:
+    """A calibrated random EDSR-baseline x2 on the relu-unsigned grid, with shifts N(0, shift_sd) where > 0."""
+    sd = ref.random_official_state_dict("edsr", 2, "cadyq", seed=0)
+    sd = ref.calibrate_alphas(sd, "edsr", 2, torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(0)) * 255)
+    model = model_from_state_dict(sd, "edsr", 2)
+    model.set_act_grid("relu-unsigned")
+    if shift_sd:
+        model.enable_act_shift()
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for sel in model.selectors:
+                sel.act_shift.copy_(torch.randn(sel.channels, generator=g) * shift_sd)
+    return model.eval()
+
+
+def _image(n: int = 2, size: int = 24) -> torch.Tensor:
+    return (torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(3)) * 255).round()
+
+
+def test_models_have_no_shift_unless_asked_and_a_zero_shift_changes_nothing() -> None:
+    model = _model()
+    assert not model.act_shift and not any(k.endswith("act_shift") for k in model.state_dict())
+    x = _image()
+    with torch.inference_mode():
+        before = {m: model(x)[0] for m in ("fp32", "w8a4", "dynamic") if set_quant_mode(model, m)}
+        model.enable_act_shift()
+        assert model.act_shift and sum(k.endswith(".act_shift") for k in model.state_dict()) == 32
+        for m, out in before.items():
+            set_quant_mode(model, m)
+            assert torch.equal(model(x)[0], out), m
+
+
+def test_a_selector_quantizes_its_shifted_input_and_fp32_adds_the_shift() -> None:
+    model = _model(shift_sd=3.0)
+    sel = model.body[0].bitsel1
+    h = torch.randn(1, 64, 10, 10, generator=torch.Generator().manual_seed(1)) * 20
+    t = sel.act_shift.detach().reshape(1, -1, 1, 1)
+    ctx = QuantContext(grad=torch.zeros(1, 2, 1, 1))
+    with torch.inference_mode():
+        set_quant_mode(model, "fp32")
+        assert torch.equal(sel(h, ctx), h + t)
+        set_quant_mode(model, "w8a4")
+        want = fake_quant_act(h + t, sel.quant_bit1.alpha, float(qmax_for_bits(4)), signed=True)
+        assert torch.equal(sel(h, ctx), want)
+        set_quant_mode(model, "dynamic")  # the features read the unshifted input: the same bits as without a shift
+        with_shift = ctx.bits
+        sel(h, ctx)
+        plain = _model()
+        set_quant_mode(plain, "dynamic")
+        ctx2 = QuantContext(grad=torch.zeros(1, 2, 1, 1))
+        plain.body[0].bitsel1(h, ctx2)
+        assert torch.equal(with_shift[-1], ctx2.bits[-1])
+
+
+def test_shifts_change_the_output_and_survive_a_save_and_load(tmp_path) -> None:
+    model, plain = _model(shift_sd=3.0), _model()
+    x = _image(1, 20)
+    path = tmp_path / "s.safetensors"
+    save_weights(model, path)
+    back = load_model_file(path)
+    assert back.act_shift and back.act_grid == "relu-unsigned"
+    for mode in ("fp32", "dynamic"):
+        for m in (model, back, plain):
+            set_quant_mode(m, mode)
+        with torch.inference_mode():
+            out = model(x)[0]
+            assert torch.equal(back(x)[0], out)
+            assert not torch.equal(plain(x)[0], out)
+    assert weights_digest(back) != weights_digest(plain)
+    fresh = create_model("edsr", 2)  # a freshly built model takes such a state dict strictly
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.act_shift
+
+
+@pytest.mark.skipif(not int8_available(), reason="no exact int8 kernels on this CPU")
+def test_integer_kernels_stay_exact_with_shifts() -> None:
+    """The codes are those of x + t on the same grid: with random shifts on the shipped x4 model, the int8 path
+    chooses the bits of float64 arithmetic (but for a decision at a boundary) and lands no further from it than the
+    float32 path (tests/test_intconv.py's measure of exactness)."""
+    import copy
+    from pathlib import Path
+
+    import numpy as np
+
+    from cadyq_cli.io import read_image
+    from cadyq_cli.quant.regions import RegionGrid
+    from cadyq_cli.weights import load_model
+
+    model = load_model("edsr-baseline", scale=4, mode="dynamic", kernels="float")
+    model.enable_act_shift()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for sel in model.selectors:
+            sel.act_shift.copy_(torch.randn(sel.channels, generator=g) * 2.0)
+    rgb = read_image(Path(__file__).resolve().parents[1] / "examples" / "scene.png").rgb[:64, :96]
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
+    grid = RegionGrid.uniform(64, 96, 32)
+    m64 = copy.deepcopy(model).double()
+    for s in m64.selectors:  # decisions stay float32, as in every path
+        s.net_small.float()
+        s._bits_table, s._qmax_table = s._bits_table.float(), s._qmax_table.float()
+    with torch.inference_mode():
+        exact, bits64 = m64(x.double(), grid)
+        f32, bits_f = model(x, grid)
+        assert set_kernels(model, "int8") == "int8"
+        i8, bits_i = model(x, grid)
+    exact = exact.clamp(0, 255).round()
+    err_f = (f32.double().clamp(0, 255).round() - exact).abs()
+    err_i = (i8.double().clamp(0, 255).round() - exact).abs()
+    assert torch.equal(bits_f, bits64)
+    # a selector whose features sit at a decision boundary may flip on the int8 path's one-ulp differences
+    # (here 1 of 192 decisions flips)
+    assert float((bits_i != bits_f).float().mean()) <= 0.01
+    assert float((err_i > 0).double().mean()) <= float((err_f > 0).double().mean()) + 0.03
+    assert float((err_i > 1).double().mean()) <= float((err_f > 1).double().mean()) + 0.005
