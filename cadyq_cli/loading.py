@@ -86,17 +86,17 @@ def openvino_eval_models(model: str | None, weights: Path | None, arch: str | No
     Raises:
         CadyqError: a mode, option or model the runtime does not run.
     """
-    if weights is not None and model is not None:
-        raise CadyqError("give --model or --weights, not both")
-    if any(m not in ("fp32", "dynamic") for m in modes) or curve or bit_bias or arch is not None or device.lower() != "cpu":
-        raise CadyqError("--kernels openvino evaluates --modes fp32 and dynamic of shipped EDSR-baseline and CARN models "
-                         "(or their .safetensors, without --arch) on the CPU, without --bit-bias or --curve")
-    from .runtime.engine import OVModel, load_openvino_model
+    if any(m not in ("fp32", "dynamic") for m in modes) or curve:
+        raise CadyqError("--kernels openvino evaluates --modes fp32 and dynamic (no --curve); "
+                         "the PyTorch engine (--kernels auto) runs the others")
+    from .runtime.engine import OVModel
 
     if not modes:
         return {}
     first, *rest = dict.fromkeys(modes)
-    models = {first: load_openvino_model(model, weights, scale, first, threads, fp_layers=fp_layers)}
+    # load_net refuses, in its own words, what the runtime does not run (--arch, a device, --bit-bias)
+    models = {first: load_net(model, weights, arch, scale, first, device, threads, "openvino", fp_layers, bit_bias,
+                              openvino=True)}
     for m in rest:
         models[m] = OVModel(models[first].wts, m, threads, fp_layers=fp_layers)
     return models
