@@ -550,7 +550,7 @@ def train(
     act_grid: Annotated[Optional[str], typer.Option(help="pams/cadyq: activation grid: signed (official) or relu-unsigned (ReLU outputs on the unsigned grid); default: --init's")] = None,
     skip: Annotated[Optional[str], typer.Option(help="pams/cadyq: residual skip: official (adds the quantized block input) or fp (EDSR: the unquantized one); default: --init's")] = None,
     act_shift: Annotated[Optional[bool], typer.Option("--act-shift/--no-act-shift", help="pams/cadyq: learn a per-channel shift of each selector's input before it is quantized (QuantSR's redistribution); default: --init's")] = None,
-    shift_lr: Annotated[float, typer.Option(help="pams/cadyq: learning rate of the input shifts (--act-shift)")] = 1e-2,
+    shift_lr: Annotated[float, typer.Option(help="pams/cadyq: learning rate of the input shifts (--act-shift), in units of each selector's 4-bit step")] = 0.05,
 ) -> None:
     """Train one stage (fp → pams → cadyq), or a whole --recipe; resumable, stops at the time budget."""
     from .devices import parse_device

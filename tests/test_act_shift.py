@@ -128,3 +128,27 @@ def test_integer_kernels_stay_exact_with_shifts() -> None:
     assert float((bits_i != bits_f).float().mean()) <= 0.01
     assert float((err_i > 0).double().mean()) <= float((err_f > 0).double().mean()) + 0.03
     assert float((err_i > 1).double().mean()) <= float((err_f > 1).double().mean()) + 0.005
+
+
+def test_each_shift_learns_at_a_rate_in_units_of_its_own_4_bit_step() -> None:
+    """--shift-lr is a fraction of the selector's 4-bit step: a signed residual input (alpha_4 / 7) gets a larger
+    absolute rate than a ReLU output on the unsigned grid (alpha_4 / 15); the rates follow the clips as they train."""
+    from cadyq_cli.train.config import TrainConfig
+    from cadyq_cli.train.loop import _optimizer, set_shift_lrs
+
+    model = _model()
+    model.enable_act_shift()
+    cfg = TrainConfig(stage="cadyq", shift_lr=0.05)
+    opt = _optimizer(model, cfg)
+    groups = {g["shift_of"]: g for g in opt.param_groups if "shift_of" in g}
+    assert len(groups) == len(model.selectors) == 32
+    for i, sel in enumerate(model.selectors):
+        step4 = float(sel.quant_bit1.alpha) / (7 if sel.signed else 15)
+        assert groups[i]["lr"] == pytest.approx(0.05 * step4) and groups[i]["params"][0] is sel.act_shift
+    assert {model.selectors[i].signed for i in groups} == {True, False}
+    with torch.no_grad():
+        model.selectors[0].quant_bit1.alpha.mul_(2)
+    set_shift_lrs(opt, model, cfg)
+    assert groups[0]["lr"] == pytest.approx(0.05 * float(model.selectors[0].quant_bit1.alpha) / 7)
+    shifts = {id(s.act_shift) for s in model.selectors}
+    assert not any(id(p) in shifts for g in opt.param_groups if "shift_of" not in g for p in g["params"])

@@ -48,10 +48,10 @@ class TrainConfig:
     # None: the --init checkpoint's (a run resumes with its own); unlike the grid it may change at a stage start
     skip: str | None = None
     # pams/cadyq: each selector quantizes its input after a learned per-channel shift (QuantSR's
-    # redistribution; BitSelector.enable_shift), trained at ``shift_lr``; None: the --init checkpoint's
-    # (a run resumes with its own; shifts once learned are kept)
+    # redistribution; BitSelector.enable_shift); None: the --init checkpoint's (a run resumes with its own;
+    # shifts once learned are kept). ``shift_lr``: their Adam rate in units of each selector's 4-bit step
     act_shift: bool | None = None
-    shift_lr: float = 1e-2
+    shift_lr: float = 0.05
     minutes: float = 60.0
     stop_at: int | None = None  # stop this invocation at this step (the schedule still spans `steps`)
     seed: int = 0

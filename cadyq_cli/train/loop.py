@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from ..models._base import SRModel
+from ..quant.modes import CANDIDATE_BITS
 from ..quant.modules import ActQuantizer
+from ..quant.primitives import qmax_for_bits
 from .calibrate import calibrate, init_selectors
 from .config import TrainConfig, check_config, check_resume, config_changes, lr_at, train_scales
 from .data import SRPairs, data_fingerprint, list_images, split_pairs
@@ -79,15 +81,28 @@ def _optimizer(model: SRModel, cfg: TrainConfig) -> torch.optim.Adam:
     """Adam over the trainable parameters; the cadyq selectors and the input shifts at their own fixed
     learning rates."""
     sel_params = [p for s in model.selectors for p in s.net_small.parameters()]
-    shift_params = [s.act_shift for s in model.selectors if s.act_shift is not None]
-    own_ids = {id(p) for p in sel_params + shift_params}
+    shifts = [(i, s.act_shift) for i, s in enumerate(model.selectors) if s.act_shift is not None]
+    own_ids = {id(p) for p in sel_params} | {id(t) for _, t in shifts}
     main_params = [p for p in model.parameters() if p.requires_grad and id(p) not in own_ids]
     groups = [{"params": main_params, "lr": cfg.lr}]
     if cfg.stage == "cadyq":
         groups.append({"params": sel_params, "lr": cfg.selector_lr, "fixed_lr": True})
-    if shift_params:
-        groups.append({"params": shift_params, "lr": cfg.shift_lr, "fixed_lr": True})
-    return torch.optim.Adam(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    # one group per selector's shift: its rate follows that selector's 4-bit step (set_shift_lrs)
+    groups += [{"params": [t], "lr": 0.0, "fixed_lr": True, "shift_of": i} for i, t in shifts]
+    opt = torch.optim.Adam(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    set_shift_lrs(opt, model, cfg)
+    return opt
+
+
+def set_shift_lrs(opt: torch.optim.Optimizer, model: SRModel, cfg: TrainConfig) -> None:
+    """Each input shift's learning rate: ``--shift-lr`` in units of its selector's 4-bit step (alpha_4 / qmax_4, as
+    the clip is now), so a shift moves by the same fraction of its grid on a signed residual input (steps of ~16 on
+    the 0..255 scale) as on a ReLU output on the unsigned grid (~4)."""
+    sels = model.selectors
+    for g in opt.param_groups:
+        if "shift_of" in g:
+            sel = sels[g["shift_of"]]
+            g["lr"] = cfg.shift_lr * float(sel.quant_bit1.alpha.detach()) / qmax_for_bits(CANDIDATE_BITS[0], sel.signed)
 
 
 def _start_ema(cfg: TrainConfig, model: SRModel, resume: dict | None) -> WeightEMA | None:
@@ -133,6 +148,7 @@ def _train_step(cfg: TrainConfig, step: int, model: SRModel, teacher: SRModel | 
     for g in opt.param_groups:
         if not g.get("fixed_lr"):
             g["lr"] = lr_now
+    set_shift_lrs(opt, model, cfg)
     scales = list(data)
     s = scales[step % len(scales)]
     model.scale = s
