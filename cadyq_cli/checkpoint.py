@@ -20,6 +20,7 @@ from .errors import CheckpointMismatchError, CheckpointReadError, UnsafeCheckpoi
 from .models import create_model, get_arch
 from .models._base import ACT_GRIDS, SRModel
 from .models._pams import strip_module_prefix
+from .quant.modules import has_act_shifts
 
 __all__ = ["read_state_dict", "read_checkpoint", "fits", "weights_digest", "detect_arch", "load_model_file", "save_weights", "save_state_dict", "model_from_state_dict",
            "stored_state_dict", "STORAGE_DTYPES"]
@@ -179,7 +180,7 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], arch: str | None = None, 
     if getattr(module, "is_pams_state_dict", lambda s: False)(sd):
         sd = module.pams_to_cadyq(sd)
     model: SRModel = create_model(arch, scale)  # type: ignore[assignment]
-    if any(k.endswith(".act_shift") for k in sd):  # trained with --act-shift: its selectors shift their input
+    if has_act_shifts(sd):  # trained with --act-shift: its selectors shift their input
         model.enable_act_shift()
     own = model.state_dict()
     missing = [k for k in own if k not in sd]

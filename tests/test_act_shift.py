@@ -56,15 +56,14 @@ def test_a_selector_quantizes_its_shifted_input_and_fp32_adds_the_shift() -> Non
         assert torch.equal(sel(h, ctx), h + t)
         set_quant_mode(model, "w8a4")
         want = fake_quant_act(h + t, sel.quant_bit1.alpha, float(qmax_for_bits(4)), signed=True)
-        assert torch.equal(sel(h, ctx), want)
-        set_quant_mode(model, "dynamic")  # the features read the unshifted input: the same bits as without a shift
-        with_shift = ctx.bits
-        sel(h, ctx)
-        plain = _model()
-        set_quant_mode(plain, "dynamic")
-        ctx2 = QuantContext(grad=torch.zeros(1, 2, 1, 1))
-        plain.body[0].bitsel1(h, ctx2)
-        assert torch.equal(with_shift[-1], ctx2.bits[-1])
+        assert torch.equal(sel(h, ctx), want) and not torch.equal(want, sel.quant_bit1.quantize(h, 4))
+        set_quant_mode(model, "dynamic")  # the features read the unshifted input
+        seen = []
+        features = sel.features
+        sel.features = lambda x, c: (seen.append(x), features(x, c))[1]  # type: ignore[method-assign]
+        out = sel(h, QuantContext(grad=torch.zeros(1, 2, 1, 1)))
+        assert len(seen) == 1 and torch.equal(seen[0], h)
+        assert not torch.equal(out, sel.quant_bit1.quantize(h, 4))  # ... and the codes the shifted one
 
 
 def test_shifts_change_the_output_and_survive_a_save_and_load(tmp_path) -> None:

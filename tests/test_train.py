@@ -132,15 +132,20 @@ def test_pams_stage(data_dir: Path, fp_run: Path, pams_run: Path) -> None:
     assert validate(model, _val(data_dir), False)["val_psnr"] == final["val_psnr"]
 
 
-def test_cadyq_stage_and_resume(data_dir: Path, pams_run: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("shift", [False, True])
+def test_cadyq_stage_and_resume(data_dir: Path, pams_run: Path, tmp_path: Path, shift: bool) -> None:
+    """A cadyq run stopped and resumed equals an uninterrupted one, key for key (with --act-shift too: its
+    per-selector Adam groups and their rates resume as they were)."""
     init = str(pams_run / "last.pt")
-    kw = dict(stage="cadyq", init=init, steps=3, bf16=True)
+    kw = dict(stage="cadyq", init=init, steps=3, bf16=True, act_shift=shift)
     train_stage(_cfg(data_dir, tmp_path / "a", **kw))
     train_stage(_cfg(data_dir, tmp_path / "b", **kw, stop_at=2))
     # resuming without --init keeps the teacher (taken from the checkpoint's config)
     train_stage(_cfg(data_dir, tmp_path / "b", **{**kw, "init": None}))
     a = load_state(tmp_path / "a" / "last.pt")
     b = load_state(tmp_path / "b" / "last.pt")
+    assert a["model"].keys() == b["model"].keys()
+    assert sum(k.endswith(".act_shift") for k in a["model"]) == (32 if shift else 0)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     recs = [r for r in _log(tmp_path / "a") if "l1" in r]

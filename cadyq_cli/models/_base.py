@@ -1,9 +1,9 @@
 """What every backbone shares: input convention, gradient feature, mean shift, forward contract."""
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, ClassVar
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -234,14 +234,6 @@ class SRModel(nn.Module):
         """Give every selector a learned per-channel input shift (zero at first: the model is unchanged)."""
         for sel in self.selectors:
             sel.enable_shift()
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,  # type: ignore[override]
-                        assign: bool = False) -> Any:
-        """``nn.Module.load_state_dict``; a state dict with selector shifts (``*.act_shift``) first gives the
-        model its shifts, so such weights load strictly into a freshly built model."""
-        if not self.act_shift and any(k.endswith(".act_shift") for k in state_dict):
-            self.enable_act_shift()
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @property
     def selectors(self) -> list[BitSelector]:

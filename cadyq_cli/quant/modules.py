@@ -25,7 +25,13 @@ from .regions import RegionGrid, region_std
 
 __all__ = [
     "QuantContext", "QuantConv2d", "InputConv2d", "ActQuantizer", "BitSelector", "conv_forward", "set_quant_mode",
+    "has_act_shifts",
 ]
+
+
+def has_act_shifts(sd: object) -> bool:
+    """Whether a state dict (any mapping of names) holds selectors' learned input shifts (``*.act_shift``)."""
+    return any(str(k).endswith(".act_shift") for k in sd)  # type: ignore[attr-defined]
 
 
 def _quantize(m: nn.Module, x: torch.Tensor, alpha: torch.Tensor, qmax: torch.Tensor | float,
@@ -193,7 +199,8 @@ class BitSelector(nn.Module):
     """CADyQ bit selector for one layer: picks 4, 6 or 8 bits per sample (or per region).
 
     Features ``z = [g_x, g_y, std_1 .. std_C]``: the image-gradient feature of the network
-    input and the unbiased per-channel std of this layer's input. ``logits = net_small(z)``,
+    input and the unbiased per-channel std of this layer's input. With a learned input shift
+    (:meth:`enable_shift`, off by default) it quantizes ``x + t``; the features read ``x``. ``logits = net_small(z)``,
     ``bits = (4, 6, 8)[argmax]``, and the input is quantized by the chosen candidate,
     each with its own clip value.
 
@@ -245,13 +252,20 @@ class BitSelector(nn.Module):
         The redistribution of QuantSR (Qin et al., NeurIPS 2023), implemented from the paper: each channel's
         values move against the per-tensor grid before rounding, so a channel whose values sit off-centre (or
         a ReLU output's small values, which a negative ``t`` zeroes) is coded with its levels where they are.
-        The shift is part of the network (every mode adds it, fp32 included): the following conv learns with
+        The shift is part of the network (every mode adds it, fp32 included): the layers reading it learn with
         it. The selector's features read the unshifted input (a channel's std does not depend on ``t``).
         Integer kernels stay exact: the codes are those of ``x + t`` on the same grid.
         """
         if self.act_shift is None:
-            dev = self.net_small[0].weight.device
-            self.act_shift = nn.Parameter(torch.zeros(self.channels, device=dev))
+            a = self.quant_bit1.alpha
+            self.act_shift = nn.Parameter(torch.zeros(self.channels, dtype=a.dtype, device=a.device))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        """A state dict with this selector's shift gives it one first (weights trained with ``--act-shift`` load
+        strictly into a freshly built model, wherever the selector sits)."""
+        if self.act_shift is None and prefix + "act_shift" in state_dict:
+            self.enable_shift()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
 
     def _shifted(self, x: torch.Tensor) -> torch.Tensor:
         """``x + t`` (a new tensor), or ``x`` itself without a shift."""

@@ -100,8 +100,8 @@ class _EdsrBuilder(GraphBuilder):
         for i in range(wts.n_blocks):
             p = f"body.{i}"
             t, value = self.conv_pair(r, f"{p}.bitsel1", f"{p}.body.0", f"{p}.body.2", f"{p}.body.3")
-            if not self.quantized:
-                r = op.add(t, r)
+            if not self.quantized:  # value: the block input as bitsel1 passes it on (with a learned shift, shifted)
+                r = op.add(t, r if wts.skip == "fp" else value)
                 continue
             a3 = _F(sd[f"{p}.quant_act3.alpha"].reshape(()))  # the fixed 8-bit quantizer of the residual
             c3 = op.round(op.multiply(op.clamp(op.divide(t, self.c(a3)), -1.0, 1.0), self.c(127.0)), "half_to_even")

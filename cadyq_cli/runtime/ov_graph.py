@@ -59,7 +59,7 @@ TAIL_BUDGET_BYTES = 1 << 27
 TAIL_HALO = 2
 #: bump whenever the graphs this module builds change (every network's: selectors, quantized convs, strips);
 #: with each network's own ``graph_version``, it keys the compiled graphs cached on disk
-GRAPH_VERSION = 1
+GRAPH_VERSION = 2  # 2: learned input shifts (--act-shift)
 #: activation grids of the weights (as :data:`cadyq_cli.models._base.ACT_GRIDS`)
 ACT_GRIDS = ("signed", "relu-unsigned")
 _F = np.float32
@@ -125,7 +125,8 @@ class NetWeights:
     (cache keys) and :meth:`builder` (the graph builder). One subclass per network.
 
     Raises:
-        ValueError: an unknown ``act_grid``.
+        ValueError: an unknown ``act_grid``; learned input shifts (``*.act_shift``) on some selectors only, or of
+            another length than the selector's channels.
     """
 
     sd: Mapping[str, np.ndarray]
@@ -146,6 +147,14 @@ class NetWeights:
     def __post_init__(self) -> None:
         if self.act_grid not in ACT_GRIDS:
             raise ValueError(f"unknown activation grid {self.act_grid!r} (this cadyq knows {', '.join(ACT_GRIDS)})")
+        sels = {k[: -len("net_small.0.weight")] for k in self.sd if k.endswith("net_small.0.weight")}
+        shifts = {k[: -len("act_shift")] for k in self.sd if k.endswith(".act_shift")}
+        if shifts and shifts != sels:
+            raise ValueError(f"learned input shifts on {len(shifts & sels)} of {len(sels)} selectors"
+                             + (f" and on {len(shifts - sels)} unknown ones" if shifts - sels else ""))
+        for p in sorted(shifts):
+            if tensor_shape(self.sd, p + "act_shift") != (tensor_shape(self.sd, p + "net_small.0.weight")[1] - 2,):
+                raise ValueError(f"{p}act_shift has shape {tensor_shape(self.sd, p + 'act_shift')}, not one value per channel")
 
     def cost_table(self) -> list[ConvCost]:
         """The network's convolutions at :attr:`scale`, for BitOPs (:mod:`cadyq_cli.accounting`)."""
@@ -482,10 +491,11 @@ class GraphBuilder:
     def shifted(self, x: object, prefix: str) -> object:
         """Body tensor ``x`` plus selector ``prefix``'s learned per-channel input shift (weights trained with
         ``--act-shift``), or ``x`` itself where the weights have none."""
-        t = self.w.sd[f"{prefix}.act_shift"] if f"{prefix}.act_shift" in self.w.sd else None
-        if t is None:
+        key = f"{prefix}.act_shift"
+        if key not in self.w.sd:
             return x
-        return self.op.add(x, self.c(np.asarray(t, _F).reshape((1, 1, 1, -1) if self.cl else (1, -1, 1, 1))))
+        t = np.asarray(self.w.sd[key], _F)
+        return self.op.add(x, self.c(t.reshape((1, 1, 1, -1) if self.cl else (1, -1, 1, 1))))
 
     def fconv(self, value: object, name: str) -> object:
         """The quantized conv ``name`` as the float reference runs it: FP32 conv of the fake-quantized input
@@ -558,7 +568,8 @@ class GraphBuilder:
     def conv_pair(self, x: object, sel1: str, conv1: str, sel2: str, conv2: str) -> tuple[object, object]:
         """The pair of 3x3 convs every network's blocks have, on body tensor x: selector ``sel1``, conv ``conv1``,
         ReLU, selector ``sel2`` (the unsigned grid on ``relu-unsigned`` weights: its input is a ReLU output), conv
-        ``conv2``. Returns (conv2's output, x as ``sel1`` quantized it: x itself in an FP32 graph). The convs are
+        ``conv2``. Returns (conv2's output, x as ``sel1`` passes it on: quantized, or in an FP32 graph x itself plus
+        any learned shift). The convs are
         integer convs, or without int8 the float reference's arithmetic, or FP32 in an FP32 graph."""
         op, sd = self.op, self.w.sd
         if not self.quantized:  # the learned input shifts are part of the network: FP32 adds them too

@@ -39,11 +39,12 @@ def calibrate(model: SRModel, data: SRPairs, rng: np.random.Generator, cfg: Trai
     set_quant_mode(model, "fp32")
     sums = {id(q): 0.0 for q in quants}
 
-    # In fp32 mode a BitSelector returns its input without calling its candidates, so their
-    # ``calibrating`` flag would never fire: calibrate them from the selector's input instead.
+    # In fp32 mode a BitSelector returns its (shifted) input without calling its candidates, so their
+    # ``calibrating`` flag would never fire: calibrate them from what they would quantize instead.
     def _sel_hook(sel: BitSelector, inputs: tuple) -> None:
+        x = sel._shifted(inputs[0])
         for q in sel.candidates:
-            q.calibrate_(inputs[0])
+            q.calibrate_(x)
 
     def _collect() -> None:  # each calibrating forward overwrote alpha with its batch's statistic
         for q in quants:

@@ -70,13 +70,15 @@ class TrainConfig:
 
 
 def check_config(cfg: TrainConfig) -> None:
-    """Refuse, in one line (``SystemExit``), an unknown stage, a count below 1, an EMA decay outside [0, 1)
-    or ``--wip-lean`` without ``--wip``."""
+    """Refuse, in one line (``SystemExit``), an unknown stage, a count below 1, a ``--shift-lr`` that is not
+    positive, an EMA decay outside [0, 1) or ``--wip-lean`` without ``--wip``."""
     if cfg.stage not in STAGES:
         raise SystemExit(f"unknown stage {cfg.stage!r}; choose from {', '.join(STAGES)}")
     for k in ("val_every", "steps", "batch"):
         if getattr(cfg, k) < 1:
             raise SystemExit(f"--{k.replace('_', '-')} must be at least 1, not {getattr(cfg, k)}")
+    if not cfg.shift_lr > 0:
+        raise SystemExit(f"--shift-lr must be positive (a fraction of each selector's 4-bit step), not {cfg.shift_lr}")
     if not 0.0 <= cfg.ema < 1.0:
         raise SystemExit(f"--ema must be a decay in [0, 1) (e.g. 0.999; 0: off), not {cfg.ema}")
     if cfg.wip_lean and not cfg.wip:

@@ -98,11 +98,14 @@ def set_shift_lrs(opt: torch.optim.Optimizer, model: SRModel, cfg: TrainConfig) 
     """Each input shift's learning rate: ``--shift-lr`` in units of its selector's 4-bit step (alpha_4 / qmax_4, as
     the clip is now), so a shift moves by the same fraction of its grid on a signed residual input (steps of ~16 on
     the 0..255 scale) as on a ReLU output on the unsigned grid (~4)."""
+    groups = [g for g in opt.param_groups if "shift_of" in g]
+    if not groups:
+        return
     sels = model.selectors
-    for g in opt.param_groups:
-        if "shift_of" in g:
-            sel = sels[g["shift_of"]]
-            g["lr"] = cfg.shift_lr * float(sel.quant_bit1.alpha.detach()) / qmax_for_bits(CANDIDATE_BITS[0], sel.signed)
+    steps = torch.cat([sels[g["shift_of"]].quant_bit1.alpha.detach().reshape(1).float()
+                       / qmax_for_bits(CANDIDATE_BITS[0], sels[g["shift_of"]].signed) for g in groups]).tolist()
+    for g, step in zip(groups, steps):  # one transfer of all the steps, not one per selector
+        g["lr"] = cfg.shift_lr * step
 
 
 def _start_ema(cfg: TrainConfig, model: SRModel, resume: dict | None) -> WeightEMA | None:

@@ -8,7 +8,7 @@ import torch
 
 from ..models import create_model, get_arch
 from ..models._base import ACT_GRIDS, SRModel
-from ..quant.modules import set_quant_mode
+from ..quant.modules import has_act_shifts, set_quant_mode
 from .config import TrainConfig, check_source_scales
 from .state import load_state
 
@@ -27,7 +27,7 @@ def _variant(state: dict, key: str) -> str:
 
 
 def resolve_variants(cfg: TrainConfig, resume: dict | None, init: dict | None) -> None:
-    """Set ``cfg.act_grid`` and ``cfg.skip``: the given ones, else the run's own (``resume``) or
+    """Set ``cfg.act_grid``, ``cfg.skip`` and ``cfg.act_shift``: the given ones, else the run's own (``resume``) or
     those of ``init`` (the --init checkpoint of a pams/cadyq start, as read; ``None`` for ``fp``).
 
     Refused in one line: an unknown value, a change on resume, and a grid other than the one
@@ -66,7 +66,7 @@ def resolve_variants(cfg: TrainConfig, resume: dict | None, init: dict | None) -
 def _resolve_shift(cfg: TrainConfig, init: dict) -> None:
     """Set ``cfg.act_shift`` at a start: the given one, else whether the --init model has shifts. Refused in one
     line: on an fp stage (no quantizer to shift for), and without shifts after an --init that learned them."""
-    inherited = any(k.endswith(".act_shift") for k in init.get("model", {}))
+    inherited = has_act_shifts(init.get("model", {}))
     if cfg.stage == "fp":
         if cfg.act_shift:
             raise SystemExit("--act-shift is for the pams and cadyq stages (an fp stage quantizes nothing)")
