@@ -7,7 +7,7 @@ import torch
 
 from cadyq_cli.checkpoint import load_model_file, model_from_state_dict, save_weights, weights_digest
 from cadyq_cli.models import create_model
-from cadyq_cli.quant.intconv import int8_available, set_kernels
+from cadyq_cli.quant.intconv import int8_available
 from cadyq_cli.quant.modules import QuantContext, set_quant_mode
 from cadyq_cli.quant.primitives import fake_quant_act, qmax_for_bits
 from tests import official_reference as ref
@@ -91,14 +91,8 @@ def test_integer_kernels_stay_exact_with_shifts() -> None:
     """The codes are those of x + t on the same grid: with random shifts on the shipped x4 model, the int8 path
     chooses the bits of float64 arithmetic (but for a decision at a boundary) and lands no further from it than the
     float32 path (tests/test_intconv.py's measure of exactness)."""
-    import copy
-    from pathlib import Path
-
-    import numpy as np
-
-    from cadyq_cli.io import read_image
-    from cadyq_cli.quant.regions import RegionGrid
     from cadyq_cli.weights import load_model
+    from tests.int8_reference import scene_crop, three_ways
 
     model = load_model("edsr-baseline", scale=4, mode="dynamic", kernels="float")
     model.enable_act_shift()
@@ -106,21 +100,8 @@ def test_integer_kernels_stay_exact_with_shifts() -> None:
     with torch.no_grad():
         for sel in model.selectors:
             sel.act_shift.copy_(torch.randn(sel.channels, generator=g) * 2.0)
-    rgb = read_image(Path(__file__).resolve().parents[1] / "examples" / "scene.png").rgb[:64, :96]
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
-    grid = RegionGrid.uniform(64, 96, 32)
-    m64 = copy.deepcopy(model).double()
-    for s in m64.selectors:  # decisions stay float32, as in every path
-        s.net_small.float()
-        s._bits_table, s._qmax_table = s._bits_table.float(), s._qmax_table.float()
-    with torch.inference_mode():
-        exact, bits64 = m64(x.double(), grid)
-        f32, bits_f = model(x, grid)
-        assert set_kernels(model, "int8") == "int8"
-        i8, bits_i = model(x, grid)
-    exact = exact.clamp(0, 255).round()
-    err_f = (f32.double().clamp(0, 255).round() - exact).abs()
-    err_i = (i8.double().clamp(0, 255).round() - exact).abs()
+    r = three_ways(model, *scene_crop())
+    bits_i, bits_f, bits64, err_f, err_i = r["bits_i"], r["bits_f"], r["bits64"], r["err_f"], r["err_i"]
     assert torch.equal(bits_f, bits64)
     # a selector whose features sit at a decision boundary may flip on the int8 path's one-ulp differences
     # (here 1 of 192 decisions flips)

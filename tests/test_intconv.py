@@ -1,10 +1,7 @@
 """Integer kernels: quantized convs on int8 codes give the fake-quantized float results."""
 from __future__ import annotations
 
-import copy
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,9 +14,9 @@ from cadyq_cli.quant.modules import ActQuantizer, BitSelector, QuantConv2d, conv
 from cadyq_cli.quant.regions import RegionGrid
 from cadyq_cli.quant.primitives import fake_quant_act, qmax_for_bits
 from tests import official_reference as ref
+from tests.int8_reference import scene_crop, three_ways
 
 needs_int8 = pytest.mark.skipif(not int8_available(), reason="no exact int8 kernels on this CPU")
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def _random_model(arch: str, scale: int = 4, seed: int = 0) -> torch.nn.Module:
@@ -119,26 +116,12 @@ def test_int8_is_as_close_to_exact_arithmetic_as_float32(skip: str) -> None:
     rescale (oneDNN multiplies the int32 sums by the float32 product of the two steps: one systematic
     rounding per layer) drifts through all 16 blocks: a few percent more output pixels land one level off
     than with the float32 path, never more pixels two levels off."""
-    from cadyq_cli.io import read_image
     from cadyq_cli.weights import load_model
 
     model = load_model("edsr-baseline", scale=4, mode="dynamic", kernels="float")
     model.set_skip(skip)
-    rgb = read_image(EXAMPLES / "scene.png").rgb[:64, :96]
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
-    grid = RegionGrid.uniform(64, 96, 32)
-    m64 = copy.deepcopy(model).double()
-    for s in m64.selectors:  # decisions stay float32, as in every path
-        s.net_small.float()
-        s._bits_table, s._qmax_table = s._bits_table.float(), s._qmax_table.float()
-    with torch.inference_mode():
-        exact, bits64 = m64(x.double(), grid)
-        f32, bits_f = model(x, grid)
-        set_kernels(model, "int8")
-        i8, bits_i = model(x, grid)
-    exact = exact.clamp(0, 255).round()
-    err_f = (f32.double().clamp(0, 255).round() - exact).abs()
-    err_i = (i8.double().clamp(0, 255).round() - exact).abs()
+    r = three_ways(model, *scene_crop())
+    bits_i, bits_f, bits64, err_f, err_i = r["bits_i"], r["bits_f"], r["bits64"], r["err_f"], r["err_i"]
     assert torch.equal(bits_i, bits_f) and torch.equal(bits_f, bits64)
     off_by_one = 0.01 if skip == "official" else 0.03
     assert float((err_i > 0).double().mean()) <= float((err_f > 0).double().mean()) + off_by_one
