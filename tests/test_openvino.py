@@ -24,6 +24,7 @@ CHECKS = [
     "test_carn_receptive_radius_and_fp32_graph_equal_the_pytorch_model",
     "test_carn_bits_equal_the_float_reference_and_output_as_close_as_int8",
     "test_carn_on_the_signed_grid_equals_the_pytorch_model",
+    "test_learned_input_shifts_run_as_the_pytorch_model_runs_them",
     "test_outputs_are_deterministic_across_runs_and_thread_counts",
     "test_later_models_import_the_exported_graphs",
     "test_carn_scales_share_their_cached_graphs_without_the_tail",
