@@ -246,10 +246,16 @@ def _killing_a_worker(out: Path, already: int) -> Iterator[list[int]]:
     killed: list[int] = []
     stop = threading.Event()
 
+    def finished() -> int:  # no stat: a temporary file may be renamed between listing and looking at it
+        try:
+            return sum(1 for p in out.rglob("*") if not p.name.endswith(".tmp") and p.is_file())
+        except OSError:  # a folder changed under the listing: look again
+            return 0
+
     def killer() -> None:
         while not stop.is_set() and not killed:
             pids = _map_workers()
-            if pids and len(_stamps(out)) - len(_tmp_files(out)) > already:
+            if pids and finished() > already:
                 try:
                     os.kill(pids[0], signal.SIGKILL)
                 except ProcessLookupError:  # it ended on its own: try the next one
