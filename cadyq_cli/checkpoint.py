@@ -276,7 +276,7 @@ def stored_state_dict(model: SRModel, storage: str = "float32") -> dict[str, tor
 
 def save_weights(model: SRModel, path: str | Path, metadata: dict[str, object] | None = None,
                  storage: str = "float32") -> None:
-    """Save a model as safetensors with ``arch``/``scale`` (and a non-default ``act_grid``, ``skip``) metadata
+    """Save a model as safetensors with ``arch``/``scale`` (and a non-default ``act_grid``, ``skip``, ``act_shift``) metadata
     (aliased keys stored as copies), convolution kernels in ``storage`` (see :func:`stored_state_dict`).
 
     The file is byte-reproducible: the same weights and metadata give the same sha256.
@@ -286,6 +286,8 @@ def save_weights(model: SRModel, path: str | Path, metadata: dict[str, object] |
         meta["act_grid"] = model.act_grid
     if model.skip != "official":
         meta["skip"] = model.skip
+    if model.act_shift:  # the tensors say it too (``*.act_shift``); the metadata tells a reader without loading them
+        meta["act_shift"] = "channel"
     save_state_dict(stored_state_dict(model, storage), path, {**meta, **(metadata or {})})
 
 

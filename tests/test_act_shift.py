@@ -73,6 +73,10 @@ def test_shifts_change_the_output_and_survive_a_save_and_load(tmp_path) -> None:
     save_weights(model, path)
     back = load_model_file(path)
     assert back.act_shift and back.act_grid == "relu-unsigned"
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["act_shift"] == "channel"
     for mode in ("fp32", "dynamic"):
         for m in (model, back, plain):
             set_quant_mode(m, mode)
