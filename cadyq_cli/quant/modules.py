@@ -267,7 +267,7 @@ class BitSelector(nn.Module):
             self.enable_shift()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
 
-    def _shifted(self, x: torch.Tensor) -> torch.Tensor:
+    def shifted(self, x: torch.Tensor) -> torch.Tensor:
         """``x + t`` (a new tensor), or ``x`` itself without a shift."""
         if self.act_shift is None:
             return x
@@ -320,18 +320,18 @@ class BitSelector(nn.Module):
         """Quantize x (N, C, H, W) and append the chosen bits (N, nh, nw) to ``ctx.bits``."""
         mode = self.mode
         if not mode.quantized:
-            return self._shifted(x)
+            return self.shifted(x)
         n = x.shape[0]
         if mode.act_bits is not None:  # fixed wKaK: the candidate for K bits with its own alpha
             k = CANDIDATE_BITS.index(mode.act_bits)
             nh, nw = ctx.grad.shape[2:]
             ctx.bits.append(torch.full((n, nh, nw), float(mode.act_bits), device=x.device))
             alpha, qmax = self.candidates[k].alpha, float(qmax_for_bits(mode.act_bits, self.signed))
-            return _quantize(self, self._shifted(x), alpha, qmax, lambda: [float(alpha) / qmax])
+            return _quantize(self, self.shifted(x), alpha, qmax, lambda: [float(alpha) / qmax])
         if self.training:
             return self._forward_train(x, ctx)
         logits = self.logits(x, ctx)
-        x = self._shifted(x)  # after the features: they read the unshifted input
+        x = self.shifted(x)  # after the features: they read the unshifted input
         if self.bit_bias:
             logits = logits + logits.new_tensor([self.bit_bias, 0.0, -self.bit_bias])
         idx = logits.argmax(dim=-1)  # (N, nh, nw); first maximum wins
@@ -355,7 +355,7 @@ class BitSelector(nn.Module):
             probs = F.softmax(logits / self.tau, dim=-1)
         hard = F.one_hot(probs.argmax(-1), 3).to(probs.dtype)
         w = hard - probs.detach() + probs  # forward: one-hot; backward: soft
-        xs = self._shifted(x)
+        xs = self.shifted(x)
         outs = torch.stack([q.quantize(xs, b) for q, b in zip(self.candidates, CANDIDATE_BITS)], dim=1)
         ctx.bits.append((hard * self._bits_table).sum(-1).reshape(-1, 1, 1))  # elementwise: no bf16 matmul
         ctx.soft_bits.append((probs * self._bits_table).sum(-1))

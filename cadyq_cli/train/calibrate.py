@@ -42,7 +42,7 @@ def calibrate(model: SRModel, data: SRPairs, rng: np.random.Generator, cfg: Trai
     # In fp32 mode a BitSelector returns its (shifted) input without calling its candidates, so their
     # ``calibrating`` flag would never fire: calibrate them from what they would quantize instead.
     def _sel_hook(sel: BitSelector, inputs: tuple) -> None:
-        x = sel._shifted(inputs[0])
+        x = sel.shifted(inputs[0])
         for q in sel.candidates:
             q.calibrate_(x)
 
@@ -95,7 +95,7 @@ def init_selectors(model: SRModel, data: SRPairs, rng: np.random.Generator, cfg:
     def _hook(sel: BitSelector, inputs: tuple) -> None:
         x, ctx = inputs[0], inputs[1]
         feats[id(sel)].append(sel.features(x.detach(), ctx).flatten(0, 2))  # training patches: one region each
-        flat = sel._shifted(x.detach()).float().flatten()  # what the candidates quantize
+        flat = sel.shifted(x.detach()).float().flatten()  # what the candidates quantize
         samples[id(sel)].append(flat[torch.randint(0, flat.numel(), (100_000,), generator=gen)])
 
     _probe_batches(model, data, rng, cfg, _hook)
