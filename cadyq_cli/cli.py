@@ -533,6 +533,7 @@ def train(
     batch: Annotated[int, typer.Option(help="batch size")] = 16,
     lr: Annotated[float, typer.Option(help="learning rate")] = 2e-4,
     lr_patch: Annotated[int, typer.Option(help="LR crop size")] = 48,
+    scale_aug: Annotated[Optional[str], typer.Option("--scale-aug", metavar="0.9,0.8", help="also train on each training image downscaled by these factors (VDSR's scale augmentation: more content from a small set); validation unchanged")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     bf16: Annotated[str, typer.Option(help="bf16 autocast on CPU: auto (measured at start: on where it is faster), on, off")] = "auto",
     threads: Annotated[int, typer.Option(help="torch threads (0: default)")] = 0,
@@ -578,6 +579,10 @@ def train(
         scale_list = [int(v) for v in scales.split(",")] if scales else []
     except ValueError:
         raise _fail(f"--scales takes scales separated by commas (e.g. 2,3,4), not {scales!r}") from None
+    try:
+        aug_list = [float(v) for v in scale_aug.split(",")] if scale_aug else []
+    except ValueError:
+        raise _fail(f"--scale-aug takes factors separated by commas (e.g. 0.9,0.8,0.7,0.6), not {scale_aug!r}") from None
     on_cpu = device == "cpu"
     if on_cpu and (crowded := oversubscribed(threads)):
         typer.echo(crowded, err=True)
@@ -588,7 +593,7 @@ def train(
     cfg = TrainConfig(
         stage=stage, arch=arch, scale=scale, scales=scale_list, data=[str(d) for d in data], run_dir=str(run_dir),
         init=str(init) if init else None, teacher=str(teacher) if teacher else None, minutes=minutes,
-        steps=steps, stop_at=stop_at, batch=batch, lr=lr, lr_patch=lr_patch, seed=seed, bf16=use_bf16, threads=threads, device=device,
+        steps=steps, stop_at=stop_at, batch=batch, lr=lr, lr_patch=lr_patch, scale_aug=aug_list, seed=seed, bf16=use_bf16, threads=threads, device=device,
         val_every=val_every, keep_val=keep_val, bit_weight_max=bit_weight, bit_ramp_steps=bit_ramp, selector_lr=selector_lr,
         selector_norm=selector_norm, clip_init=clip_init, act_grid=act_grid, skip=skip, act_shift=act_shift,
         shift_lr=shift_lr, ema=ema,

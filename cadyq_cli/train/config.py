@@ -29,6 +29,9 @@ class TrainConfig:
     steps: int = 300_000  # schedule length (cosine); a session runs as many as its budget allows
     batch: int = 16
     lr_patch: int = 48
+    # also train on every training image downscaled by these factors (each in (0, 1); MATLAB bicubic):
+    # more distinct content from a small set (the scale augmentation of VDSR/DRRN); validation is unchanged
+    scale_aug: list[float] = field(default_factory=list)
     lr: float = 2e-4
     lr_min: float = 1e-6
     # decay of the weights' exponential moving average (e.g. 0.999; 0: off): validation, the checkpoint's
@@ -71,7 +74,8 @@ class TrainConfig:
 
 def check_config(cfg: TrainConfig) -> None:
     """Refuse, in one line (``SystemExit``), an unknown stage, a count below 1, a ``--shift-lr`` that is not
-    positive, an EMA decay outside [0, 1) or ``--wip-lean`` without ``--wip``."""
+    positive, an EMA decay outside [0, 1), a ``--scale-aug`` factor outside (0, 1) or repeated, or ``--wip-lean``
+    without ``--wip``."""
     if cfg.stage not in STAGES:
         raise SystemExit(f"unknown stage {cfg.stage!r}; choose from {', '.join(STAGES)}")
     for k in ("val_every", "steps", "batch"):
@@ -81,6 +85,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise SystemExit(f"--shift-lr must be positive (a fraction of each selector's 4-bit step), not {cfg.shift_lr}")
     if not 0.0 <= cfg.ema < 1.0:
         raise SystemExit(f"--ema must be a decay in [0, 1) (e.g. 0.999; 0: off), not {cfg.ema}")
+    if any(not 0.0 < f < 1.0 for f in cfg.scale_aug) or len(set(cfg.scale_aug)) != len(cfg.scale_aug):
+        raise SystemExit(f"--scale-aug takes distinct downscaling factors in (0, 1) (e.g. 0.9,0.8,0.7,0.6), not "
+                         f"{','.join(f'{f:g}' for f in cfg.scale_aug)}")
     if cfg.wip_lean and not cfg.wip:
         raise SystemExit("--wip-lean says how to keep the --wip file: name one with --wip FILE")
     if cfg.scales:
@@ -145,7 +152,7 @@ def check_resume(saved: dict, cfg: TrainConfig, ckpt: object) -> None:
 _RUNTIME_KEYS = ("minutes", "stop_at", "threads", "run_dir", "data", "val_every", "keep_val", "save_every", "log_every",
                  "device", "wip", "wip_lean")
 #: what a setting missing from an older checkpoint's config meant (others: compared only where recorded)
-_ABSENT: dict[str, object] = {"ema": 0.0, "scales": []}
+_ABSENT: dict[str, object] = {"ema": 0.0, "scales": [], "scale_aug": []}
 
 
 def config_changes(saved: dict, cfg: TrainConfig) -> dict:

@@ -1,4 +1,5 @@
-"""Training data: HR folders, MATLAB-bicubic LR, random crops with flips and 90° rotations."""
+"""Training data: HR folders (and, with scale augmentation, their downscaled copies), MATLAB-bicubic LR, random
+crops with flips and 90° rotations."""
 from __future__ import annotations
 
 import hashlib
@@ -69,21 +70,26 @@ def data_fingerprint(roots: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def load_pairs(paths: list[Path], scale: int, min_lr: int = 48) -> SRPairs:
-    """Read HR images, crop to a multiple of ``scale``, make LR with MATLAB bicubic."""
+def load_pairs(paths: list[Path], scale: int, min_lr: int = 48, scale_aug: tuple[float, ...] = ()) -> SRPairs:
+    """Read HR images, crop to a multiple of ``scale``, make LR with MATLAB bicubic.
+
+    ``scale_aug``: also each image downscaled (MATLAB bicubic) by these factors, as further HR images
+    (named ``<name>@<factor>``), each where one crop still fits."""
     names, hrs, lrs = [], [], []
     for p in paths:
         img = cv2.imread(str(p), cv2.IMREAD_COLOR)
         if img is None:
             continue
-        hr = img[:, :, ::-1]
-        h, w = (hr.shape[0] // scale) * scale, (hr.shape[1] // scale) * scale
-        if min(h, w) // scale < min_lr:
-            continue
-        hr = np.ascontiguousarray(hr[:h, :w])
-        names.append(p.name)
-        hrs.append(hr)
-        lrs.append(imresize(hr, 1 / scale))
+        full = np.ascontiguousarray(img[:, :, ::-1])
+        for f in (1.0, *scale_aug):
+            hr = full if f == 1.0 else imresize(full, f)
+            h, w = (hr.shape[0] // scale) * scale, (hr.shape[1] // scale) * scale
+            if min(h, w) // scale < min_lr:
+                continue
+            hr = np.ascontiguousarray(hr[:h, :w])
+            names.append(p.name if f == 1.0 else f"{p.name}@{f:g}")
+            hrs.append(hr)
+            lrs.append(imresize(hr, 1 / scale))
     return SRPairs(names, hrs, lrs, scale)
 
 
@@ -91,14 +97,15 @@ VAL_MIN_LR = 8  # held-out images are validated whole: any image with at least 8
 
 
 def split_pairs(paths: list[Path], n_val: int, seed: int, scale: int,
-                lr_patch: int | None) -> tuple[SRPairs | None, SRPairs]:
+                lr_patch: int | None, scale_aug: tuple[float, ...] = ()) -> tuple[SRPairs | None, SRPairs]:
     """The training pairs and the held-out validation pairs of the images ``paths``.
 
     Training keeps images with at least ``lr_patch`` LR pixels a side (one crop fits); with
-    ``lr_patch=None`` only the held-out pairs are read (the first item is ``None``).
+    ``lr_patch=None`` only the held-out pairs are read (the first item is ``None``). ``scale_aug``: the
+    training images' downscaled copies too (:func:`load_pairs`); the held-out images stay as they are.
     """
     train_paths, val_paths = split_train_val(paths, n_val, seed)
-    train = load_pairs(train_paths, scale, min_lr=lr_patch) if lr_patch is not None else None
+    train = load_pairs(train_paths, scale, min_lr=lr_patch, scale_aug=scale_aug) if lr_patch is not None else None
     return train, load_pairs(val_paths, scale, min_lr=VAL_MIN_LR)
 
 

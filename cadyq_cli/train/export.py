@@ -38,6 +38,8 @@ def _stage_info(run: Path) -> dict:
         info["init"] = cfg["init"]  # previous stage, or (fp) the warm-start checkpoint
     if cfg.get("ema"):
         info["ema"] = cfg["ema"]  # the checkpoint's model (what is exported) is the weights' moving average
+    if cfg.get("scale_aug"):
+        info["scale_aug"] = cfg["scale_aug"]  # it also trained on the images' downscaled copies
     if cfg["stage"] == "cadyq":
         info |= {k: cfg[k] for k in ("bit_weight_max", "bit_ramp_steps", "selector_lr", "selector_norm", "clip_init")
                  if k in cfg}

@@ -213,14 +213,15 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
     datas: dict[int, SRPairs] = {}
     vals: dict[int, SRPairs] = {}
     for s in train_scales(cfg):
-        pairs, vals[s] = split_pairs(paths, cfg.n_val, cfg.seed, s, cfg.lr_patch)
+        pairs, vals[s] = split_pairs(paths, cfg.n_val, cfg.seed, s, cfg.lr_patch, tuple(cfg.scale_aug))
         assert pairs is not None
         if not pairs.hr:
             raise SystemExit(f"no training image is at least {cfg.lr_patch * s} px on each side "
                              f"(--lr-patch {cfg.lr_patch} at x{s}) under {', '.join(cfg.data)}")
         datas[s] = pairs
     data, val = datas[cfg.scale], vals[cfg.scale]
-    log(f"data: {len(data.hr)} train / {len(val.hr)} val images{' per scale' if len(datas) > 1 else ''}, "
+    aug = f" (with copies downscaled by {','.join(f'{f:g}' for f in cfg.scale_aug)})" if cfg.scale_aug else ""
+    log(f"data: {len(data.hr)} train{aug} / {len(val.hr)} val images{' per scale' if len(datas) > 1 else ''}, "
         f"loaded in {time.time() - t0:.0f}s")
 
     model, teacher = prepare_models(cfg, resume, init)
