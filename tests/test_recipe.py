@@ -262,6 +262,12 @@ def test_starting_from_the_backbone_file_gives_the_same_export(root: Path, whole
     (lambda t: t.replace("steps = 6\nlr = 1e-3", "steps = 6\nlr = 1e-3\nact_shift = 1"), "act_shift = 1 must be bool"),
     (lambda t: t.replace("steps = 6\nlr = 1e-3", 'steps = 6\nlr = 1e-3\nema = "0.9"'), "ema = '0.9' must be int or float"),
     (lambda t: t.replace("steps = 6\nlr = 1e-3", 'steps = 6\nlr = 1e-3\nwip = "w.safetensors"'), "unknown key 'wip'"),
+    (lambda t: t.replace("steps = 6\nlr = 1e-3", "steps = 6\nlr = 1e-3\nscale_aug = 0.8"),
+     "scale_aug = 0.8 must be a list of distinct factors in (0, 1)"),
+    (lambda t: t.replace("steps = 6\nlr = 1e-3", "steps = 6\nlr = 1e-3\nscale_aug = [0.8, 1.5]"),
+     "scale_aug = [0.8, 1.5] must be a list"),
+    (lambda t: t.replace("steps = 6\nlr = 1e-3", 'steps = 6\nlr = 1e-3\nscale_aug = ["0.8"]'),
+     "scale_aug = ['0.8'] must be a list"),
     (lambda t: t + '\n[export]\nstorage = "bfloat16"\n', "storage must be one of float32, float16, not 'bfloat16'"),
     (lambda t: t + '\n[export]\nstorage = [16]\n', "storage must be one of float32, float16, not [16]"),
 ])
@@ -279,6 +285,12 @@ def test_a_recipe_stage_may_set_ema(root: Path, tmp_path: Path) -> None:
     path = tmp_path / "ema.toml"
     path.write_text(TINY.format(root=root, start="", backbone="").replace("steps = 6\nlr = 1e-3", "steps = 6\nlr = 1e-3\nema = 0.999"))
     assert [s.settings.get("ema") for s in load_recipe(path).segments][:2] == [0.999, None]
+
+
+def test_a_recipe_stage_may_set_scale_aug(root: Path, tmp_path: Path) -> None:
+    path = tmp_path / "aug.toml"
+    path.write_text(TINY.format(root=root, start="", backbone="").replace("steps = 6\nlr = 1e-3", "steps = 6\nlr = 1e-3\nscale_aug = [0.9, 0.7]"))
+    assert [s.settings.get("scale_aug") for s in load_recipe(path).segments][:2] == [[0.9, 0.7], None]
 
 
 def test_recipe_cli_refuses_a_stage_beside_it_and_an_edited_recipe(root: Path, tmp_path: Path, whole) -> None:

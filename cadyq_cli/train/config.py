@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["STAGES", "TrainConfig", "check_config", "check_resume", "check_source_scales", "config_changes", "lr_at",
+__all__ = ["STAGES", "TrainConfig", "check_config", "check_resume", "check_source_scales", "config_changes", "lr_at", "scale_aug_ok",
            "train_scales", "trained_scales"]
 
 STAGES = ("fp", "pams", "cadyq")
@@ -72,6 +72,12 @@ class TrainConfig:
     data_id: str | None = None  # set by train_stage: fingerprint of the training image list (names, sizes)
 
 
+def scale_aug_ok(factors: object) -> bool:
+    """Whether ``factors`` is a valid ``scale_aug``: a list of distinct numbers in (0, 1)."""
+    return (isinstance(factors, list) and len(set(factors)) == len(factors)
+            and all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0.0 < f < 1.0 for f in factors))
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Refuse, in one line (``SystemExit``), an unknown stage, a count below 1, a ``--shift-lr`` that is not
     positive, an EMA decay outside [0, 1), a ``--scale-aug`` factor outside (0, 1) or repeated, or ``--wip-lean``
@@ -85,7 +91,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise SystemExit(f"--shift-lr must be positive (a fraction of each selector's 4-bit step), not {cfg.shift_lr}")
     if not 0.0 <= cfg.ema < 1.0:
         raise SystemExit(f"--ema must be a decay in [0, 1) (e.g. 0.999; 0: off), not {cfg.ema}")
-    if any(not 0.0 < f < 1.0 for f in cfg.scale_aug) or len(set(cfg.scale_aug)) != len(cfg.scale_aug):
+    if not scale_aug_ok(cfg.scale_aug):
         raise SystemExit(f"--scale-aug takes distinct downscaling factors in (0, 1) (e.g. 0.9,0.8,0.7,0.6), not "
                          f"{','.join(f'{f:g}' for f in cfg.scale_aug)}")
     if cfg.wip_lean and not cfg.wip:
