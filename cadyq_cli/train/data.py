@@ -13,7 +13,8 @@ import torch
 from ..io import INPUT_EXTENSIONS
 from ..resize import imresize
 
-__all__ = ["SRPairs", "load_pairs", "list_images", "split_train_val", "split_pairs", "heldout_pairs", "data_fingerprint"]
+__all__ = ["SRPairs", "read_images", "make_pairs", "load_pairs", "list_images", "split_train_val", "split_pairs",
+           "split_pairs_at", "heldout_pairs", "data_fingerprint"]
 
 
 @dataclass
@@ -70,30 +71,54 @@ def data_fingerprint(roots: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def load_pairs(paths: list[Path], scale: int, min_lr: int = 48, scale_aug: tuple[float, ...] = ()) -> SRPairs:
-    """Read HR images, crop to a multiple of ``scale``, make LR with MATLAB bicubic.
-
-    ``scale_aug``: also each image downscaled (MATLAB bicubic) by these factors, as further HR images
-    (named ``<name>@<factor>``), each where one crop still fits."""
-    names, hrs, lrs = [], [], []
+def read_images(paths: list[Path], scale_aug: tuple[float, ...] = ()) -> list[tuple[str, np.ndarray]]:
+    """The images ``paths`` as (name, uint8 RGB) (unreadable ones skipped), each followed by its copies downscaled
+    (MATLAB bicubic) by the factors ``scale_aug``, named ``<name>@<factor>``."""
+    out = []
     for p in paths:
         img = cv2.imread(str(p), cv2.IMREAD_COLOR)
         if img is None:
             continue
         full = np.ascontiguousarray(img[:, :, ::-1])
-        for f in (1.0, *scale_aug):
-            hr = full if f == 1.0 else imresize(full, f)
-            h, w = (hr.shape[0] // scale) * scale, (hr.shape[1] // scale) * scale
-            if min(h, w) // scale < min_lr:
-                continue
-            hr = np.ascontiguousarray(hr[:h, :w])
-            names.append(p.name if f == 1.0 else f"{p.name}@{f:g}")
-            hrs.append(hr)
-            lrs.append(imresize(hr, 1 / scale))
+        out.append((p.name, full))
+        out += [(f"{p.name}@{f:g}", imresize(full, f)) for f in scale_aug]
+    return out
+
+
+def make_pairs(images: list[tuple[str, np.ndarray]], scale: int, min_lr: int) -> SRPairs:
+    """HR/LR pairs of ``images`` (from :func:`read_images`): each cropped to a multiple of ``scale``, its LR made with
+    MATLAB bicubic; an image with fewer than ``min_lr`` LR pixels a side is left out."""
+    names, hrs, lrs = [], [], []
+    for name, img in images:
+        h, w = (img.shape[0] // scale) * scale, (img.shape[1] // scale) * scale
+        if min(h, w) // scale < min_lr:
+            continue
+        hr = np.ascontiguousarray(img[:h, :w])
+        names.append(name)
+        hrs.append(hr)
+        lrs.append(imresize(hr, 1 / scale))
     return SRPairs(names, hrs, lrs, scale)
 
 
+def load_pairs(paths: list[Path], scale: int, min_lr: int = 48, scale_aug: tuple[float, ...] = ()) -> SRPairs:
+    """Read HR images, crop to a multiple of ``scale``, make LR with MATLAB bicubic.
+
+    ``scale_aug``: also each image downscaled (MATLAB bicubic) by these factors, as further HR images
+    (named ``<name>@<factor>``), each where one crop still fits."""
+    return make_pairs(read_images(paths, scale_aug), scale, min_lr)
+
+
 VAL_MIN_LR = 8  # held-out images are validated whole: any image with at least 8 LR pixels a side
+
+
+def split_pairs_at(paths: list[Path], n_val: int, seed: int, scales: list[int], lr_patch: int | None,
+                   scale_aug: tuple[float, ...] = ()) -> dict[int, tuple[SRPairs | None, SRPairs]]:
+    """:func:`split_pairs` at each of ``scales`` (a multi-scale run), every image (and copy) read and made once."""
+    train_paths, val_paths = split_train_val(paths, n_val, seed)
+    train = read_images(train_paths, scale_aug) if lr_patch is not None else None
+    val = read_images(val_paths)
+    return {s: (make_pairs(train, s, lr_patch) if train is not None and lr_patch is not None else None,
+                make_pairs(val, s, VAL_MIN_LR)) for s in scales}
 
 
 def split_pairs(paths: list[Path], n_val: int, seed: int, scale: int,
@@ -104,9 +129,7 @@ def split_pairs(paths: list[Path], n_val: int, seed: int, scale: int,
     ``lr_patch=None`` only the held-out pairs are read (the first item is ``None``). ``scale_aug``: the
     training images' downscaled copies too (:func:`load_pairs`); the held-out images stay as they are.
     """
-    train_paths, val_paths = split_train_val(paths, n_val, seed)
-    train = load_pairs(train_paths, scale, min_lr=lr_patch, scale_aug=scale_aug) if lr_patch is not None else None
-    return train, load_pairs(val_paths, scale, min_lr=VAL_MIN_LR)
+    return split_pairs_at(paths, n_val, seed, [scale], lr_patch, scale_aug)[scale]
 
 
 def heldout_pairs(roots: list[Path], n_val: int, seed: int, scale: int) -> SRPairs:

@@ -24,7 +24,7 @@ from ..quant.modules import ActQuantizer
 from ..quant.primitives import qmax_for_bits
 from .calibrate import calibrate, init_selectors
 from .config import TrainConfig, check_config, check_resume, config_changes, lr_at, train_scales
-from .data import SRPairs, data_fingerprint, list_images, split_pairs
+from .data import SRPairs, data_fingerprint, list_images, split_pairs_at
 from .ema import WeightEMA
 from .losses import AttentionTaps, stage_loss
 from .prepare import prepare_models, resolve_variants
@@ -212,8 +212,8 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
     t0 = time.time()
     datas: dict[int, SRPairs] = {}
     vals: dict[int, SRPairs] = {}
-    for s in train_scales(cfg):
-        pairs, vals[s] = split_pairs(paths, cfg.n_val, cfg.seed, s, cfg.lr_patch, tuple(cfg.scale_aug))
+    for s, (pairs, vals[s]) in split_pairs_at(paths, cfg.n_val, cfg.seed, train_scales(cfg), cfg.lr_patch,
+                                              tuple(cfg.scale_aug)).items():
         assert pairs is not None
         if not pairs.hr:
             raise SystemExit(f"no training image is at least {cfg.lr_patch * s} px on each side "
