@@ -11,7 +11,7 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional, TypeVar
 
 import typer
 from rich import box
@@ -105,6 +105,18 @@ def _exit_code(e: BaseException) -> int:
 def _fail(msg: str, code: int = 2) -> typer.Exit:
     err.print(f"[red]error:[/red] {escape(msg)}", soft_wrap=True)
     return typer.Exit(code)
+
+
+_T = TypeVar("_T")
+
+
+def _comma_list(text: str | None, kind: Callable[[str], _T], refusal: str) -> list[_T]:
+    """An option's comma-separated values (empty where it is not given); ``refusal`` (one line, exit 2) where one
+    is not a ``kind``."""
+    try:
+        return [kind(v) for v in text.split(",")] if text else []
+    except ValueError:
+        raise _fail(refusal) from None
 
 
 def _fail_on(e: BaseException) -> typer.Exit:
@@ -461,10 +473,7 @@ def eval_cmd(
     mode_list = [m.strip() for m in (modes or default_modes).split(",") if m.strip()]
     curve_on = curve is not None or curve_csv is not None
     if curve_on:
-        try:
-            bias_list = tuple(float(b) for b in biases.split(",")) if biases else DEFAULT_BIASES
-        except ValueError:
-            raise _fail(f"--biases {biases}: give numbers separated by commas") from None
+        bias_list = tuple(_comma_list(biases, float, f"--biases {biases}: give numbers separated by commas")) or DEFAULT_BIASES
         mode_list = list(dict.fromkeys(curve_modes(bias_list) + (mode_list if modes else [])))
     # --modes or --curve: the default model
     bicubic_only = bicubic and model is None and weights is None and modes is None and not curve_on
@@ -575,14 +584,9 @@ def train(
         return _train_recipe(recipe, stage, data, run_dir, minutes, bf16, threads, device)
     if stage is None or not data or run_dir is None:
         raise _fail("cadyq train needs a STAGE with --data and --run, or --recipe FILE")
-    try:
-        scale_list = [int(v) for v in scales.split(",")] if scales else []
-    except ValueError:
-        raise _fail(f"--scales takes scales separated by commas (e.g. 2,3,4), not {scales!r}") from None
-    try:
-        aug_list = [float(v) for v in scale_aug.split(",")] if scale_aug else []
-    except ValueError:
-        raise _fail(f"--scale-aug takes factors separated by commas (e.g. 0.9,0.8,0.7,0.6), not {scale_aug!r}") from None
+    scale_list = _comma_list(scales, int, f"--scales takes scales separated by commas (e.g. 2,3,4), not {scales!r}")
+    aug_list = _comma_list(scale_aug, float, f"--scale-aug takes factors separated by commas (e.g. 0.9,0.8,0.7,0.6), "
+                                             f"not {scale_aug!r}")
     on_cpu = device == "cpu"
     if on_cpu and (crowded := oversubscribed(threads)):
         typer.echo(crowded, err=True)
