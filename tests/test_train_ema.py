@@ -21,6 +21,7 @@ from cadyq_cli.quant.modules import set_quant_mode
 from cadyq_cli.train.config import TrainConfig
 from cadyq_cli.train.ema import WeightEMA, ema_decay
 from cadyq_cli.train.loop import train_stage
+from cadyq_cli.train.prepare import prepare_models
 from cadyq_cli.train.state import load_state, restore_weights
 from cadyq_cli.train.validate import validate
 from cadyq_cli.train.wip import read_wip, save_wip
@@ -271,3 +272,24 @@ def test_wip_keeps_standardized_selectors(tmp_path: Path) -> None:
     save_weights(model, tmp_path / "m.safetensors")  # a weights file is not a --wip file
     with pytest.raises(SystemExit, match="not a file written by cadyq train --wip"):
         read_wip(tmp_path / "m.safetensors")
+
+
+def test_a_wip_file_is_an_init(data_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """``--init`` takes a --wip file as the checkpoint it keeps: the weight average where there is one."""
+    run, full, lean = tmp_path / "run", tmp_path / "full.safetensors", tmp_path / "lean.safetensors"
+    train_stage(_cfg(data_dir, run, steps=5, stop_at=3, ema=0.9, wip=str(full)))
+    train_stage(_cfg(data_dir, run, steps=5, stop_at=3, ema=0.9, wip=str(lean), wip_lean=True))  # saves as is
+    st = load_state(run / "last.pt")
+    from_full, from_lean = load_state(full), load_state(lean)
+    assert from_full["step"] == from_lean["step"] == 3 and from_full["config"]["ema"] == 0.9
+    for k, v in st["model"].items():  # the average, as last.pt's model (the lean file: in float16)
+        assert torch.allclose(from_full["model"][k], v, rtol=1e-6, atol=1e-7), k
+        assert torch.equal(from_lean["model"][k], v.half().float()), k
+    assert all(torch.equal(from_full["raw_model"][k], v) for k, v in st["raw_model"].items())
+    assert not all(torch.equal(from_full["model"][k], st["raw_model"][k]) for k in st["model"])
+
+    model, _ = prepare_models(_cfg(data_dir, tmp_path / "next", init=str(lean)), None, None)  # a new fp run
+    assert all(torch.equal(v, from_lean["model"][k]) for k, v in model.state_dict().items())  # starts from it
+    train_stage(_cfg(data_dir, tmp_path / "pams", stage="pams", steps=1, init=str(full)))  # and a pams stage's
+    pams = load_state(tmp_path / "pams" / "last.pt")
+    assert pams["step"] == 1 and pams["model"].keys() == st["model"].keys()

@@ -4,9 +4,11 @@ atomically and restored exactly; read through :func:`cadyq_cli.checkpoint.read_c
 With a weight average (``--ema``) a checkpoint's ``model`` is the averaged model (what every reader
 of the file takes: export, select, eval, a later ``--init``); the raw weights training goes on
 with are ``raw_model`` and the average in its training layout ``ema``, both for an exact resume.
+A ``--wip`` file (train/wip.py writes it) is read here too, as the checkpoint it keeps.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 from dataclasses import asdict
@@ -14,13 +16,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
-from ..checkpoint import TRAIN_FORMAT, read_checkpoint
+from ..checkpoint import TRAIN_FORMAT, read_checkpoint, read_state_dict
+from ..models import create_model
 from ..models._base import SRModel
+from ..quant.modules import has_act_shifts
 from .config import TrainConfig
 from .ema import WeightEMA
 
-__all__ = ["save_state", "load_state", "restore_state", "weights_state", "restore_weights"]
+__all__ = ["save_state", "load_state", "restore_state", "weights_state", "restore_weights", "read_wip", "WIP_FORMAT"]
+
+#: format tag in a --wip file's metadata (written by :func:`cadyq_cli.train.wip.save_wip`)
+WIP_FORMAT = "cadyq-wip-1"
 
 
 def averaged_weights(model: SRModel, ema: WeightEMA) -> tuple[dict, dict]:
@@ -72,8 +80,63 @@ def load_state(path: str | Path) -> dict:
     A ``.safetensors`` file (a shipped backbone, ``weights/backbones/``, or a shipped model) reads as
     ``{"model": tensors, "config": {...}}`` with the stage, arch, scale, grid and skip its metadata
     records, so ``--init`` takes it wherever it takes a checkpoint (weights only: no optimizer state).
+    A ``--wip`` file (``weights/wip/``) reads as the checkpoint it keeps, without optimizer and RNG
+    state: its ``model`` is the weight average where the run kept one, as in ``last.pt``.
     """
+    if _is_wip(path):
+        return _wip_checkpoint(path)
     return read_checkpoint(path)
+
+
+def _is_wip(path: str | Path) -> bool:
+    """Whether ``path`` is a safetensors file tagged :data:`WIP_FORMAT` (any other file: ``False``)."""
+    if Path(path).suffix != ".safetensors" or not Path(path).is_file():
+        return False
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("format") == WIP_FORMAT
+    except Exception:  # not readable as safetensors: read_checkpoint says why in one line
+        return False
+
+
+def read_wip(path: str | Path) -> dict:
+    """A --wip file as a training state without optimizer and RNG: ``config``, ``step``,
+    ``elapsed_s``, ``model`` (the raw weights), ``selector_train`` and ``ema`` (``None`` when off).
+    Refused in one line where the file is no --wip file."""
+    tensors, meta = read_state_dict(path)
+    if meta.get("format") != WIP_FORMAT or "config" not in meta:
+        raise SystemExit(f"--wip {path}: not a file written by cadyq train --wip")
+    state: dict = {"config": json.loads(meta["config"]), "step": int(meta["step"]),
+                   "elapsed_s": float(meta["elapsed_s"]), "model": {}, "selector_train": {}, "ema": {}}
+    for key, v in tensors.items():
+        part, _, rest = key.partition("/")
+        v = v.float() if v.dtype == torch.float16 else v  # a lean file's float16
+        if part == "selector_train":
+            name, _, field = rest.rpartition("/")
+            state["selector_train"].setdefault(name, {})[field] = v
+        elif part in ("model", "ema"):
+            state[part][rest] = v
+        else:
+            raise SystemExit(f"--wip {path}: unexpected tensor {key!r}")
+    state["ema"] = state["ema"] or None
+    return state
+
+
+def _wip_checkpoint(path: str | Path) -> dict:
+    """A --wip file as :func:`load_state` gives a checkpoint: ``model`` the (folded) weight average where the
+    file keeps one apart from the raw weights (then ``raw_model`` and ``ema`` as in ``last.pt``)."""
+    state = read_wip(path)
+    if state["ema"] is None:  # no average, or a lean file, whose weights are the average already
+        return state
+    cfg = state["config"]
+    model: SRModel = create_model(cfg["arch"], int(cfg["scale"]))  # type: ignore[assignment]
+    if has_act_shifts(state["model"]):
+        model.enable_act_shift()
+    restore_weights(state, model)
+    ema = WeightEMA(model, float(cfg.get("ema") or 0.0))
+    ema.load_state_dict(state["ema"])
+    state["raw_model"], state["model"] = state["model"], averaged_weights(model, ema)[0]
+    return state
 
 
 def restore_weights(state: dict, model: SRModel) -> None:

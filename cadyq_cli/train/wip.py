@@ -23,16 +23,13 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import fits, read_state_dict, save_state_dict
+from ..checkpoint import fits, save_state_dict
 from ..models._base import SRModel
 from .config import TrainConfig
 from .ema import WeightEMA
-from .state import averaged_weights, weights_state
+from .state import WIP_FORMAT, averaged_weights, read_wip, weights_state  # the reader lives with load_state
 
 __all__ = ["WIP_FORMAT", "save_wip", "read_wip"]
-
-#: format tag in a --wip file's metadata
-WIP_FORMAT = "cadyq-wip-1"
 
 
 def save_wip(path: str | Path, model: SRModel, ema: WeightEMA | None, step: int, cfg: TrainConfig,
@@ -60,26 +57,3 @@ def save_wip(path: str | Path, model: SRModel, ema: WeightEMA | None, step: int,
 def _half(v: torch.Tensor) -> torch.Tensor:
     """``v`` as float16 where it is a float32 tensor that fits (:func:`cadyq_cli.checkpoint.fits`), else unchanged."""
     return v.half() if v.dtype == torch.float32 and fits(v, torch.float16) else v
-
-
-def read_wip(path: str | Path) -> dict:
-    """A --wip file as a training state without optimizer and RNG: ``config``, ``step``,
-    ``elapsed_s``, ``model`` (the raw weights), ``selector_train`` and ``ema`` (``None`` when off).
-    Refused in one line where the file is no --wip file."""
-    tensors, meta = read_state_dict(path)
-    if meta.get("format") != WIP_FORMAT or "config" not in meta:
-        raise SystemExit(f"--wip {path}: not a file written by cadyq train --wip")
-    state: dict = {"config": json.loads(meta["config"]), "step": int(meta["step"]),
-                   "elapsed_s": float(meta["elapsed_s"]), "model": {}, "selector_train": {}, "ema": {}}
-    for key, v in tensors.items():
-        part, _, rest = key.partition("/")
-        v = v.float() if v.dtype == torch.float16 else v  # a lean file's float16
-        if part == "selector_train":
-            name, _, field = rest.rpartition("/")
-            state["selector_train"].setdefault(name, {})[field] = v
-        elif part in ("model", "ema"):
-            state[part][rest] = v
-        else:
-            raise SystemExit(f"--wip {path}: unexpected tensor {key!r}")
-    state["ema"] = state["ema"] or None
-    return state
