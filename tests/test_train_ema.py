@@ -22,7 +22,8 @@ from cadyq_cli.train.config import TrainConfig
 from cadyq_cli.train.ema import WeightEMA, ema_decay
 from cadyq_cli.train.loop import train_stage
 from cadyq_cli.train.prepare import prepare_models
-from cadyq_cli.train.state import load_state, restore_weights
+from cadyq_cli.train.export import export_backbone
+from cadyq_cli.train.state import load_state, restore_weights, weights_state
 from cadyq_cli.train.validate import validate
 from cadyq_cli.train.wip import read_wip, save_wip
 from tests.test_train import _cfg, _log, _val, data_dir  # noqa: F401  (data_dir: the fixture)
@@ -293,3 +294,31 @@ def test_a_wip_file_is_an_init(data_dir: Path, tmp_path: Path) -> None:  # noqa:
     train_stage(_cfg(data_dir, tmp_path / "pams", stage="pams", steps=1, init=str(full)))  # and a pams stage's
     pams = load_state(tmp_path / "pams" / "last.pt")
     assert pams["step"] == 1 and pams["model"].keys() == st["model"].keys()
+
+
+def test_a_full_wip_file_of_a_cadyq_run_reads_as_its_folded_average(tmp_path: Path) -> None:
+    """A full --wip file keeps the raw weights and the average apart: as an --init it gives the average with the
+    selectors folded back to raw features, as that run's last.pt would."""
+    model, _ = _standardized_model(6)
+    ema = WeightEMA(model, 0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    cfg = TrainConfig(stage="cadyq", scale=2, act_grid="signed", skip="official", ema=0.9, wip="w")
+    save_wip(tmp_path / "w.safetensors", model, ema, 9, cfg, 1.0)
+    want = weights_state(model, ema)
+    got = load_state(tmp_path / "w.safetensors")
+    sel = "body.0.bitsel1.net_small.0.weight"
+    assert not torch.equal(want["model"][sel], want["raw_model"][sel])  # folded and averaged: not the raw form
+    for part in ("model", "raw_model"):
+        assert got[part].keys() == want[part].keys()
+        assert all(torch.allclose(got[part][k], v, rtol=1e-5, atol=1e-6) for k, v in want[part].items()), part
+
+
+def test_a_backbone_comes_from_a_run_checkpoint(tmp_path: Path) -> None:
+    """A --wip file reads as a checkpoint but has no run folder to record: refused in one line, nothing written."""
+    model, _ = _standardized_model(2)
+    save_wip(tmp_path / "w.safetensors", model, None, 3, TrainConfig(stage="fp", scale=2), 1.0)
+    with pytest.raises(SystemExit, match=r"w.safetensors: a backbone comes from an fp run's checkpoint, RUN/last.pt"):
+        export_backbone(tmp_path / "w.safetensors", "bb", tmp_path / "weights")
+    assert not (tmp_path / "weights").exists()

@@ -187,6 +187,8 @@ def export_backbone(ckpt: Path, name: str, weights_dir: Path) -> dict:
     A later lineage starts from it with ``cadyq train pams|fp --init FILE`` (optimizer state is not
     kept: every lineage restarted its optimizer at ``--init`` anyway).
     """
+    if Path(ckpt).name != "last.pt":  # its run folder gives the lineage record (steps, minutes, validation)
+        raise SystemExit(f"{ckpt}: a backbone comes from an fp run's checkpoint, RUN/last.pt")
     st = load_state(ckpt)
     cfg = st["config"]
     if cfg.get("stage") != "fp":

@@ -90,7 +90,7 @@ def load_state(path: str | Path) -> dict:
 
 def _is_wip(path: str | Path) -> bool:
     """Whether ``path`` is a safetensors file tagged :data:`WIP_FORMAT` (any other file: ``False``)."""
-    if Path(path).suffix != ".safetensors" or not Path(path).is_file():
+    if not Path(path).is_file():
         return False
     try:
         with safe_open(str(path), "pt") as f:
