@@ -127,7 +127,7 @@ def test_each_shift_learns_at_a_rate_in_units_of_its_own_4_bit_step() -> None:
     groups = {g["shift_of"]: g for g in opt.param_groups if "shift_of" in g}
     assert len(groups) == len(model.selectors) == 32
     for i, sel in enumerate(model.selectors):
-        step4 = float(sel.quant_bit1.alpha) / (7 if sel.signed else 15)
+        step4 = float(sel.quant_bit1.alpha.detach()) / (7 if sel.signed else 15)
         assert groups[i]["lr"] == pytest.approx(0.05 * step4) and groups[i]["params"][0] is sel.act_shift
     assert {model.selectors[i].signed for i in groups} == {True, False}
     with torch.no_grad():
