@@ -133,6 +133,6 @@ def test_each_shift_learns_at_a_rate_in_units_of_its_own_4_bit_step() -> None:
     with torch.no_grad():
         model.selectors[0].quant_bit1.alpha.mul_(2)
     set_shift_lrs(opt, model, cfg)
-    assert groups[0]["lr"] == pytest.approx(0.05 * float(model.selectors[0].quant_bit1.alpha) / 7)
+    assert groups[0]["lr"] == pytest.approx(0.05 * float(model.selectors[0].quant_bit1.alpha.detach()) / 7)
     shifts = {id(s.act_shift) for s in model.selectors}
     assert not any(id(p) in shifts for g in opt.param_groups if "shift_of" not in g for p in g["params"])
