@@ -22,7 +22,7 @@ from .models._base import ACT_GRIDS, SRModel
 from .models._pams import strip_module_prefix
 from .quant.modules import has_act_shifts
 
-__all__ = ["read_state_dict", "read_checkpoint", "fits", "weights_digest", "detect_arch", "load_model_file", "save_weights", "save_state_dict", "model_from_state_dict",
+__all__ = ["read_state_dict", "read_checkpoint", "safetensors_metadata", "fits", "weights_digest", "detect_arch", "load_model_file", "save_weights", "save_state_dict", "model_from_state_dict",
            "stored_state_dict", "STORAGE_DTYPES"]
 
 FORMAT = "cadyq-weights-1"
@@ -46,6 +46,27 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return strip_module_prefix(obj)  # type: ignore[arg-type]
 
 
+def _is_safetensors(path: Path, head: bytes) -> bool:
+    """Whether a weights file is safetensors: by its name, or by its first 16 bytes ``head`` (a header length, then JSON)."""
+    return path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{")
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a safetensors file, from its header alone (no tensor is read); ``{}`` for any other
+    file, or one that cannot be read (:func:`read_checkpoint` says why in one line)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            if not _is_safetensors(path, f.read(16)):
+                return {}
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return {}
+
+
 def _load(path: Path) -> tuple[object, dict[str, str]]:
     """The object a weights file stores, loaded safely, with its safetensors metadata (else empty).
 
@@ -59,7 +80,7 @@ def _load(path: Path) -> tuple[object, dict[str, str]]:
         raise CheckpointReadError(f"{path}: empty file")
     with open(path, "rb") as f:
         head = f.read(16)
-    if path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
+    if _is_safetensors(path, head):
         from safetensors import SafetensorError
         from safetensors.torch import load_file, safe_open
 

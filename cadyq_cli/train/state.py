@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
-from ..checkpoint import TRAIN_FORMAT, read_checkpoint, read_state_dict
+from ..checkpoint import TRAIN_FORMAT, read_checkpoint, read_state_dict, safetensors_metadata
 from ..models import create_model
 from ..models._base import SRModel
 from ..quant.modules import has_act_shifts
@@ -83,20 +82,9 @@ def load_state(path: str | Path) -> dict:
     A ``--wip`` file (``weights/wip/``) reads as the checkpoint it keeps, without optimizer and RNG
     state: its ``model`` is the weight average where the run kept one, as in ``last.pt``.
     """
-    if _is_wip(path):
+    if safetensors_metadata(path).get("format") == WIP_FORMAT:
         return _wip_checkpoint(path)
     return read_checkpoint(path)
-
-
-def _is_wip(path: str | Path) -> bool:
-    """Whether ``path`` is a safetensors file tagged :data:`WIP_FORMAT` (any other file: ``False``)."""
-    if not Path(path).is_file():
-        return False
-    try:
-        with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("format") == WIP_FORMAT
-    except Exception:  # not readable as safetensors: read_checkpoint says why in one line
-        return False
 
 
 def read_wip(path: str | Path) -> dict:
