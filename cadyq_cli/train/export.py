@@ -187,7 +187,7 @@ def export_backbone(ckpt: Path, name: str, weights_dir: Path) -> dict:
     A later lineage starts from it with ``cadyq train pams|fp --init FILE`` (optimizer state is not
     kept: every lineage restarted its optimizer at ``--init`` anyway).
     """
-    if Path(ckpt).name != "last.pt":  # its run folder gives the lineage record (steps, minutes, validation)
+    if not (Path(ckpt).parent / "last.pt").is_file():  # the run folder gives the record (steps, minutes, validation)
         raise SystemExit(f"{ckpt}: a backbone comes from an fp run's checkpoint, RUN/last.pt")
     st = load_state(ckpt)
     cfg = st["config"]
