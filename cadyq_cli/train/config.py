@@ -5,7 +5,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 __all__ = ["STAGES", "TrainConfig", "check_config", "check_resume", "check_source_scales", "config_changes", "lr_at", "scale_aug_ok",
-           "train_scales", "trained_scales"]
+           "scale_aug_text", "train_scales", "trained_scales"]
 
 STAGES = ("fp", "pams", "cadyq")
 
@@ -78,6 +78,11 @@ def scale_aug_ok(factors: object) -> bool:
             and all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0.0 < f < 1.0 for f in factors))
 
 
+def scale_aug_text(factors: list[float]) -> str:
+    """``--scale-aug``'s factors as the option takes them (``0.9,0.8``): for messages and the training log."""
+    return ",".join(f"{f:g}" for f in factors)
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Refuse, in one line (``SystemExit``), an unknown stage, a count below 1, a ``--shift-lr`` that is not
     positive, an EMA decay outside [0, 1), a ``--scale-aug`` factor outside (0, 1) or repeated, or ``--wip-lean``
@@ -93,7 +98,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise SystemExit(f"--ema must be a decay in [0, 1) (e.g. 0.999; 0: off), not {cfg.ema}")
     if not scale_aug_ok(cfg.scale_aug):
         raise SystemExit(f"--scale-aug takes distinct downscaling factors in (0, 1) (e.g. 0.9,0.8,0.7,0.6), not "
-                         f"{','.join(f'{f:g}' for f in cfg.scale_aug)}")
+                         f"{scale_aug_text(cfg.scale_aug)}")
     if cfg.wip_lean and not cfg.wip:
         raise SystemExit("--wip-lean says how to keep the --wip file: name one with --wip FILE")
     if cfg.scales:

@@ -23,7 +23,7 @@ from ..quant.modes import CANDIDATE_BITS
 from ..quant.modules import ActQuantizer
 from ..quant.primitives import qmax_for_bits
 from .calibrate import calibrate, init_selectors
-from .config import TrainConfig, check_config, check_resume, config_changes, lr_at, train_scales
+from .config import TrainConfig, check_config, check_resume, config_changes, lr_at, scale_aug_text, train_scales
 from .data import SRPairs, data_fingerprint, list_images, split_pairs_at
 from .ema import WeightEMA
 from .losses import AttentionTaps, stage_loss
@@ -220,7 +220,7 @@ def train_stage(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) -
                              f"(--lr-patch {cfg.lr_patch} at x{s}) under {', '.join(cfg.data)}")
         datas[s] = pairs
     data, val = datas[cfg.scale], vals[cfg.scale]
-    aug = f" (with copies downscaled by {','.join(f'{f:g}' for f in cfg.scale_aug)})" if cfg.scale_aug else ""
+    aug = f" (with copies downscaled by {scale_aug_text(cfg.scale_aug)})" if cfg.scale_aug else ""
     log(f"data: {len(data.hr)} train{aug} / {len(val.hr)} val images{' per scale' if len(datas) > 1 else ''}, "
         f"loaded in {time.time() - t0:.0f}s")
 
