@@ -115,10 +115,10 @@ def split_pairs_at(paths: list[Path], n_val: int, seed: int, scales: list[int], 
                    scale_aug: tuple[float, ...] = ()) -> dict[int, tuple[SRPairs | None, SRPairs]]:
     """:func:`split_pairs` at each of ``scales`` (a multi-scale run), every image (and copy) read and made once."""
     train_paths, val_paths = split_train_val(paths, n_val, seed)
-    train = read_images(train_paths, scale_aug) if lr_patch is not None else None
     val = read_images(val_paths)
-    return {s: (make_pairs(train, s, lr_patch) if train is not None and lr_patch is not None else None,
-                make_pairs(val, s, VAL_MIN_LR)) for s in scales}
+    train = read_images(train_paths, scale_aug) if lr_patch is not None else []
+    return {s: (None if lr_patch is None else make_pairs(train, s, lr_patch), make_pairs(val, s, VAL_MIN_LR))
+            for s in scales}
 
 
 def split_pairs(paths: list[Path], n_val: int, seed: int, scale: int,
