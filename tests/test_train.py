@@ -175,6 +175,50 @@ def test_cadyq_bit_loss_lowers_fab(data_dir: Path, pams_run: Path, tmp_path: Pat
     assert log[-1]["val_fab"] < 7.0
 
 
+def test_bit_target_hinges_the_bit_loss() -> None:
+    """--bit-target: the bit loss is weight * max(0, expected bits - budget); without one, weight * expected bits."""
+    from cadyq_cli.train.losses import stage_loss
+
+    m = create_model("edsr_baseline", scale=2)
+    set_quant_mode(m, "dynamic")
+    m.train()
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 255
+    sr, bits = m(x)
+    y = sr.detach() + 1.0  # l1 = 1 exactly
+    lb = float(m.soft_bits().mean())
+    assert 4.0 < lb < 8.0
+    losses = {}
+    for target in (None, 4.0, lb - 0.5, 8.0):
+        cfg = TrainConfig(stage="cadyq", bit_weight_max=0.5, bit_ramp_steps=1, distill_weight=0.0, bit_target=target)
+        loss, parts = stage_loss(cfg, 10, m, sr, y, None, bits, None)
+        assert float(parts["soft_bits"]) == pytest.approx(lb)  # the log keeps the expected bits themselves
+        losses[target] = float(loss) - 1.0
+    assert losses[None] == pytest.approx(0.5 * lb, rel=1e-5)
+    assert losses[4.0] == pytest.approx(0.5 * (lb - 4.0), rel=1e-4)
+    assert losses[lb - 0.5] == pytest.approx(0.25, rel=1e-3)
+    assert losses[8.0] == 0.0  # under the budget bits cost nothing
+
+
+def test_bit_target_keeps_bits_under_a_loose_budget(data_dir: Path, pams_run: Path, tmp_path: Path) -> None:
+    """The heavy bit weight that lowers FAB (test above) pulls far less with a budget of 8 bits (nothing is over it)."""
+    soft = {}
+    for target in (None, 8.0):
+        run = tmp_path / f"t{target}"
+        train_stage(_cfg(data_dir, run, stage="cadyq", init=str(pams_run / "last.pt"), steps=6,
+                         bit_weight_max=50.0, bit_ramp_steps=1, selector_lr=0.05, bit_target=target))
+        soft[target] = np.mean([r["soft_bits"] for r in _log(run) if "l1" in r][-3:])
+        assert load_state(run / "last.pt")["config"]["bit_target"] == target
+    assert soft[8.0] > soft[None] + 0.5
+
+
+def test_bit_target_refused_outside_4_to_8(tmp_path: Path, data_dir: Path) -> None:
+    from cadyq_cli.train.config import check_config
+
+    check_config(_cfg(data_dir, tmp_path / "ok", stage="cadyq", bit_target=4.9))
+    with pytest.raises(SystemExit, match="--bit-target is a FAB budget between 4 and 8 bits, not 3"):
+        check_config(_cfg(data_dir, tmp_path / "x", stage="cadyq", bit_target=3.0))
+
+
 def test_cadyq_teacher_mode(data_dir: Path, fp_run: Path, pams_run: Path) -> None:
     init = str(pams_run / "last.pt")
     cfg = _cfg(data_dir, pams_run / "unused", stage="cadyq", init=init)

@@ -40,6 +40,9 @@ class TrainConfig:
     selector_lr: float = 1e-3
     bit_weight_max: float = 0.5  # cadyq: weight of the bit loss reached at bit_ramp_steps
     bit_ramp_steps: int = 100
+    # cadyq: a FAB budget for the bit loss: it counts only the batch's expected bits above this (hinged),
+    # so the selectors spend bits freely up to it; None: every bit counts (the paper's loss)
+    bit_target: float | None = None
     at_weight: float = 100.0  # cadyq: attention-transfer weight
     distill_weight: float = 1.0  # pams/cadyq: L1 to the teacher output
     selector_norm: bool = True  # cadyq: train the selectors on standardized features (folded on save)
@@ -85,8 +88,8 @@ def scale_aug_text(factors: list[float]) -> str:
 
 def check_config(cfg: TrainConfig) -> None:
     """Refuse, in one line (``SystemExit``), an unknown stage, a count below 1, a ``--shift-lr`` that is not
-    positive, an EMA decay outside [0, 1), a ``--scale-aug`` factor outside (0, 1) or repeated, or ``--wip-lean``
-    without ``--wip``."""
+    positive, an EMA decay outside [0, 1), a ``--scale-aug`` factor outside (0, 1) or repeated, a ``--bit-target``
+    outside [4, 8], or ``--wip-lean`` without ``--wip``."""
     if cfg.stage not in STAGES:
         raise SystemExit(f"unknown stage {cfg.stage!r}; choose from {', '.join(STAGES)}")
     for k in ("val_every", "steps", "batch"):
@@ -99,6 +102,8 @@ def check_config(cfg: TrainConfig) -> None:
     if not scale_aug_ok(cfg.scale_aug):
         raise SystemExit(f"--scale-aug takes distinct downscaling factors in (0, 1) (e.g. 0.9,0.8,0.7,0.6), not "
                          f"{scale_aug_text(cfg.scale_aug)}")
+    if cfg.bit_target is not None and not 4.0 <= cfg.bit_target <= 8.0:
+        raise SystemExit(f"--bit-target is a FAB budget between 4 and 8 bits, not {cfg.bit_target:g}")
     if cfg.wip_lean and not cfg.wip:
         raise SystemExit("--wip-lean says how to keep the --wip file: name one with --wip FILE")
     if cfg.scales:
@@ -163,7 +168,7 @@ def check_resume(saved: dict, cfg: TrainConfig, ckpt: object) -> None:
 _RUNTIME_KEYS = ("minutes", "stop_at", "threads", "run_dir", "data", "val_every", "keep_val", "save_every", "log_every",
                  "device", "wip", "wip_lean")
 #: what a setting missing from an older checkpoint's config meant (others: compared only where recorded)
-_ABSENT: dict[str, object] = {"ema": 0.0, "scales": [], "scale_aug": []}
+_ABSENT: dict[str, object] = {"ema": 0.0, "scales": [], "scale_aug": [], "bit_target": None}
 
 
 def config_changes(saved: dict, cfg: TrainConfig) -> dict:

@@ -41,8 +41,8 @@ def _stage_info(run: Path) -> dict:
     if cfg.get("scale_aug"):
         info["scale_aug"] = cfg["scale_aug"]  # it also trained on the images' downscaled copies
     if cfg["stage"] == "cadyq":
-        info |= {k: cfg[k] for k in ("bit_weight_max", "bit_ramp_steps", "selector_lr", "selector_norm", "clip_init")
-                 if k in cfg}
+        info |= {k: cfg[k] for k in ("bit_weight_max", "bit_ramp_steps", "bit_target", "selector_lr", "selector_norm",
+                                     "clip_init") if cfg.get(k) is not None}
     log = run / "log.jsonl"
     if log.is_file():
         vals = [json.loads(ln) for ln in log.read_text().splitlines() if "val_psnr" in ln]

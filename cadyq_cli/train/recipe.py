@@ -133,6 +133,8 @@ def _check_type(where: str, key: str, value: object) -> None:
         want = (str,)
     elif key == "act_shift":
         want = (bool,)
+    elif key == "bit_target":
+        want = (int, float)
     if want and (not isinstance(value, want) or (bool not in want and isinstance(value, bool))):
         raise SystemExit(f"{where}: {key} = {value!r} must be {' or '.join(t.__name__ for t in want)}")
     if key == "bf16" and isinstance(value, str) and value not in ("auto", "on", "off"):
@@ -141,6 +143,8 @@ def _check_type(where: str, key: str, value: object) -> None:
         raise SystemExit(f"{where}: scales = {value!r} must be a list of scales, e.g. [2, 3, 4]")
     if key == "scale_aug" and not scale_aug_ok(value):
         raise SystemExit(f"{where}: scale_aug = {value!r} must be a list of distinct factors in (0, 1), e.g. [0.9, 0.8]")
+    if key == "bit_target" and not 4 <= value <= 8:  # type: ignore[operator]
+        raise SystemExit(f"{where}: bit_target = {value!r} must be a FAB budget between 4 and 8")
     if key == "ema" and not 0 <= value < 1:  # type: ignore[operator]
         raise SystemExit(f"{where}: ema = {value!r} must be a decay in [0, 1) (e.g. 0.999; 0: off)")
 
