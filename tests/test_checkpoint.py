@@ -24,6 +24,7 @@ class _Evil:
         return os.system, (f"touch {self.marker}",)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # torch on the hostile file: expected
 @pytest.mark.parametrize("how", ["torch", "pickle"])
 def test_malicious_checkpoint_refused(cli: Callable[..., Result], make_image: Callable[..., Path], tmp_path: Path,
                                       how: str) -> None:

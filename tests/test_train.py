@@ -185,14 +185,14 @@ def test_bit_target_hinges_the_bit_loss() -> None:
     x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 255
     sr, bits = m(x)
     y = sr.detach() + 1.0  # l1 = 1 exactly
-    lb = float(m.soft_bits().mean())
+    lb = float(m.soft_bits().mean().detach())
     assert 4.0 < lb < 8.0
     losses = {}
     for target in (None, 4.0, lb - 0.5, 8.0):
         cfg = TrainConfig(stage="cadyq", bit_weight_max=0.5, bit_ramp_steps=1, distill_weight=0.0, bit_target=target)
         loss, parts = stage_loss(cfg, 10, m, sr, y, None, bits, None)
         assert float(parts["soft_bits"]) == pytest.approx(lb)  # the log keeps the expected bits themselves
-        losses[target] = float(loss) - 1.0
+        losses[target] = float(loss.detach()) - 1.0
     assert losses[None] == pytest.approx(0.5 * lb, rel=1e-5)
     assert losses[4.0] == pytest.approx(0.5 * (lb - 4.0), rel=1e-4)
     assert losses[lb - 0.5] == pytest.approx(0.25, rel=1e-3)
