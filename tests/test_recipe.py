@@ -385,7 +385,7 @@ def test_a_shipped_recipe_starts_from_its_backbone_and_stops_at_the_budget(tmp_p
             "--threads", "1", "--bf16", "off"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
-    assert "starting from backbone edsr-baseline-x2-fp2" in r.output and "rerun the same command" in r.output
+    assert "starting from backbone edsr-baseline-x2-fp3" in r.output and "rerun the same command" in r.output
     recipe = load_recipe("edsr-baseline-x2")
     first = max(i for i, s in enumerate(recipe.segments) if s.backbone) + 1
     assert json.loads((run_dir / "recipe.json").read_text())["segments_done"] == first
@@ -393,6 +393,6 @@ def test_a_shipped_recipe_starts_from_its_backbone_and_stops_at_the_budget(tmp_p
     from cadyq_cli.train.state import load_state
 
     st = load_state(run_dir / pams.run / "last.pt")
-    assert st["config"]["init"] == str(list_backbones()["edsr-baseline-x2-fp2"]["path"])
+    assert st["config"]["init"] == str(list_backbones()["edsr-baseline-x2-fp3"]["path"])
     assert 0 < st["step"] < pams.target and st["config"]["act_grid"] == "relu-unsigned"
-    assert not (run_dir / "edsr_x2_fp2").exists() and not (run_dir / "export").exists()
+    assert not (run_dir / "edsr_x2_fp5").exists() and not (run_dir / "export").exists()
