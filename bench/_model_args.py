@@ -1,11 +1,14 @@
-"""Shared command-line options of the benchmarks that run one model in dynamic mode."""
+"""Shared command-line options of the benchmarks that run one model in dynamic mode, and the held-out
+validation images the validation benchmarks run on."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
 from cadyq_cli.models._base import SRModel
+from cadyq_cli.train.data import SRPairs, heldout_pairs
 from cadyq_cli.weights import load_model
 
 
@@ -22,3 +25,13 @@ def load_dynamic(a: argparse.Namespace) -> SRModel:
     """The model the options name, in dynamic mode, with torch on ``--threads`` threads."""
     torch.set_num_threads(a.threads)
     return load_model(a.model, weights=a.weights, arch=a.arch, scale=a.scale, mode="dynamic")
+
+
+def validation_pairs(data_root: Path, scale: int, threads: int = 0) -> SRPairs:
+    """The 10 held-out validation images of the training folders under ``data_root`` (the split every
+    `cadyq train` run validates on; never a benchmark set), with torch on ``threads`` threads (0: its
+    default) and gradients off."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.set_grad_enabled(False)
+    return heldout_pairs([data_root / d for d in ("T91", "BSD200", "BSDS500test")], 10, 0, scale)

@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from cadyq_cli.quant.modes import MODES
 from cadyq_cli.quant.modules import set_quant_mode
-from cadyq_cli.train.data import heldout_pairs
 from cadyq_cli.train.validate import _val_run
 from cadyq_cli.weights import load_model
+from _model_args import validation_pairs
 
 
 def main() -> None:
@@ -33,11 +31,7 @@ def main() -> None:
     ap.add_argument("--per-layer", action="store_true", help="also: each selector alone at 4 bits")
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    torch.set_grad_enabled(False)
-    roots = [a.data_root / d for d in ("T91", "BSD200", "BSDS500test")]
-    val = heldout_pairs(roots, 10, 0, a.scale)
+    val = validation_pairs(a.data_root, a.scale, a.threads)
     model = load_model(None if a.weights else "edsr-baseline", weights=a.weights, scale=a.scale, mode="w8a8",
                        kernels="float")
     if a.skip and "fp" not in model.skips:
