@@ -29,9 +29,13 @@ def load_dynamic(a: argparse.Namespace) -> SRModel:
 
 def validation_pairs(data_root: Path, scale: int, threads: int = 0) -> SRPairs:
     """The 10 held-out validation images of the training folders under ``data_root`` (the split every
-    `cadyq train` run validates on; never a benchmark set), with torch on ``threads`` threads (0: its
+    `cadyq train` run validates on with the recipes' defaults: seed 0, 10 images; never a benchmark set), with torch on ``threads`` threads (0: its
     default) and gradients off."""
+    roots = [data_root / d for d in ("T91", "BSD200", "BSDS500test")]
+    missing = [str(r) for r in roots if not r.is_dir()]
+    if missing:  # another image list would give another split: not the runs' held-out images
+        raise SystemExit(f"no training folder {missing[0]} (give --data-root, the folder holding T91, BSD200 and BSDS500test)")
     if threads:
         torch.set_num_threads(threads)
     torch.set_grad_enabled(False)
-    return heldout_pairs([data_root / d for d in ("T91", "BSD200", "BSDS500test")], 10, 0, scale)
+    return heldout_pairs(roots, 10, 0, scale)

@@ -1,7 +1,8 @@
 """The compute dial on the held-out validation images: dynamic PSNR and FAB per bit bias, against w8a8.
 
 Runs one model (a shipped EDSR-baseline or a checkpoint) on the 10 held-out validation images of
-the training folders (the split every `cadyq train` run validates on; never a benchmark set), as
+the training folders (the split every `cadyq train` run validates on with the recipes' defaults, seed 0;
+never a benchmark set), as
 `cadyq eval --tiling paper` runs them: w8a8 once, then dynamic at bias 0 and at each ``--biases``
 value (`--bit-bias B`: B > 0 fewer bits, B < 0 more). Prints one row per setting: PSNR (Y, shave =
 scale), its difference from w8a8, and FAB. Use it to choose an operating point without looking at
@@ -34,6 +35,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="one JSON line per setting instead of the table")
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args()
+    if (a.max_gap is None) != (a.max_fab is None):
+        ap.error("--max-gap and --max-fab go together")
     biases = [0.0] + [float(b) for b in a.biases.split(",") if b.strip()]
     val = validation_pairs(a.data_root, a.scale, a.threads)
     model = load_model(None if a.weights else "edsr-baseline", weights=a.weights, scale=a.scale, mode="w8a8")
@@ -58,8 +61,11 @@ def main() -> None:
     if a.max_gap is not None and a.max_fab is not None:
         ok = [r for r in rows[1:] if r["gap"] >= -a.max_gap and r["fab"] <= a.max_fab]
         best = min(ok, key=lambda r: (r["fab"], abs(r["bias"])), default=None)
-        print("chosen: none within the bounds" if best is None else
-              f"chosen: bias {best['bias']:g} (FAB {best['fab']:.2f}, {best['gap']:+.3f} dB from w8a8)")
+        if a.json:
+            print(json.dumps({"chosen_bias": None if best is None else best["bias"]}))
+        else:
+            print("chosen: none within the bounds" if best is None else
+                  f"chosen: bias {best['bias']:g} (FAB {best['fab']:.2f}, {best['gap']:+.3f} dB from w8a8)")
 
 
 if __name__ == "__main__":

@@ -179,12 +179,13 @@ def test_bit_target_hinges_the_bit_loss() -> None:
     """--bit-target: the bit loss is weight * max(0, expected bits - budget); without one, weight * expected bits."""
     from cadyq_cli.train.losses import stage_loss
 
+    torch.manual_seed(0)  # the fresh weights and the Gumbel noise
     m = create_model("edsr_baseline", scale=2)
     set_quant_mode(m, "dynamic")
     m.train()
     x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 255
     sr, bits = m(x)
-    y = sr.detach() + 1.0  # l1 = 1 exactly
+    y = sr.detach() + 1.0
     lb = float(m.soft_bits().mean().detach())
     assert 4.0 < lb < 8.0
     losses = {}
@@ -192,7 +193,7 @@ def test_bit_target_hinges_the_bit_loss() -> None:
         cfg = TrainConfig(stage="cadyq", bit_weight_max=0.5, bit_ramp_steps=1, distill_weight=0.0, bit_target=target)
         loss, parts = stage_loss(cfg, 10, m, sr, y, None, bits, None)
         assert float(parts["soft_bits"]) == pytest.approx(lb)  # the log keeps the expected bits themselves
-        losses[target] = float(loss.detach()) - 1.0
+        losses[target] = float(loss.detach() - parts["l1"])  # the bit loss alone
     assert losses[None] == pytest.approx(0.5 * lb, rel=1e-5)
     assert losses[4.0] == pytest.approx(0.5 * (lb - 4.0), rel=1e-4)
     assert losses[lb - 0.5] == pytest.approx(0.25, rel=1e-3)
@@ -211,12 +212,17 @@ def test_bit_target_keeps_bits_under_a_loose_budget(data_dir: Path, pams_run: Pa
     assert soft[8.0] > soft[None] + 0.5
 
 
-def test_bit_target_refused_outside_4_to_8(tmp_path: Path, data_dir: Path) -> None:
+def test_bit_target_refused_outside_4_to_8_and_the_cadyq_stage(tmp_path: Path, data_dir: Path) -> None:
     from cadyq_cli.train.config import check_config
 
     check_config(_cfg(data_dir, tmp_path / "ok", stage="cadyq", bit_target=4.9))
     with pytest.raises(SystemExit, match="--bit-target is a FAB budget between 4 and 8 bits, not 3"):
         check_config(_cfg(data_dir, tmp_path / "x", stage="cadyq", bit_target=3.0))
+    check_config(_cfg(data_dir, tmp_path / "ok8", stage="cadyq", bit_target=8.0))
+    with pytest.raises(SystemExit, match="--bit-target is a FAB budget between 4 and 8 bits, not 8.1"):
+        check_config(_cfg(data_dir, tmp_path / "x", stage="cadyq", bit_target=8.1))
+    with pytest.raises(SystemExit, match="for the cadyq stage's bit loss; the fp and pams stages have none"):
+        check_config(_cfg(data_dir, tmp_path / "x", stage="pams", bit_target=5.0))
 
 
 def test_cadyq_teacher_mode(data_dir: Path, fp_run: Path, pams_run: Path) -> None:

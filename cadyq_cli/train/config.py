@@ -89,7 +89,7 @@ def scale_aug_text(factors: list[float]) -> str:
 def check_config(cfg: TrainConfig) -> None:
     """Refuse, in one line (``SystemExit``), an unknown stage, a count below 1, a ``--shift-lr`` that is not
     positive, an EMA decay outside [0, 1), a ``--scale-aug`` factor outside (0, 1) or repeated, a ``--bit-target``
-    outside [4, 8], or ``--wip-lean`` without ``--wip``."""
+    outside [4, 8] or outside the cadyq stage, or ``--wip-lean`` without ``--wip``."""
     if cfg.stage not in STAGES:
         raise SystemExit(f"unknown stage {cfg.stage!r}; choose from {', '.join(STAGES)}")
     for k in ("val_every", "steps", "batch"):
@@ -104,6 +104,8 @@ def check_config(cfg: TrainConfig) -> None:
                          f"{scale_aug_text(cfg.scale_aug)}")
     if cfg.bit_target is not None and not 4.0 <= cfg.bit_target <= 8.0:
         raise SystemExit(f"--bit-target is a FAB budget between 4 and 8 bits, not {cfg.bit_target:g}")
+    if cfg.bit_target is not None and cfg.stage != "cadyq":
+        raise SystemExit("--bit-target is a budget for the cadyq stage's bit loss; the fp and pams stages have none")
     if cfg.wip_lean and not cfg.wip:
         raise SystemExit("--wip-lean says how to keep the --wip file: name one with --wip FILE")
     if cfg.scales:

@@ -77,7 +77,8 @@ def stage_loss(cfg: TrainConfig, step: int, model: SRModel, sr: torch.Tensor, y:
     if cfg.stage == "cadyq":
         lb = model.soft_bits().mean()  # (N, n_sel) expected bits
         wb = cfg.bit_weight_max * min(1.0, step / max(cfg.bit_ramp_steps, 1))
-        # with a budget only the batch's bits above it cost: a FAB cap, not a push to 4 bits everywhere
+        # with a budget only the batch's expected bits above it cost (evaluation FAB may differ): a cap, not a
+        # push to 4 bits everywhere
         loss = loss + wb * (lb if cfg.bit_target is None else F.relu(lb - cfg.bit_target))
         parts["soft_bits"] = lb.detach()
         parts["fab"] = bits.detach().float().mean()
