@@ -40,7 +40,6 @@ def main() -> None:
     biases = [0.0] + [float(b) for b in a.biases.split(",") if b.strip()]
     val = validation_pairs(a.data_root, a.scale, a.threads)
     model = load_model(None if a.weights else "edsr-baseline", weights=a.weights, scale=a.scale, mode="w8a8")
-    set_quant_mode(model, "w8a8")
     ref, _ = _val_run(model, val, False, True)
     rows = [{"mode": "w8a8", "bias": None, "psnr": ref, "gap": 0.0, "fab": 8.0}]
     set_quant_mode(model, "dynamic")

@@ -88,6 +88,8 @@ def test_fp32_graph_equals_pytorch_fp32() -> None:
 
 
 SMALL = (TilingConfig(region=24), (50, 73))  # one tile, regions of 1 and 2 lines at its edges
+#: mean deviation (grey levels) allowed from the float reference where no int8 run sets the scale
+NO_INT8_MEAN_TOL = 0.25
 
 
 def weights_skip(scale: int) -> str:
@@ -136,13 +138,13 @@ def test_bits_equal_the_float_reference_and_output_as_close_as_int8(scale: int, 
         # differently from PyTorch's, which moves an occasional code by one step; with the fp block skip
         # (the shipped x4) no block re-quantizes the residual stream, so such moves travel further
         # (x4 on the scene crop: 0.166 against PyTorch int8's 0.081 grey levels; the x2 of 2026-12-07 on a 50 x 73
-        # noise image: 0.195 where PyTorch int8 equals the reference, hence the fp skip's floor of 0.25, the
-        # tolerance used without int8 kernels below)
+        # noise image: 0.195 where PyTorch int8 equals the reference, hence the fp skip's floor: the tolerance
+        # used without int8 kernels below)
         official = weights_skip(scale) == "official"
-        assert err.mean() <= max((2 if official else 2.5) * e8.mean(), 0.1 if official else 0.25)
+        assert err.mean() <= max((2 if official else 2.5) * e8.mean(), 0.1 if official else NO_INT8_MEAN_TOL)
         assert err.max() <= max(2 * e8.max(), 8.0)
     else:
-        assert err.mean() < 0.25 and err.max() < 8.0
+        assert err.mean() < NO_INT8_MEAN_TOL and err.max() < 8.0
 
 
 def _one_block(scale: int = 2) -> tuple[EdsrWeights, EDSRBaseline]:
