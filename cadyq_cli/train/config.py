@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 __all__ = ["STAGES", "TrainConfig", "check_config", "check_resume", "check_source_scales", "config_changes", "lr_at", "scale_aug_ok",
            "scale_aug_text", "train_scales", "trained_scales"]
@@ -86,28 +87,36 @@ def scale_aug_text(factors: list[float]) -> str:
     return ",".join(f"{f:g}" for f in factors)
 
 
-def check_config(cfg: TrainConfig) -> None:
+def _flag(key: str) -> str:
+    """A TrainConfig field as ``cadyq train`` spells its option (``bit_target`` → ``--bit-target``)."""
+    return "--" + key.replace("_", "-")
+
+
+def check_config(cfg: TrainConfig, spell: Callable[[str], str] = _flag) -> None:
     """Refuse, in one line (``SystemExit``), an unknown stage, a count below 1, a ``--shift-lr`` that is not
     positive, an EMA decay outside [0, 1), a ``--scale-aug`` factor outside (0, 1) or repeated, a ``--bit-target``
-    outside [4, 8] or outside the cadyq stage, or ``--wip-lean`` without ``--wip``."""
+    outside [4, 8] or outside the cadyq stage, or ``--wip-lean`` without ``--wip``. ``spell`` names a field in
+    the messages (the CLI's options by default; a recipe passes its own keys)."""
     if cfg.stage not in STAGES:
         raise SystemExit(f"unknown stage {cfg.stage!r}; choose from {', '.join(STAGES)}")
     for k in ("val_every", "steps", "batch"):
         if getattr(cfg, k) < 1:
-            raise SystemExit(f"--{k.replace('_', '-')} must be at least 1, not {getattr(cfg, k)}")
+            raise SystemExit(f"{spell(k)} must be at least 1, not {getattr(cfg, k)}")
     if not cfg.shift_lr > 0:
-        raise SystemExit(f"--shift-lr must be positive (a fraction of each selector's 4-bit step), not {cfg.shift_lr}")
+        raise SystemExit(f"{spell('shift_lr')} must be positive (a fraction of each selector's 4-bit step), not "
+                         f"{cfg.shift_lr}")
     if not 0.0 <= cfg.ema < 1.0:
-        raise SystemExit(f"--ema must be a decay in [0, 1) (e.g. 0.999; 0: off), not {cfg.ema}")
+        raise SystemExit(f"{spell('ema')} must be a decay in [0, 1) (e.g. 0.999; 0: off), not {cfg.ema}")
     if not scale_aug_ok(cfg.scale_aug):
-        raise SystemExit(f"--scale-aug takes distinct downscaling factors in (0, 1) (e.g. 0.9,0.8,0.7,0.6), not "
-                         f"{scale_aug_text(cfg.scale_aug)}")
+        raise SystemExit(f"{spell('scale_aug')} takes distinct downscaling factors in (0, 1) (e.g. 0.9,0.8,0.7,0.6), "
+                         f"not {scale_aug_text(cfg.scale_aug)}")
     if cfg.bit_target is not None and not 4.0 <= cfg.bit_target <= 8.0:
-        raise SystemExit(f"--bit-target is a FAB budget between 4 and 8 bits, not {cfg.bit_target:g}")
+        raise SystemExit(f"{spell('bit_target')} is a FAB budget between 4 and 8 bits, not {cfg.bit_target:g}")
     if cfg.bit_target is not None and cfg.stage != "cadyq":
-        raise SystemExit("--bit-target is a budget for the cadyq stage's bit loss; the fp and pams stages have none")
+        raise SystemExit(f"{spell('bit_target')} is a budget for the cadyq stage's bit loss; the fp and pams stages "
+                         "have none")
     if cfg.wip_lean and not cfg.wip:
-        raise SystemExit("--wip-lean says how to keep the --wip file: name one with --wip FILE")
+        raise SystemExit(f"{spell('wip_lean')} says how to keep the {spell('wip')} file: name one with {spell('wip')} FILE")
     if cfg.scales:
         from ..errors import CadyqError
         from ..models import get_arch
@@ -117,11 +126,12 @@ def check_config(cfg: TrainConfig) -> None:
         except CadyqError as e:
             raise SystemExit(str(e)) from None
         if not cls.multi_scale:
-            raise SystemExit(f"--scales is for multi-scale models (carn), not {cfg.arch}: train one --scale")
+            raise SystemExit(f"{spell('scales')} is for multi-scale models (carn), not {cfg.arch}: train one "
+                             f"{spell('scale')}")
         bad = [s for s in cfg.scales if s not in cls.supported_scales]
         if bad or len(set(cfg.scales)) != len(cfg.scales) or cfg.scale not in cfg.scales:
-            raise SystemExit(f"--scales takes distinct scales of {', '.join(map(str, cls.supported_scales))} "
-                             f"including --scale {cfg.scale}, not {','.join(map(str, cfg.scales))}")
+            raise SystemExit(f"{spell('scales')} takes distinct scales of {', '.join(map(str, cls.supported_scales))} "
+                             f"including {spell('scale')} {cfg.scale}, not {','.join(map(str, cfg.scales))}")
 
 
 def trained_scales(saved: dict) -> list[int] | None:

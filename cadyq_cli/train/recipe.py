@@ -44,7 +44,7 @@ except ImportError:  # Python 3.10
 
 from ..errors import CadyqError
 from ..models import get_arch
-from .config import STAGES, TrainConfig, scale_aug_ok
+from .config import STAGES, TrainConfig, check_config, scale_aug_ok
 
 __all__ = ["Recipe", "Segment", "load_recipe", "resolve_recipe", "recipes_dir", "run_recipe", "RecipeResult"]
 
@@ -121,7 +121,8 @@ def resolve_recipe(spec: str | Path) -> Path:
 
 
 def _check_type(where: str, key: str, value: object) -> None:
-    """Refuse a TrainConfig setting whose value has the wrong type (or an EMA decay outside [0, 1))."""
+    """Refuse a TrainConfig setting whose value has the wrong type (its range: :func:`check_config`, once the
+    stage's settings are merged)."""
     f = {f.name: f for f in dataclasses.fields(TrainConfig)}[key]
     default = f.default if f.default is not dataclasses.MISSING else None
     want: tuple = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(type(default), ())
@@ -143,10 +144,6 @@ def _check_type(where: str, key: str, value: object) -> None:
         raise SystemExit(f"{where}: scales = {value!r} must be a list of scales, e.g. [2, 3, 4]")
     if key == "scale_aug" and not scale_aug_ok(value):
         raise SystemExit(f"{where}: scale_aug = {value!r} must be a list of distinct factors in (0, 1), e.g. [0.9, 0.8]")
-    if key == "bit_target" and not 4 <= value <= 8:  # type: ignore[operator]
-        raise SystemExit(f"{where}: bit_target = {value!r} must be a FAB budget between 4 and 8")
-    if key == "ema" and not 0 <= value < 1:  # type: ignore[operator]
-        raise SystemExit(f"{where}: ema = {value!r} must be a decay in [0, 1) (e.g. 0.999; 0: off)")
 
 
 def _unknown(where: str, table: dict, allowed: set) -> None:
@@ -204,6 +201,10 @@ def load_recipe(path: str | Path) -> Recipe:
         merged.setdefault("scale", doc["scale"])
         if "steps" not in merged:
             raise SystemExit(f"{w}: missing 'steps' (the schedule length)")
+        try:
+            check_config(TrainConfig(**merged), spell=str)
+        except SystemExit as e:
+            raise SystemExit(f"{w}: {e}") from None
         for ref, what in ((init, "init"), (cont, "continue")):
             if ref is not None and ref not in runs_seen:
                 raise SystemExit(f"{w}: {what} = {ref!r} names no earlier run")
