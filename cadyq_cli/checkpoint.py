@@ -23,7 +23,7 @@ from .models._pams import strip_module_prefix
 from .quant.modules import has_act_shifts
 
 __all__ = ["read_state_dict", "read_checkpoint", "safetensors_metadata", "fits", "weights_digest", "detect_arch", "load_model_file", "save_weights", "save_state_dict", "model_from_state_dict",
-           "stored_state_dict", "STORAGE_DTYPES"]
+           "stored_state_dict", "weights_metadata", "STORAGE_DTYPES"]
 
 FORMAT = "cadyq-weights-1"
 #: format tag of our training checkpoints (written by ``cadyq_cli.train.state.save_state``)
@@ -295,13 +295,9 @@ def stored_state_dict(model: SRModel, storage: str = "float32") -> dict[str, tor
     return sd
 
 
-def save_weights(model: SRModel, path: str | Path, metadata: dict[str, object] | None = None,
-                 storage: str = "float32") -> None:
-    """Save a model as safetensors with ``arch``/``scale`` (and a non-default ``act_grid``, ``skip``, ``act_shift``) metadata
-    (aliased keys stored as copies), convolution kernels in ``storage`` (see :func:`stored_state_dict`).
-
-    The file is byte-reproducible: the same weights and metadata give the same sha256.
-    """
+def weights_metadata(model: SRModel) -> dict[str, object]:
+    """The metadata a weights file of ``model`` carries: ``arch``, ``scale`` and a non-default ``act_grid``,
+    ``skip``, ``act_shift``."""
     meta: dict[str, object] = {"arch": model.arch, "scale": str(model.scale)}
     if model.act_grid != "signed":
         meta["act_grid"] = model.act_grid
@@ -309,7 +305,17 @@ def save_weights(model: SRModel, path: str | Path, metadata: dict[str, object] |
         meta["skip"] = model.skip
     if model.act_shift:  # the tensors say it too (``*.act_shift``); the metadata tells a reader without loading them
         meta["act_shift"] = "channel"
-    save_state_dict(stored_state_dict(model, storage), path, {**meta, **(metadata or {})})
+    return meta
+
+
+def save_weights(model: SRModel, path: str | Path, metadata: dict[str, object] | None = None,
+                 storage: str = "float32") -> None:
+    """Save a model as safetensors with :func:`weights_metadata` (and ``metadata``), aliased keys stored as
+    copies, convolution kernels in ``storage`` (see :func:`stored_state_dict`).
+
+    The file is byte-reproducible: the same weights and metadata give the same sha256.
+    """
+    save_state_dict(stored_state_dict(model, storage), path, {**weights_metadata(model), **(metadata or {})})
 
 
 def save_state_dict(sd: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, object]) -> None:

@@ -19,14 +19,15 @@ import json
 import os
 from pathlib import Path
 
-from ..checkpoint import STORAGE_DTYPES, load_model_file, save_state_dict, save_weights, stored_state_dict, weights_digest
+from ..checkpoint import (STORAGE_DTYPES, load_model_file, save_state_dict, stored_state_dict, weights_digest,
+                          weights_metadata)
 from ..models._base import SRModel
 from ..models._registry import get_arch
 from ..weights import file_sha256
 from .config import trained_scales
 from .state import load_state
 
-__all__ = ["check_measured", "export", "export_backbone", "model_entry_name", "write_weights"]
+__all__ = ["check_measured", "export", "export_backbone", "model_entry_name", "stored_tensors", "write_weights"]
 
 
 def _stage_info(run: Path) -> dict:
@@ -79,24 +80,32 @@ def model_entry_name(name: str, scale: int, multi_scale: bool) -> str:
     return f"{name}-x{scale}" if multi_scale else name
 
 
-def write_weights(model: SRModel, ckpt: Path, out: Path, storage: str, metadata: dict | None = None) -> None:
+def stored_tensors(model: SRModel, ckpt: Path, storage: str) -> dict:
+    """The tensors a shipped file of ``model`` (read from ``ckpt``) stores as ``storage``; a kernel outside the
+    storage's range is refused in one line."""
+    try:
+        return stored_state_dict(model, storage)
+    except ValueError as e:
+        raise SystemExit(f"{ckpt}: {e}") from None
+
+
+def write_weights(model: SRModel, ckpt: Path, out: Path, storage: str, metadata: dict | None = None,
+                  stored: dict | None = None) -> None:
     """Write ``model`` (read from ``ckpt``) to ``out`` as a shipped file stores it (``storage``): what the
-    export writes and what a recipe evaluates; a kernel outside the storage's range is refused in one line."""
-    try:
-        save_weights(model, out, metadata, storage=storage)
-    except ValueError as e:
-        raise SystemExit(f"{ckpt}: {e}") from None
+    export writes and what a recipe evaluates. ``stored``: those tensors where the caller already has them
+    (:func:`stored_tensors`)."""
+    tensors = stored if stored is not None else stored_tensors(model, ckpt, storage)
+    save_state_dict(tensors, out, {**weights_metadata(model), **(metadata or {})})
 
 
-def check_measured(model: SRModel, ckpt: Path, storage: str, eval_json: list[Path], folded: float = 0.0) -> None:
+def check_measured(model: SRModel, stored: dict, ckpt: Path, storage: str, eval_json: list[Path],
+                   folded: float = 0.0) -> None:
     """Refuse (one line) an ``eval_json`` that measured other weights than ``model`` (with the bit bias ``folded``
-    already folded into it) stored as ``storage``: its recorded ``weights_digest`` must be that of the tensors the export writes. A file
-    without one (an older cadyq's) passes for float32 storage without a fold, whose tensors are the checkpoint's,
-    and is refused otherwise; a file of bicubic rows alone measured no model and passes."""
-    try:
-        want = weights_digest(model, stored_state_dict(model, storage))
-    except ValueError as e:
-        raise SystemExit(f"{ckpt}: {e}") from None
+    already folded into it) stored as ``storage`` (``stored``: those tensors, :func:`stored_tensors`): its
+    recorded ``weights_digest`` must be that of the tensors the export writes. A file without one (an older
+    cadyq's) passes for float32 storage without a fold, whose tensors are the checkpoint's, and is refused
+    otherwise; a file of bicubic rows alone measured no model and passes."""
+    want = weights_digest(model, stored)
     for e in eval_json:
         try:
             data = json.loads(e.read_text())
@@ -138,10 +147,11 @@ def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json
     if fold_bit_bias:
         model.fold_bit_bias(fold_bit_bias)
         extra["bit_bias_folded"] = repr(float(fold_bit_bias))
-    check_measured(model, ckpt, storage, eval_json, fold_bit_bias)
+    stored = stored_tensors(model, ckpt, storage)
+    check_measured(model, stored, ckpt, storage, eval_json, fold_bit_bias)
     weights_dir.mkdir(parents=True, exist_ok=True)
     out = weights_dir / f"{name}.safetensors"
-    write_weights(model, ckpt, out, storage, extra)
+    write_weights(model, ckpt, out, storage, extra, stored)
     sha = file_sha256(out)
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     manifest_path = weights_dir / "manifest.json"
