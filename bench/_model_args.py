@@ -27,15 +27,33 @@ def load_dynamic(a: argparse.Namespace) -> SRModel:
     return load_model(a.model, weights=a.weights, arch=a.arch, scale=a.scale, mode="dynamic")
 
 
-def validation_pairs(data_root: Path, scale: int, threads: int = 0) -> SRPairs:
-    """The 10 held-out validation images of the training folders under ``data_root`` (the split every
-    `cadyq train` run validates on with the recipes' defaults: seed 0, 10 images; never a benchmark set), with torch on ``threads`` threads (0: its
-    default) and gradients off."""
-    roots = [data_root / d for d in ("T91", "BSD200", "BSDS500test")]
+#: the training folders, held-out count and seed of the recipes (the split their runs validate on)
+RECIPE_SPLIT = {"data": ["T91", "BSD200", "BSDS500test"], "n_val": 10, "seed": 0}
+
+
+def run_split(weights: str | None) -> dict:
+    """The held-out split a training checkpoint or --wip file ``weights`` validated on (its config's folder
+    names, ``n_val`` and ``seed``); the recipes' :data:`RECIPE_SPLIT` for a shipped file, which records none."""
+    if not weights:
+        return dict(RECIPE_SPLIT)
+    from cadyq_cli.train.state import load_state
+
+    cfg = load_state(weights).get("config") or {}
+    return {"data": [Path(d).name for d in cfg.get("data") or []] or RECIPE_SPLIT["data"],
+            "n_val": int(cfg.get("n_val", RECIPE_SPLIT["n_val"])), "seed": int(cfg.get("seed", RECIPE_SPLIT["seed"]))}
+
+
+def validation_pairs(data_root: Path, scale: int, threads: int = 0, split: dict | None = None) -> SRPairs:
+    """The held-out validation images of the training folders under ``data_root`` (``split``: folder names,
+    ``n_val``, ``seed`` as :func:`run_split` gives them; default the recipes', :data:`RECIPE_SPLIT`; never a
+    benchmark set), with torch on ``threads`` threads (0: its default) and gradients off."""
+    split = split or RECIPE_SPLIT
+    roots = [data_root / d for d in split["data"]]
     missing = [str(r) for r in roots if not r.is_dir()]
     if missing:  # another image list would give another split: not the runs' held-out images
-        raise SystemExit(f"no training folder {missing[0]} (give --data-root, the folder holding T91, BSD200 and BSDS500test)")
+        raise SystemExit(f"no training folder {missing[0]} (give --data-root, the folder holding "
+                         f"{', '.join(split['data'])})")
     if threads:
         torch.set_num_threads(threads)
     torch.set_grad_enabled(False)
-    return heldout_pairs(roots, 10, 0, scale)
+    return heldout_pairs(roots, split["n_val"], split["seed"], scale)

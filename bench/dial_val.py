@@ -1,8 +1,8 @@
 """The compute dial on the held-out validation images: dynamic PSNR and FAB per bit bias, against w8a8.
 
-Runs one model (a shipped EDSR-baseline or a checkpoint) on the 10 held-out validation images of
-the training folders (the split every `cadyq train` run validates on with the recipes' defaults, seed 0;
-never a benchmark set), as
+Runs one model (a shipped EDSR-baseline or a checkpoint) on the held-out validation images of
+the training folders (a training checkpoint's or --wip file's own split, from its config; for a shipped
+file the recipes': 10 images, seed 0; never a benchmark set), as
 `cadyq eval --tiling paper` runs them: w8a8 once, then dynamic at bias 0 and at each ``--biases``
 value (`--bit-bias B`: B > 0 fewer bits, B < 0 more). Prints one row per setting: PSNR (Y, shave =
 scale), its difference from w8a8, and FAB. Use it to choose an operating point without looking at
@@ -20,7 +20,7 @@ from pathlib import Path
 from cadyq_cli.quant.modules import set_quant_mode
 from cadyq_cli.train.validate import _val_run
 from cadyq_cli.weights import load_model
-from _model_args import validation_pairs
+from _model_args import run_split, validation_pairs
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     if (a.max_gap is None) != (a.max_fab is None):
         ap.error("--max-gap and --max-fab go together")
     biases = [0.0] + [float(b) for b in a.biases.split(",") if b.strip()]
-    val = validation_pairs(a.data_root, a.scale, a.threads)
+    val = validation_pairs(a.data_root, a.scale, a.threads, run_split(a.weights))
     model = load_model(None if a.weights else "edsr-baseline", weights=a.weights, scale=a.scale, mode="w8a8")
     ref, _ = _val_run(model, val, False, True)
     rows = [{"mode": "w8a8", "bias": None, "psnr": ref, "gap": 0.0, "fab": 8.0}]

@@ -1,8 +1,8 @@
 """Model variants on the same weights, on a run's held-out images: the activation grid
 (signed vs relu-unsigned) or, with ``--skip``, EDSR's residual skip (official vs fp).
 
-Runs one model (a shipped one or a checkpoint) on the 10 held-out validation images of the
-training folders (the split every `cadyq train` run validates on; never a benchmark set) in
+Runs one model (a shipped one or a checkpoint) on the held-out validation images of the
+training folders (a checkpoint's own split; the recipes' for a shipped file; never a benchmark set) in
 w8a8, w8a4 and dynamic mode (dynamic as `cadyq eval --tiling paper`), once per variant with
 the weights and clips unchanged, and prints PSNR (Y, shave = scale) and FAB. With
 ``--per-layer`` it also prints what putting a single selector at 4 bits costs (w8a8 elsewhere).
@@ -18,7 +18,7 @@ from cadyq_cli.quant.modes import MODES
 from cadyq_cli.quant.modules import set_quant_mode
 from cadyq_cli.train.validate import _val_run
 from cadyq_cli.weights import load_model
-from _model_args import validation_pairs
+from _model_args import run_split, validation_pairs
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--per-layer", action="store_true", help="also: each selector alone at 4 bits")
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args()
-    val = validation_pairs(a.data_root, a.scale, a.threads)
+    val = validation_pairs(a.data_root, a.scale, a.threads, run_split(a.weights))
     model = load_model(None if a.weights else "edsr-baseline", weights=a.weights, scale=a.scale, mode="w8a8",
                        kernels="float")
     if a.skip and "fp" not in model.skips:
