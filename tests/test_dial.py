@@ -117,6 +117,31 @@ def test_eval_curve(weights_x2: Path, tmp_path: Path, pattern: Callable[..., np.
     assert res.exit_code == 2 and "dynamic@" in res.output
 
 
+def test_a_bit_floor_holds_its_layers_at_8_bits(weights_x2: Path, pattern: Callable[..., np.ndarray]) -> None:
+    """SRModel.fold_bit_floor (export --bit-floor): the named selectors pick 8 bits in every region, even with
+    the dial at its cheapest, where every other selector picks 4 as in the unfloored model; an unknown name is
+    refused. (At other settings the others still choose by content: their inputs change with the floors.)"""
+    rgb = pattern(48, 40, seed=4).astype(np.float32)
+    from cadyq_cli.weights import load_model
+
+    plain, floored = (load_model(weights=weights_x2, scale=2, mode="dynamic") for _ in range(2))
+    names = floored.selector_names()
+    assert len(names) == len(floored.selectors) and names[0] == "body.0.bitsel1"
+    keep = [0, len(names) - 1]
+    floored.fold_bit_floor([names[i] for i in keep])
+    ref = upscale_array(plain, rgb, CFG)[1]
+    rep = upscale_array(floored, rgb, CFG)[1]
+    assert all(r.bits[i] == 8 for r in rep.regions for i in keep)
+    assert any(r.bits[i] != 8 for r in ref.regions for i in keep)  # the floor changed something
+    plain.set_bit_bias(50.0)  # the cheapest setting for these random selectors (as in the curve test)
+    floored.set_bit_bias(50.0)
+    assert all(set(r.bits) == {4} for r in upscale_array(plain, rgb, CFG)[1].regions)
+    cheap = upscale_array(floored, rgb, CFG)[1]
+    assert all(r.bits == [8 if i in keep else 4 for i in range(len(names))] for r in cheap.regions)
+    with pytest.raises(ValueError, match="no bit selector 'body.99.bitsel1'"):
+        floored.fold_bit_floor(["body.99.bitsel1"])
+
+
 def test_a_folded_bias_picks_as_the_dial(weights_x2: Path, pattern: Callable[..., np.ndarray]) -> None:
     """An operating point folded into the weights (SRModel.fold_bit_bias, export --fold-bit-bias) gives the bits
     the dial gives at that bias, with the dial at 0; non-finite biases are refused."""

@@ -571,6 +571,28 @@ def test_export_folds_an_operating_point(fp_run: Path, tmp_path: Path) -> None:
     assert folded["bit_bias_folded"] == 0.75 and "bit_bias_folded" not in plain
 
 
+def test_export_folds_bit_floors(fp_run: Path, tmp_path: Path) -> None:
+    """export --bit-floor L1,L2: those selectors' output biases move by (-1e4, 0, +1e4), nothing else changes, and
+    the file and manifest name the layers; a name that is no selector is refused in one line, writing nothing."""
+    from cadyq_cli.checkpoint import read_state_dict
+    from cadyq_cli.models._base import BIT_FLOOR_BIAS
+    from cadyq_cli.train.export import export
+
+    plain = export(fp_run / "last.pt", "m", tmp_path / "a", [], [], "data", "")
+    floors = ["body.0.bitsel1", "body.1.body.2"]
+    floored = export(fp_run / "last.pt", "m", tmp_path / "b", [], [], "data", "", bit_floor=floors)
+    sd_a, meta_a = read_state_dict(tmp_path / "a" / plain["file"])
+    sd_b, meta_b = read_state_dict(tmp_path / "b" / floored["file"])
+    moved = [f"{n}.net_small.0.bias" for n in floors]
+    assert all(torch.allclose(sd_b[k] - sd_a[k], torch.tensor([-BIT_FLOOR_BIAS, 0.0, BIT_FLOOR_BIAS])) for k in moved)
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a if k not in moved)
+    assert json.loads(meta_b["bit_floor"]) == floors and "bit_floor" not in meta_a
+    assert floored["bit_floor"] == floors and "bit_floor" not in plain
+    with pytest.raises(SystemExit, match="--bit-floor: no bit selector 'body.0.bitsel9'"):
+        export(fp_run / "last.pt", "m", tmp_path / "c", [], [], "data", "", bit_floor=["body.0.bitsel9"])
+    assert not (tmp_path / "c").exists()
+
+
 def test_export_checks_that_its_metrics_measured_the_stored_weights(fp_run: Path, data_dir: Path, tmp_path: Path) -> None:
     """An eval JSON records the digest of the weights it measured, and export refuses one that measured other
     weights than the file it writes: float32 storage takes the checkpoint's evaluation (the same tensors),

@@ -1,7 +1,7 @@
 """What every backbone shares: input convention, gradient feature, mean shift, forward contract."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Callable, ClassVar
 
@@ -98,6 +98,11 @@ def _bf16(tail: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tenso
     return run
 
 
+#: what :meth:`SRModel.fold_bit_floor` folds into a selector's 8-bit logit (and takes from its 4-bit one): far
+#: beyond any logit a selector computes, so the choice is 8 bits always
+BIT_FLOOR_BIAS = 1.0e4
+
+
 def _finite_bias(bias: float) -> float:
     """``bias`` as a float; ValueError unless it is finite (the compute dial's and its folded form's check)."""
     bias = float(bias)
@@ -174,6 +179,26 @@ class SRModel(nn.Module):
         for sel in self.selectors:
             b = sel.net_small[0].bias
             b.add_(b.new_tensor([bias, 0.0, -bias]))
+
+    def selector_names(self) -> list[str]:
+        """The names of the model's bit selectors (``body.0.bitsel1``, ...), in :attr:`selectors`' order."""
+        names = {id(m): n for n, m in self.named_modules()}
+        return [names[id(sel)] for sel in self.selectors]
+
+    @torch.no_grad()
+    def fold_bit_floor(self, layers: Iterable[str]) -> None:
+        """Floor the selectors named in ``layers`` (:meth:`selector_names`) at 8 bits: their output bias gets
+        ``-BIT_FLOOR_BIAS`` on the 4-bit logit and ``+BIT_FLOOR_BIAS`` on the 8-bit one, so they pick 8 bits on
+        every patch, at any dial setting; the other selectors are unchanged. Official format unchanged.
+        ValueError for a name that is no selector."""
+        by_name = dict(zip(self.selector_names(), self.selectors))
+        layers = list(dict.fromkeys(layers))
+        if unknown := [n for n in layers if n not in by_name]:
+            raise ValueError(f"no bit selector {unknown[0]!r} in {self.arch} (its selectors: "
+                             f"{', '.join(by_name)})")
+        for name in layers:
+            b = by_name[name].net_small[0].bias
+            b.add_(b.new_tensor([-BIT_FLOOR_BIAS, 0.0, BIT_FLOOR_BIAS]))
 
     @contextmanager
     def bits_only(self) -> Iterator[None]:

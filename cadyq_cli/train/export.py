@@ -4,7 +4,7 @@ Usage:
     python -m cadyq_cli.train.export runs/edsr_x4_cadyq/last.pt --name edsr-baseline-x4 \
         --run runs/edsr_x4_fp --run runs/edsr_x4_pams --run runs/edsr_x4_cadyq \
         [--eval eval_x4.json] [--data "T91 + BSD200 + BSDS500test (../shared/data/train), 10 held out"] \
-        [--fold-bit-bias 0.3]
+        [--fold-bit-bias 0.3] [--bit-floor body.0.bitsel1,body.1.bitsel1]
     python -m cadyq_cli.train.export runs/carn_cadyq/last.pt --name carn --scales 2,3,4 --storage float16 --eval x2.json ...
     python -m cadyq_cli.train.export runs/edsr_x4_fp7/last.pt --name edsr-baseline-x4-fp3 --backbone
 
@@ -99,12 +99,12 @@ def write_weights(model: SRModel, ckpt: Path, out: Path, storage: str, metadata:
 
 
 def check_measured(model: SRModel, stored: dict, ckpt: Path, storage: str, eval_json: list[Path],
-                   folded: float = 0.0) -> None:
+                   folded: float = 0.0, floored: bool = False) -> None:
     """Refuse (one line) an ``eval_json`` that measured other weights than ``model`` (with the bit bias ``folded``
-    already folded into it) stored as ``storage`` (``stored``: those tensors, :func:`stored_tensors`): its
-    recorded ``weights_digest`` must be that of the tensors the export writes. A file without one (an older
-    cadyq's) passes for float32 storage without a fold, whose tensors are the checkpoint's, and is refused
-    otherwise; a file of bicubic rows alone measured no model and passes."""
+    and any bit floors, ``floored``, already folded into it) stored as ``storage`` (``stored``: those tensors,
+    :func:`stored_tensors`): its recorded ``weights_digest`` must be that of the tensors the export writes. A file
+    without one (an older cadyq's) passes for float32 storage without a fold, whose tensors are the checkpoint's,
+    and is refused otherwise; a file of bicubic rows alone measured no model and passes."""
     want = weights_digest(model, stored)
     for e in eval_json:
         try:
@@ -114,18 +114,19 @@ def check_measured(model: SRModel, stored: dict, ckpt: Path, storage: str, eval_
             raise SystemExit(f"{e}: not a `cadyq eval --json` file ({type(err).__name__})") from None
         if not measured:
             continue
-        if got is None and (storage != "float32" or folded):
-            raise SystemExit(f"{e}: records no weights digest; with {storage} storage or a folded bit bias the metrics "
-                             f"must come from `cadyq eval --json` of the exported file")
+        if got is None and (storage != "float32" or folded or floored):
+            raise SystemExit(f"{e}: records no weights digest; with {storage} storage or a folded bit bias or floor "
+                             f"the metrics must come from `cadyq eval --json` of the exported file")
         if got is not None and got != want:
             raise SystemExit(f"{e}: measured other weights than {ckpt} stored as {storage}"
-                             f"{f' with bit bias {folded:g} folded' if folded else ''} (digest {got[:12]}…, not "
+                             f"{f' with bit bias {folded:g} folded' if folded else ''}"
+                             f"{' with bit floors folded' if floored else ''} (digest {got[:12]}…, not "
                              f"{want[:12]}…); evaluate the exported file")
 
 
 def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json: list[Path], data: str, notes: str,
            recipe: str = "", backbone: str = "", fold_bit_bias: float = 0.0, scales: list[int] | None = None,
-           storage: str = "float32") -> dict:
+           storage: str = "float32", bit_floor: list[str] | None = None) -> dict:
     """Write ``<weights_dir>/<name>.safetensors`` and update the manifest; return the entry.
 
     ``recipe`` / ``backbone``: the recipe that trains the model and the backbone it starts from
@@ -134,7 +135,9 @@ def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json
     ``scales``: a multi-scale model (CARN) ships as one file with an entry ``<name>-x<s>`` per scale, each
     with the metrics of the evaluations at its scale; the entry at the model's own scale is returned.
     ``storage``: ``float16`` stores the weights at half the size (the entry says so; its metrics must then come
-    from evaluating the stored file, as the recipe runner does: :func:`check_measured` refuses any other)."""
+    from evaluating the stored file, as the recipe runner does: :func:`check_measured` refuses any other).
+    ``bit_floor``: selectors floored at 8 bits (:meth:`~cadyq_cli.models._base.SRModel.fold_bit_floor`, layers
+    chosen on non-benchmark data), recorded like ``fold_bit_bias``."""
     model = load_model_file(ckpt)
     if scales:
         trained = trained_scales(load_state(ckpt).get("config") or {}) if Path(ckpt).suffix == ".pt" else None
@@ -147,8 +150,14 @@ def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json
     if fold_bit_bias:
         model.fold_bit_bias(fold_bit_bias)
         extra["bit_bias_folded"] = repr(float(fold_bit_bias))
+    if bit_floor:
+        try:
+            model.fold_bit_floor(bit_floor)
+        except ValueError as e:
+            raise SystemExit(f"{ckpt}: --bit-floor: {e}") from None
+        extra["bit_floor"] = list(bit_floor)
     stored = stored_tensors(model, ckpt, storage)
-    check_measured(model, stored, ckpt, storage, eval_json, fold_bit_bias)
+    check_measured(model, stored, ckpt, storage, eval_json, fold_bit_bias, bool(bit_floor))
     weights_dir.mkdir(parents=True, exist_ok=True)
     out = weights_dir / f"{name}.safetensors"
     write_weights(model, ckpt, out, storage, extra, stored)
@@ -179,6 +188,8 @@ def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json
             entry["storage"] = storage
         if fold_bit_bias:
             entry["bit_bias_folded"] = float(fold_bit_bias)
+        if bit_floor:
+            entry["bit_floor"] = list(bit_floor)  # these selectors always pick 8 bits
         for key, value in (("recipe", recipe), ("backbone", backbone)):
             if value or old.get(key):
                 entry[key] = value or old[key]
@@ -238,13 +249,16 @@ def main() -> None:
     p.add_argument("--notes", default="")
     p.add_argument("--fold-bit-bias", type=float, default=0.0,
                    help="fold this compute-dial bias into the selectors (an operating point chosen on non-benchmark data)")
+    p.add_argument("--bit-floor", default="",
+                   help="floor these selectors at 8 bits (comma list of names, e.g. body.0.bitsel1; chosen on "
+                        "non-benchmark data: bench/layer_floors.py)")
     p.add_argument("--backbone", action="store_true", help="export an fp checkpoint as a backbone (weights/backbones/)")
     p.add_argument("--storage", choices=sorted(STORAGE_DTYPES), default="float32",
                    help="how the file stores the weights (float16: half the size; evaluate the stored file)")
     p.add_argument("--scales", default="", help="a multi-scale model: one file, an entry NAME-xS per scale (e.g. 2,3,4)")
     a = p.parse_args()
-    if a.backbone and a.fold_bit_bias:
-        p.error("--fold-bit-bias folds into selectors: a backbone (--backbone) has none trained")
+    if a.backbone and (a.fold_bit_bias or a.bit_floor):
+        p.error("--fold-bit-bias and --bit-floor fold into selectors: a backbone (--backbone) has none trained")
     if a.backbone and a.storage != "float32":
         p.error("--storage is for model exports: a backbone (--backbone) is kept bit for bit")
     if a.backbone:
@@ -255,8 +269,9 @@ def main() -> None:
         scales = [int(s) for s in a.scales.split(",")] if a.scales else None
     except ValueError:
         p.error(f"--scales takes scales like 2,3,4, not {a.scales}")
+    floors = [n.strip() for n in a.bit_floor.split(",") if n.strip()]
     e = export(a.ckpt, a.name, a.weights_dir, a.run, a.eval, a.data, a.notes, fold_bit_bias=a.fold_bit_bias,
-               scales=scales, storage=a.storage)
+               scales=scales, storage=a.storage, bit_floor=floors)
     print(json.dumps({k: e[k] for k in ("name", "file", "sha256", "params")}))  # noqa: T201
 
 
