@@ -309,13 +309,15 @@ def weights_metadata(model: SRModel) -> dict[str, object]:
 
 
 def save_weights(model: SRModel, path: str | Path, metadata: dict[str, object] | None = None,
-                 storage: str = "float32") -> None:
+                 storage: str = "float32", stored: dict[str, torch.Tensor] | None = None) -> None:
     """Save a model as safetensors with :func:`weights_metadata` (and ``metadata``), aliased keys stored as
-    copies, convolution kernels in ``storage`` (see :func:`stored_state_dict`).
+    copies, convolution kernels in ``storage`` (see :func:`stored_state_dict`; ``stored``: those tensors where
+    the caller has them already).
 
     The file is byte-reproducible: the same weights and metadata give the same sha256.
     """
-    save_state_dict(stored_state_dict(model, storage), path, {**weights_metadata(model), **(metadata or {})})
+    tensors = stored if stored is not None else stored_state_dict(model, storage)
+    save_state_dict(tensors, path, {**weights_metadata(model), **(metadata or {})})
 
 
 def save_state_dict(sd: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, object]) -> None:

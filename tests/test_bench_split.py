@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cadyq_cli.models import create_model
@@ -21,6 +22,15 @@ def test_a_wip_file_gives_its_runs_split(tmp_path: Path) -> None:
     cfg = TrainConfig(stage="fp", scale=2, data=["/elsewhere/T91", "/elsewhere/mine"], n_val=4, seed=7, wip=str(wip))
     save_wip(wip, create_model("edsr_baseline", 2), None, 5, cfg, 1.0)  # type: ignore[arg-type]
     assert run_split(str(wip)) == {"data": ["T91", "mine"], "n_val": 4, "seed": 7}
+
+
+def test_a_training_checkpoint_gives_its_runs_split(tmp_path: Path) -> None:
+    from cadyq_cli.train.state import save_state
+
+    cfg = TrainConfig(stage="fp", scale=2, data=["/a/BSD200"], n_val=3, seed=5)
+    save_state(tmp_path / "last.pt", create_model("edsr_baseline", 2), None, 5, cfg, np.random.default_rng(0),  # type: ignore[arg-type]
+               1.0)
+    assert run_split(str(tmp_path / "last.pt")) == {"data": ["BSD200"], "n_val": 3, "seed": 5}
 
 
 def test_a_shipped_file_gives_the_recipes_split(weights_x2: Path) -> None:

@@ -637,6 +637,15 @@ def test_export_checks_that_its_metrics_measured_the_stored_weights(fp_run: Path
     export(ckpt, "m", tmp_path / "e", [], [], "data", "", fold_bit_bias=0.5)
     of_folded = eval_json(tmp_path / "e" / "m.safetensors", "folded.json")
     export(ckpt, "m", tmp_path / "e", [], [of_folded], "data", "", fold_bit_bias=0.5)
+    # so do bit floors
+    with pytest.raises(SystemExit, match="with bit floors folded"):
+        export(ckpt, "m", tmp_path / "f", [], [of_ckpt], "data", "", bit_floor=["body.0.bitsel1"])
+    with pytest.raises(SystemExit, match="records no weights digest"):
+        export(ckpt, "m", tmp_path / "f", [], [tmp_path / "old.json"], "data", "", bit_floor=["body.0.bitsel1"])
+    assert not (tmp_path / "f").exists()
+    # an entry's metrics stay only while its file is the same
+    assert export(ckpt, "m", tmp_path / "c", [], [], "data", "", storage="float16")["metrics"] == half["metrics"]
+    assert export(ckpt, "m", tmp_path / "a", [], [], "data", "", fold_bit_bias=0.5)["metrics"] == {}
     # bicubic rows alone measured no model; a file that is no eval output is one line
     bicubic = tmp_path / "bicubic.json"
     bicubic.write_text(json.dumps(results_to_json(evaluate([data_dir], 2, None, [], True, "paper", limit=1))))

@@ -189,7 +189,8 @@ class SRModel(nn.Module):
     def fold_bit_floor(self, layers: Iterable[str]) -> None:
         """Floor the selectors named in ``layers`` (:meth:`selector_names`) at 8 bits: their output bias gets
         ``-BIT_FLOOR_BIAS`` on the 4-bit logit and ``+BIT_FLOOR_BIAS`` on the 8-bit one, so they pick 8 bits on
-        every patch, at any dial setting; the other selectors are unchanged. Official format unchanged.
+        every patch at any dial setting short of that size (1e4); the other selectors' weights are unchanged (their
+        choices still follow their inputs, which the floors change). Official format unchanged.
         ValueError for a name that is no selector."""
         by_name = dict(zip(self.selector_names(), self.selectors))
         layers = list(dict.fromkeys(layers))

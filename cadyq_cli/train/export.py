@@ -19,8 +19,8 @@ import json
 import os
 from pathlib import Path
 
-from ..checkpoint import (STORAGE_DTYPES, load_model_file, save_state_dict, stored_state_dict, weights_digest,
-                          weights_metadata)
+from ..checkpoint import (STORAGE_DTYPES, load_model_file, save_state_dict, save_weights, stored_state_dict,
+                          weights_digest)
 from ..models._base import SRModel
 from ..models._registry import get_arch
 from ..weights import file_sha256
@@ -94,8 +94,7 @@ def write_weights(model: SRModel, ckpt: Path, out: Path, storage: str, metadata:
     """Write ``model`` (read from ``ckpt``) to ``out`` as a shipped file stores it (``storage``): what the
     export writes and what a recipe evaluates. ``stored``: those tensors where the caller already has them
     (:func:`stored_tensors`)."""
-    tensors = stored if stored is not None else stored_tensors(model, ckpt, storage)
-    save_state_dict(tensors, out, {**weights_metadata(model), **(metadata or {})})
+    save_weights(model, out, metadata, storage, stored if stored is not None else stored_tensors(model, ckpt, storage))
 
 
 def check_measured(model: SRModel, stored: dict, ckpt: Path, storage: str, eval_json: list[Path],
@@ -130,7 +129,8 @@ def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json
     """Write ``<weights_dir>/<name>.safetensors`` and update the manifest; return the entry.
 
     ``recipe`` / ``backbone``: the recipe that trains the model and the backbone it starts from
-    (default: those of the entry it replaces). ``fold_bit_bias``: an operating point chosen for the model
+    (default: those of the entry it replaces; its metrics are kept only where the file is the same, sha256 for
+    sha256: more evaluations of the same weights). ``fold_bit_bias``: an operating point chosen for the model
     (:meth:`~cadyq_cli.models._base.SRModel.fold_bit_bias`), recorded in the file's metadata and the entry.
     ``scales``: a multi-scale model (CARN) ships as one file with an entry ``<name>-x<s>`` per scale, each
     with the metrics of the evaluations at its scale; the entry at the model's own scale is returned.
@@ -150,6 +150,7 @@ def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json
     if fold_bit_bias:
         model.fold_bit_bias(fold_bit_bias)
         extra["bit_bias_folded"] = repr(float(fold_bit_bias))
+    bit_floor = list(dict.fromkeys(bit_floor or []))
     if bit_floor:
         try:
             model.fold_bit_floor(bit_floor)
@@ -170,7 +171,7 @@ def export(ckpt: Path, name: str, weights_dir: Path, runs: list[Path], eval_json
     for scale in scales or [model.scale]:
         entry_name = model_entry_name(name, scale, bool(scales))
         old = next((m for m in manifest["models"] if m["name"] == entry_name), {})
-        metrics = dict(old.get("metrics", {}))
+        metrics = dict(old.get("metrics", {})) if old.get("sha256") == sha else {}  # measured these weights
         for e in eval_json:
             for ds, modes in _metrics_from_eval(e, scale if scales else None).items():
                 metrics.setdefault(ds, {}).update(modes)

@@ -44,7 +44,7 @@ except ImportError:  # Python 3.10
 
 from ..errors import CadyqError
 from ..models import get_arch
-from .config import STAGES, TrainConfig, check_config, scale_aug_ok
+from .config import STAGES, TrainConfig, check_config
 
 __all__ = ["Recipe", "Segment", "load_recipe", "resolve_recipe", "recipes_dir", "run_recipe", "RecipeResult"]
 
@@ -142,8 +142,9 @@ def _check_type(where: str, key: str, value: object) -> None:
         raise SystemExit(f"{where}: bf16 = {value!r} must be true, false, \"auto\", \"on\" or \"off\"")
     if key == "scales" and not (isinstance(value, list) and all(type(v) is int for v in value)):
         raise SystemExit(f"{where}: scales = {value!r} must be a list of scales, e.g. [2, 3, 4]")
-    if key == "scale_aug" and not scale_aug_ok(value):
-        raise SystemExit(f"{where}: scale_aug = {value!r} must be a list of distinct factors in (0, 1), e.g. [0.9, 0.8]")
+    if key == "scale_aug" and not (isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                                   for v in value)):
+        raise SystemExit(f"{where}: scale_aug = {value!r} must be a list of factors in (0, 1), e.g. [0.9, 0.8]")
 
 
 def _unknown(where: str, table: dict, allowed: set) -> None:
