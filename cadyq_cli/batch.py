@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .models._base import SRModel
     from .report import ImageReport
 
-__all__ = ["Outcome", "Interrupted", "stop_on_signals", "skips", "run_job", "run_jobs", "upscale_work", "upscale_jobs", "bitmap_jobs"]
+__all__ = ["Outcome", "Interrupted", "stop_on_signals", "raise_if_signalled", "skips", "run_job", "run_jobs", "upscale_work", "upscale_jobs", "bitmap_jobs"]
 
 #: ``work(job, tile_progress)`` -> (report, warnings): what is done to one job.
 Work = Callable[[Job, "Callable[[int, int], None] | None"], "tuple[ImageReport, list[str]]"]
@@ -58,19 +58,37 @@ class Interrupted(BaseException):  # not Exception: library code that catches Ex
         self.code = code
 
 
+_received: list[int] = []  # exit codes of the signals caught inside stop_on_signals, first first
+
+
 def _on_signal(signum: int, frame: object) -> None:
+    _received.append(128 + signum)
     raise Interrupted(128 + signum)
+
+
+def raise_if_signalled() -> None:
+    """Raise :class:`Interrupted` if a signal arrived inside :func:`stop_on_signals`.
+
+    The handler raises where the main thread happens to be, and that can be a weakref callback or a
+    ``__del__`` run by the garbage collector, where Python prints the exception and drops it: the batch
+    loops call this between jobs so that such a signal still stops them."""
+    if _received:
+        raise Interrupted(_received[0])
 
 
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """Inside, SIGINT and SIGTERM raise :class:`Interrupted`; the previous handlers come back after."""
+    """Inside, SIGINT and SIGTERM raise :class:`Interrupted` (also on leaving, if the raise was lost); the
+    previous handlers come back after."""
+    _received.clear()
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
+        raise_if_signalled()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        _received.clear()
 
 
 def skips(job: Job, skip_existing: bool) -> bool:
@@ -105,6 +123,7 @@ def run_jobs(jobs: Iterable[Job], work: Work, *, skip_existing: bool = False,
              raise_errors: bool = False) -> Iterator[Outcome]:
     """The local engine: :func:`run_job` on each job in turn, in this process; yields the outcomes in order."""
     for job in jobs:
+        raise_if_signalled()
         if on_start is not None and not skips(job, skip_existing):
             on_start(job)
         yield run_job(job, work, skip_existing=skip_existing, tile_progress=tile_progress, raise_errors=raise_errors)

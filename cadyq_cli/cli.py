@@ -308,7 +308,7 @@ def upscale(
         raise _fail_on(e) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
-    from .batch import Interrupted, stop_on_signals, upscale_jobs
+    from .batch import Interrupted, raise_if_signalled, stop_on_signals, upscale_jobs
     from .report import failure_record, json_record
 
     label = model_label(model, weights, scale)
@@ -329,6 +329,7 @@ def upscale(
     try:
         with stop_on_signals(), progress:
             for out in outcomes:
+                raise_if_signalled()  # the ray engine's loop does not look; a lost raise stops here
                 job, rep, warns = out.job, out.report, out.warnings
                 rate = (done + len(failures) + (not out.skipped)) / max(time.perf_counter() - t0, 1e-9)
                 progress.update(files_task, advance=1, description=f"files {rate:.2f}/s")
