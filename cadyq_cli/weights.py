@@ -14,7 +14,7 @@ from .errors import CadyqError, CheckpointReadError, UnknownModelError
 if TYPE_CHECKING:  # the manifest helpers (``cadyq models``) must not import torch
     from .models._base import SRModel
 
-__all__ = ["WeightsCfg", "weights_dir", "list_weights", "list_backbones", "resolve_weights", "shipped_path", "file_sha256", "load_model", "DEFAULT_MODEL"]
+__all__ = ["WeightsCfg", "weights_dir", "list_weights", "list_backbones", "list_wip", "resolve_weights", "shipped_path", "file_sha256", "load_model", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "edsr-baseline"
 
@@ -61,7 +61,7 @@ def weights_dir() -> Path:
 
 
 def _manifest(section: str) -> list[dict]:
-    """One list of the weights manifest (``models`` or ``backbones``; empty when there is none)."""
+    """One list of the weights manifest (``models``, ``backbones`` or ``wip``; empty when there is none)."""
     manifest = weights_dir() / "manifest.json"
     if not manifest.is_file():
         return []
@@ -78,6 +78,13 @@ def list_backbones() -> dict[str, dict]:
     """Shipped full-precision backbones (``weights/backbones/``, manifest ``backbones``) by name;
     each entry's ``path`` is its file. A training lineage starts from one with ``--init``."""
     return {b["name"]: {**b, "path": weights_dir() / b["file"]} for b in _manifest("backbones")}
+
+
+def list_wip() -> dict[str, dict]:
+    """Training runs in progress kept across sessions (``weights/wip/``, manifest ``wip``) by run name: each
+    entry names its file (``path``), the step it reached of how many, its start and the rule it runs under.
+    Not models: nothing loads them by name."""
+    return {w["name"]: {**w, "path": weights_dir() / w["file"]} for w in _manifest("wip")}
 
 
 def resolve_weights(name: str, scale: int | None = None) -> WeightsCfg:

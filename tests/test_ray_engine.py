@@ -261,7 +261,7 @@ def _killing_a_worker(out: Path, already: int) -> Iterator[list[int]]:
                 except ProcessLookupError:  # it ended on its own: try the next one
                     continue
                 killed.append(pids[0])
-            time.sleep(0.02)
+            time.sleep(0.1)  # each look reads every process's cmdline: not a busy loop beside the workers
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()

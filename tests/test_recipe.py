@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from cadyq_cli.cli import app
 from cadyq_cli.train.recipe import load_recipe, recipes_dir, run_recipe
-from cadyq_cli.weights import list_backbones, list_weights, load_model
+from cadyq_cli.weights import file_sha256, list_backbones, list_weights, list_wip, load_model, weights_dir
 
 TINY = """\
 name = "tiny-x2"
@@ -399,3 +399,29 @@ def test_a_shipped_recipe_starts_from_its_backbone_and_stops_at_the_budget(tmp_p
     assert st["config"]["init"] == str(list_backbones()["edsr-baseline-x2-fp3"]["path"])
     assert 0 < st["step"] < pams.target and st["config"]["act_grid"] == "relu-unsigned"
     assert not (run_dir / "edsr_x2_fp5").exists() and not (run_dir / "export").exists()
+
+
+def test_every_weights_file_is_in_the_manifest_once_with_its_digest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The repository's weights/ holds what its manifest lists, no more: models, backbones and runs in progress
+    (``wip``, one file per run, replaced in place), each with the sha256 of the file as committed and, for a run,
+    the step it holds."""
+    from safetensors import safe_open
+
+    monkeypatch.setenv("CADYQ_WEIGHTS_DIR", str(Path(__file__).resolve().parents[1] / "weights"))
+    root = weights_dir()
+    listed = [str(w.path.relative_to(root)) for w in list_weights()]
+    listed = sorted(set(listed))  # a multi-scale file has one entry per scale
+    backbones, wip = list_backbones(), list_wip()
+    listed += [b["file"] for b in backbones.values()] + [w["file"] for w in wip.values()]
+    on_disk = sorted(str(p.relative_to(root)) for p in root.rglob("*.safetensors"))
+    assert sorted(listed) == on_disk
+    for w in list_weights():
+        assert not w.sha256 or file_sha256(w.path) == w.sha256, w.name
+    for b in backbones.values():
+        assert file_sha256(b["path"]) == b["sha256"], b["name"]
+    for run in wip.values():
+        assert run["file"].startswith("wip/") and file_sha256(run["path"]) == run["sha256"], run["name"]
+        with safe_open(str(run["path"]), "pt") as f:
+            meta = f.metadata()
+        assert (int(meta["step"]), int(meta["steps"]), meta["stage"]) == (run["step"], run["steps"], run["stage"])
+        assert (Path(__file__).resolve().parents[1] / run["log"]).is_file(), run["log"]
