@@ -77,18 +77,41 @@ def raise_if_signalled() -> None:
 
 
 @contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """SIGINT and SIGTERM held back (POSIX) while handlers are swapped: one arriving mid-swap waits until after."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None:
+        yield
+        return
+    old = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, old)
+
+
+@contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """Inside, SIGINT and SIGTERM raise :class:`Interrupted` (also on leaving, if the raise was lost); the
-    previous handlers come back after."""
-    _received.clear()
-    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    """Inside, SIGINT and SIGTERM raise :class:`Interrupted`: where they arrive, or on leaving if that raise
+    was lost, also in place of another exception raised after it; the previous handlers come back after.
+    Not reentrant (nothing nests it)."""
+    with _signals_blocked():
+        _received.clear()
+        old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
         raise_if_signalled()
+    except Interrupted:
+        raise
+    except BaseException as e:  # a lost signal, then a failure caused by it or not: the signal decides the exit
+        if _received:
+            raise Interrupted(_received[0]) from e
+        raise
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        _received.clear()
+        with _signals_blocked():
+            for s, h in old.items():
+                signal.signal(s, h)
+            _received.clear()
 
 
 def skips(job: Job, skip_existing: bool) -> bool:

@@ -83,7 +83,8 @@ def list_backbones() -> dict[str, dict]:
 def list_wip() -> dict[str, dict]:
     """Training runs in progress kept across sessions (``weights/wip/``, manifest ``wip``) by run name: each
     entry names its file (``path``), the step it reached of how many, its start and the rule it runs under.
-    Not models: nothing loads them by name."""
+    Not models: nothing loads them by name, and ``pip install .`` does not package their files (only the source
+    tree has them)."""
     return {w["name"]: {**w, "path": weights_dir() / w["file"]} for w in _manifest("wip")}
 
 

@@ -39,17 +39,13 @@ def _randomize(model: SRModel, seed: int = 0) -> SRModel:
     return model.eval()
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``-n 2 --dist loadgroup``, the README's command) keep on one worker the tests that
-    share something costly: the OpenVINO checks (one subprocess for the module) and the Ray tests (one
-    local cluster); the rest spread over the workers."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        if item.module.__name__.endswith("test_openvino"):
-            item.add_marker(pytest.mark.xdist_group("openvino"))
-        elif "ray_cluster" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("ray"))
+@pytest.fixture(scope="session", autouse=True)
+def own_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Compiled graphs and other cache files go to this test run's own folder, never the user's
+    ``~/.cache/cadyq``; subprocesses inherit it. A test that needs another sets its own."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("CADYQ_CACHE_DIR", str(tmp_path_factory.mktemp("cadyq-cache")))
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -99,5 +99,15 @@ def test_a_signal_whose_raise_was_swallowed_still_stops_the_batch(tmp_path: Path
                 signal.sigtimedwait([], 0.1) if hasattr(signal, "sigtimedwait") else None
             except BaseException:  # noqa: BLE001
                 pass
+    with pytest.raises(Interrupted) as info:  # a lost signal, then another failure: the signal decides the exit
+        with stop_on_signals():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                signal.sigtimedwait([], 0.1) if hasattr(signal, "sigtimedwait") else None
+            except BaseException:  # noqa: BLE001
+                pass
+            raise ValueError("what the lost signal left behind")
+    assert info.value.code == 143 and isinstance(info.value.__cause__, ValueError)
     with stop_on_signals():  # a new context starts clean
         pass
+    list(run_jobs(jobs, work=lambda job, tp: (object(), [])))  # and outside one, nothing is left pending

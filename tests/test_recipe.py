@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from cadyq_cli.cli import app
 from cadyq_cli.train.recipe import load_recipe, recipes_dir, run_recipe
-from cadyq_cli.weights import file_sha256, list_backbones, list_weights, list_wip, load_model, weights_dir
+from cadyq_cli.weights import file_sha256, list_backbones, list_weights, list_wip, load_model
 
 TINY = """\
 name = "tiny-x2"
@@ -401,27 +401,47 @@ def test_a_shipped_recipe_starts_from_its_backbone_and_stops_at_the_budget(tmp_p
     assert not (run_dir / "edsr_x2_fp5").exists() and not (run_dir / "export").exists()
 
 
-def test_every_weights_file_is_in_the_manifest_once_with_its_digest(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The repository's weights/ holds what its manifest lists, no more: models, backbones and runs in progress
-    (``wip``, one file per run, replaced in place), each with the sha256 of the file as committed and, for a run,
-    the step it holds."""
-    from safetensors import safe_open
+def _committed_or_on_disk(root: Path, rel: str) -> bytes:
+    """A weights file as the repository holds it at HEAD (a run may be rewriting it in this checkout right now),
+    or as on disk where there is no commit of it."""
+    import subprocess
 
-    monkeypatch.setenv("CADYQ_WEIGHTS_DIR", str(Path(__file__).resolve().parents[1] / "weights"))
-    root = weights_dir()
-    listed = [str(w.path.relative_to(root)) for w in list_weights()]
-    listed = sorted(set(listed))  # a multi-scale file has one entry per scale
-    backbones, wip = list_backbones(), list_wip()
-    listed += [b["file"] for b in backbones.values()] + [w["file"] for w in wip.values()]
-    on_disk = sorted(str(p.relative_to(root)) for p in root.rglob("*.safetensors"))
-    assert sorted(listed) == on_disk
-    for w in list_weights():
-        assert not w.sha256 or file_sha256(w.path) == w.sha256, w.name
-    for b in backbones.values():
-        assert file_sha256(b["path"]) == b["sha256"], b["name"]
-    for run in wip.values():
-        assert run["file"].startswith("wip/") and file_sha256(run["path"]) == run["sha256"], run["name"]
-        with safe_open(str(run["path"]), "pt") as f:
-            meta = f.metadata()
+    try:
+        res = subprocess.run(["git", "-C", str(root), "cat-file", "blob", f"HEAD:./{rel}"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        res = None
+    return res.stdout if res is not None and res.returncode == 0 else (root / rel).read_bytes()
+
+
+def test_every_weights_file_is_in_the_manifest_once_with_its_digest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The repository's weights/ holds what its manifest lists, no more: models (one file per entry, or one
+    multi-scale file whose entries agree on it), backbones and runs in progress (``wip``, one file per run,
+    replaced in place), each with the sha256 of the file and, for a run, the step it holds."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1] / "weights"
+    monkeypatch.setenv("CADYQ_WEIGHTS_DIR", str(root))
+    manifest = json.loads((root / "manifest.json").read_text())
+    by_file: dict[str, list[dict]] = {}
+    for e in manifest["models"]:
+        by_file.setdefault(e["file"], []).append(e)
+    for file, entries in by_file.items():  # a shared file: one model at several scales, listed once per scale
+        assert len({(e["sha256"], e["arch"]) for e in entries}) == 1, file
+        if len(entries) > 1:
+            assert all(sorted(e["scales"]) == sorted(x["scale"] for x in entries) for e in entries), file
+    listed = list(by_file) + [b["file"] for b in manifest["backbones"]] + [w["file"] for w in manifest.get("wip", [])]
+    on_disk = [p.relative_to(root).as_posix() for p in root.rglob("*.safetensors")]
+    assert sorted(listed) == sorted(on_disk)
+    names = [e["name"] for e in manifest["models"] + manifest["backbones"] + manifest.get("wip", [])]
+    assert len(names) == len(set(names))
+    for entry in [es[0] for es in by_file.values()] + manifest["backbones"]:
+        assert entry["sha256"] and file_sha256(root / entry["file"]) == entry["sha256"], entry["name"]
+    assert set(list_wip()) == {w["name"] for w in manifest.get("wip", [])}
+    for run in list_wip().values():
+        assert run["file"].startswith("wip/") and run["path"] == root / run["file"]
+        data = _committed_or_on_disk(root, run["file"])
+        assert hashlib.sha256(data).hexdigest() == run["sha256"], f"{run['name']}: the manifest's wip entry is stale"
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8:8 + header_len])["__metadata__"]  # the safetensors header's metadata
         assert (int(meta["step"]), int(meta["steps"]), meta["stage"]) == (run["step"], run["steps"], run["stage"])
-        assert (Path(__file__).resolve().parents[1] / run["log"]).is_file(), run["log"]
+        assert (root.parent / run["log"]).is_file(), run["log"]
