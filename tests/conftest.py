@@ -39,10 +39,30 @@ def _randomize(model: SRModel, seed: int = 0) -> SRModel:
     return model.eval()
 
 
+#: Modules whose module-scoped fixtures are costly (a training run, a fuzz batch, a subprocess of checks): under
+#: pytest-xdist each runs on one worker, so the fixture is built once. Tests that share the session Ray cluster
+#: (``ray_cluster``) go with test_fuzz.py to the "ray" group: one cluster.
+_ONE_WORKER = {"test_openvino": "openvino", "test_fuzz": "ray", "test_train": "train", "test_recipe": "recipe",
+               "test_eval": "eval", "test_official_reference": "official_reference"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``-n 2 --dist loadgroup``, the README's command: 2 cores kept busy, where one process
+    left one mostly idle) keep on one worker the tests that share something costly (:data:`_ONE_WORKER`, the Ray
+    cluster); the rest spread over the workers."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        module = getattr(getattr(item, "module", None), "__name__", "").rsplit(".", 1)[-1]
+        group = _ONE_WORKER.get(module) or ("ray" if "ray_cluster" in getattr(item, "fixturenames", ()) else None)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def own_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Compiled graphs and other cache files go to this test run's own folder, never the user's
-    ``~/.cache/cadyq``; subprocesses inherit it. A test that needs another sets its own."""
+    """Compiled graphs and other cache files go to this test run's own folder (each xdist worker its own), never
+    the user's ``~/.cache/cadyq``; subprocesses inherit it. A test that needs another sets its own."""
     with pytest.MonkeyPatch.context() as m:
         m.setenv("CADYQ_CACHE_DIR", str(tmp_path_factory.mktemp("cadyq-cache")))
         yield

@@ -57,7 +57,7 @@ def test_readme_is_short() -> None:
 
 
 def test_ci_runs_the_readme_test_command() -> None:
-    line = 'pip install torch==2.13.0 && pip install -e ".[test,ray,openvino]" && python -m pytest -q'
+    line = 'pip install torch==2.13.0 && pip install -e ".[test,ray,openvino]" && python -m pytest -q -n 2 --dist loadgroup'
     assert line in README.read_text() and line in (ROOT / ".ci" / "run").read_text()
 
 
