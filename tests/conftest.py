@@ -215,3 +215,16 @@ def ray_cluster() -> Iterator[str]:
     yield ray.get_runtime_context().gcs_address
     if started:
         ray.shutdown()
+
+
+def _lose_a_signal(sig: int) -> None:
+    """Send ``sig`` to this process and drop whatever its handler raises, as the interpreter does with an
+    exception raised inside a weakref callback or ``__del__`` (seen on CI: logging's ``_removeHandlerRef``)."""
+    import os
+    import signal
+
+    try:
+        os.kill(os.getpid(), sig)
+        signal.sigtimedwait([], 0.1) if hasattr(signal, "sigtimedwait") else None
+    except BaseException:  # noqa: BLE001 - the point
+        pass

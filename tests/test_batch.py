@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import _lose_a_signal
+
 from cadyq_cli.batch import Interrupted, Outcome, bitmap_jobs, run_jobs, stop_on_signals, upscale_jobs
 from cadyq_cli.engine import TilingConfig
 from cadyq_cli.errors import ImageReadError
@@ -81,11 +83,7 @@ def test_a_signal_whose_raise_was_swallowed_still_stops_the_batch(tmp_path: Path
 
     def work(job: Job, tile_progress: object) -> tuple[object, list[str]]:
         ran.append(job.src.name)
-        try:  # what the interpreter does with an exception raised inside a weakref callback
-            os.kill(os.getpid(), signal.SIGTERM)
-            signal.sigtimedwait([], 0.1) if hasattr(signal, "sigtimedwait") else None
-        except BaseException:  # noqa: BLE001 - the point of the test
-            pass
+        _lose_a_signal(signal.SIGTERM)
         return object(), []
 
     with pytest.raises(Interrupted) as info:
@@ -94,18 +92,10 @@ def test_a_signal_whose_raise_was_swallowed_still_stops_the_batch(tmp_path: Path
     assert info.value.code == 143 and ran == ["0.png"]
     with pytest.raises(Interrupted):
         with stop_on_signals():
-            try:
-                os.kill(os.getpid(), signal.SIGINT)
-                signal.sigtimedwait([], 0.1) if hasattr(signal, "sigtimedwait") else None
-            except BaseException:  # noqa: BLE001
-                pass
+            _lose_a_signal(signal.SIGINT)
     with pytest.raises(Interrupted) as info:  # a lost signal, then another failure: the signal decides the exit
         with stop_on_signals():
-            try:
-                os.kill(os.getpid(), signal.SIGTERM)
-                signal.sigtimedwait([], 0.1) if hasattr(signal, "sigtimedwait") else None
-            except BaseException:  # noqa: BLE001
-                pass
+            _lose_a_signal(signal.SIGTERM)
             raise ValueError("what the lost signal left behind")
     assert info.value.code == 143 and isinstance(info.value.__cause__, ValueError)
     with stop_on_signals():  # a new context starts clean

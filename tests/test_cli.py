@@ -26,7 +26,7 @@ from typer.testing import CliRunner, Result
 from cadyq_cli.cli import app
 from cadyq_cli.engine import TilingConfig, upscale_array
 from cadyq_cli.io import read_image
-from conftest import _error_line, _ok, _open, _tmp_files
+from conftest import _error_line, _lose_a_signal, _ok, _open, _tmp_files
 
 
 CADYQ = Path(sys.executable).with_name("cadyq")
@@ -383,11 +383,7 @@ def test_a_lost_signal_stops_the_folder_job_after_reporting_its_image(make_image
 
     def upscale_then_lose_a_signal(*args: object, **kw: object) -> object:
         res = real(*args, **kw)
-        try:  # what the interpreter does with an exception raised inside a weakref callback
-            os.kill(os.getpid(), signal.SIGTERM)
-            signal.sigtimedwait([], 0.1) if hasattr(signal, "sigtimedwait") else None
-        except BaseException:  # noqa: BLE001 - the point of the test
-            pass
+        _lose_a_signal(signal.SIGTERM)
         return res
 
     monkeypatch.setattr(pipeline, "upscale_file", upscale_then_lose_a_signal)
