@@ -34,7 +34,7 @@ import numpy as np
 from .tiling import TilingConfig
 from .errors import CadyqError
 from .io import DEFAULT_MAX_PIXELS, PNG_LEVEL, check_png_level, temp_files
-from .batch import Outcome, run_job, skips, upscale_work
+from .batch import Outcome, raise_if_signalled, run_job, skips, upscale_work
 from .paths import Job
 
 __all__ = ["RayOptions", "run_ray", "INSTALL_HINT"]
@@ -296,7 +296,9 @@ def _stream(ray: Any, jobs: list[Job], skipped: set[int], rows: list[dict[str, A
             return
         with _settings(ray):
             try:
-                yield from _attempts(ray, rows, todo, opts, gpus)
+                for out in _attempts(ray, rows, todo, opts, gpus):
+                    yield out
+                    raise_if_signalled()  # as the local engine between jobs: a signal whose raise was lost stops here
             finally:
                 if started:
                     ray.shutdown()

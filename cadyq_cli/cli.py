@@ -308,7 +308,7 @@ def upscale(
         raise _fail_on(e) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
-    from .batch import Interrupted, raise_if_signalled, stop_on_signals, upscale_jobs
+    from .batch import Interrupted, stop_on_signals, upscale_jobs
     from .report import failure_record, json_record
 
     label = model_label(model, weights, scale)
@@ -329,32 +329,29 @@ def upscale(
     try:
         with stop_on_signals(), progress:
             for out in outcomes:
-                try:
-                    job, rep, warns = out.job, out.report, out.warnings
-                    rate = (done + len(failures) + (not out.skipped)) / max(time.perf_counter() - t0, 1e-9)
-                    progress.update(files_task, advance=1, description=f"files {rate:.2f}/s")
-                    if out.skipped:
-                        skipped += 1
-                        continue
-                    if out.error is not None:
-                        failures.append((job.src, out.error))
-                        if sink is not None:
-                            sink.write(json.dumps(failure_record(str(job.src), str(job.dst), label, out.error)) + "\n")
-                            sink.flush()
-                        if not quiet:
-                            progress.console.print(f"[red]failed:[/red] {escape(out.error)}", soft_wrap=True)
-                        continue
-                    done += 1
-                    rec = json_record(rep, str(job.src), str(job.dst), label)
+                job, rep, warns = out.job, out.report, out.warnings
+                rate = (done + len(failures) + (not out.skipped)) / max(time.perf_counter() - t0, 1e-9)
+                progress.update(files_task, advance=1, description=f"files {rate:.2f}/s")
+                if out.skipped:
+                    skipped += 1
+                    continue
+                if out.error is not None:
+                    failures.append((job.src, out.error))
                     if sink is not None:
-                        sink.write(json.dumps(rec) + "\n")
+                        sink.write(json.dumps(failure_record(str(job.src), str(job.dst), label, out.error)) + "\n")
                         sink.flush()
                     if not quiet:
-                        for w in warns:
-                            progress.console.print(f"[yellow]warning:[/yellow] {escape(f'{job.src}: {w}')}", soft_wrap=True)
-                        _print_report(rec, rep.region_fab_map().round(2).tolist() if rep.regions else [])
-                finally:  # once this outcome is reported: the ray engine's loop does not look for a lost raise
-                    raise_if_signalled()
+                        progress.console.print(f"[red]failed:[/red] {escape(out.error)}", soft_wrap=True)
+                    continue
+                done += 1
+                rec = json_record(rep, str(job.src), str(job.dst), label)
+                if sink is not None:
+                    sink.write(json.dumps(rec) + "\n")
+                    sink.flush()
+                if not quiet:
+                    for w in warns:
+                        progress.console.print(f"[yellow]warning:[/yellow] {escape(f'{job.src}: {w}')}", soft_wrap=True)
+                    _print_report(rec, rep.region_fab_map().round(2).tolist() if rep.regions else [])
     except Interrupted as e:
         code = e.code
     except KeyboardInterrupt:
